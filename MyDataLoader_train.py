@@ -1,0 +1,278 @@
+"""Training data: find and pair QD/FD slices, normalise, cut patches, augment -> tf.data.
+
+Pipeline (``make_train_dataset``)::
+
+    slice index -> decode pair to normalised [H, W, 1] (parallel, numpy) -> cache decoded slices
+      -> repeat -> shuffle slices -> K random patches per slice (air-only patches skipped)
+      -> same flip / 90-degree rotation on LD and FD -> unbatch -> shuffle patches
+      -> batch -> prefetch
+
+Elements are ``(ld, fd)``, float32 ``[P, P, 1]`` normalised with ``ctio.normalize`` (P = 0: whole
+slices). Full-dose-only data can be trained on with ``simulate_dose`` (quarter dose simulated per
+slice by ``Mysimulate``, deterministically, once, then cached).
+
+As a script it checks a dataset before training::
+
+    python MyDataLoader_train.py --data PATH [--layout ...] [--simulate-dose 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+import ctio
+
+PATCH_SIZE = 64  # CNCL trains on 64x64 patches: enough context for streak noise, cheap on a CPU
+PATCHES_PER_SLICE = 8  # several patches per decoded slice amortise decoding
+AIR_HU = -900.0  # below this a pixel is air; patches of almost only air teach nothing
+DEFAULT_PIXEL_MM = 0.7  # Mayo 512x512 slices have 0.66-0.78 mm pixels; used when no header says
+VAL_FRACTION = 0.2  # share of slices held out when there is a single patient
+
+
+@dataclass
+class Split:
+    """Training and validation records and a sentence saying how they were chosen."""
+
+    train: list
+    val: list
+    how: str
+
+
+def find_training_data(paths: Sequence[str], layout: Optional[str] = None,
+                       simulate_dose: Optional[float] = None) -> ctio.CTDataset:
+    """Discover one or more dataset folders and check they can be trained on.
+
+    Slices with a real QD/FD pair are used as they are. Full-dose-only slices need
+    ``simulate_dose`` (the low dose is then simulated); low-dose-only slices cannot be trained on.
+    """
+    if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
+        paths = [paths]
+    if simulate_dose is not None and not 0.0 < simulate_dose < 1.0:
+        raise ctio.CTDataError(f"--simulate-dose must be in (0, 1), got {simulate_dose}")
+    records, layouts = [], []
+    for p in paths:
+        ds = ctio.discover(p, layout, single_role="fd")
+        layouts.append(ds.layout)
+        for r in ds.records:
+            if not r.fd_path:
+                raise ctio.CTDataError(f"{r.ld_path}: low-dose slice without a full-dose pair "
+                                       "(training needs the full dose)")
+            if not r.ld_path and simulate_dose is None:
+                n = sum(not x.ld_path for x in ds.records)
+                raise ctio.CTDataError(f"{p}: {n} full-dose slices without low-dose pairs (first: "
+                                       f"{r.fd_path}); add --simulate-dose 0.25 to simulate them")
+        records += ds.records
+    keys = [(r.patient, r.slice_id) for r in records]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ctio.CTDataError(f"patient {dup[0]} slice {dup[1]} appears in two --data folders")
+    return ctio.CTDataset("+".join(sorted(set(layouts))), ",".join(map(str, paths)), records)
+
+
+def split_patients(dataset: ctio.CTDataset, val_patients: Optional[Sequence[str]] = None,
+                   val_fraction: float = VAL_FRACTION) -> Split:
+    """Patient-level train/validation split.
+
+    ``val_patients`` None: the last patient in sorted order when there are at least two, else
+    the last ``val_fraction`` of the slices (by position). ``["none"]``: no validation.
+    A single slice is used for both (stated in ``how``).
+    """
+    patients = dataset.patients
+    recs = dataset.records
+    if val_patients is not None and [v.lower() for v in val_patients] == ["none"]:
+        return Split(recs, [], "no validation (--val-patients none)")
+    if val_patients:
+        missing = sorted(set(val_patients) - set(patients))
+        if missing:
+            raise ctio.CTDataError(f"--val-patients: {', '.join(missing)} not in the data "
+                                   f"(patients: {', '.join(patients)})")
+        train = [r for r in recs if r.patient not in val_patients]
+        val = [r for r in recs if r.patient in val_patients]
+        how = f"validation patients: {', '.join(val_patients)}"
+    elif len(patients) >= 2:
+        train = [r for r in recs if r.patient != patients[-1]]
+        val = [r for r in recs if r.patient == patients[-1]]
+        how = f"validation patient: {patients[-1]} (the last in sorted order)"
+    elif len(recs) == 1:
+        return Split(recs, recs, "one slice only: validation reuses the training slice "
+                     "(figures are not a held-out estimate)")
+    else:
+        n_val = max(1, int(round(len(recs) * val_fraction)))
+        train, val = recs[:-n_val], recs[-n_val:]
+        how = f"one patient: the last {n_val} of {len(recs)} slices by position for validation"
+    if not train:
+        raise ctio.CTDataError("empty training split: every patient is a validation patient")
+    return Split(train, val, how)
+
+
+def _slice_seed(seed: int, rec) -> int:
+    """A stable per-slice seed, independent of order and parallelism."""
+    return zlib.crc32(f"{seed}/{rec.patient}/{rec.slice_id}".encode()) & 0x7FFFFFFF
+
+
+def load_pair(rec, simulate_dose: Optional[float] = None, seed: int = 0):
+    """Decode one record to normalised float32 ``(ld, fd)`` of shape [H, W, 1]."""
+    fd_hu, header = ctio.read_slice(rec.fd_path)
+    if rec.ld_path:
+        ld_hu = ctio.read_slice(rec.ld_path)[0]
+        if ld_hu.shape != fd_hu.shape:
+            raise ctio.CTDataError(f"size mismatch: {rec.ld_path} {ld_hu.shape} vs "
+                                   f"{rec.fd_path} {fd_hu.shape}")
+    else:
+        import Mysimulate
+
+        pixel_mm = float(header.PixelSpacing[0]) if header is not None and \
+            "PixelSpacing" in header else DEFAULT_PIXEL_MM
+        ld_hu = Mysimulate.simulate_pair_from_fd(fd_hu, simulate_dose, pixel_mm,
+                                                 (_slice_seed(seed, rec),))
+    return ctio.normalize(ld_hu)[..., None], ctio.normalize(fd_hu)[..., None]
+
+
+def _decoded_slices(records, simulate_dose, seed, tf):
+    """Dataset of decoded (ld, fd) slices, decoded in parallel by numpy and cached."""
+
+    def decode(i):
+        return load_pair(records[int(i)], simulate_dose, seed)
+
+    def tf_decode(i):
+        ld, fd = tf.numpy_function(decode, [i], [tf.float32, tf.float32], stateful=False)
+        ld.set_shape([None, None, 1])
+        fd.set_shape([None, None, 1])
+        return ld, fd
+
+    return (tf.data.Dataset.range(len(records))
+            .map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .cache())
+
+
+def random_patches(ld, fd, patch: int, k: int, skip_air: bool = True):
+    """K random P x P patches at the same place in LD and FD: ([K,P,P,1], [K,P,P,1]).
+
+    With ``skip_air``, 2K candidates are drawn and the K with the most body (FD above AIR_HU)
+    are kept, so batches are not wasted on air.
+    """
+    import tensorflow as tf
+
+    pair = tf.concat([ld, fd], axis=-1)  # [H, W, 2]
+    n = 2 * k if skip_air else k
+    crops = tf.stack([tf.image.random_crop(pair, [patch, patch, 2]) for _ in range(n)])
+    if skip_air:
+        body = tf.reduce_mean(tf.cast(crops[..., 1] > ctio.normalize(AIR_HU), tf.float32),
+                              axis=[1, 2])  # [2K] fraction of body pixels
+        crops = tf.gather(crops, tf.math.top_k(body, k).indices)
+    return crops[..., :1], crops[..., 1:]
+
+
+def augment(ld, fd):
+    """Random flips and 90-degree rotations, the same for LD and FD ([K, P, P, 1] each).
+
+    Each of the K square patches gets its own transform, drawn from the 8 symmetries of the
+    square, computed for the whole stack at once (no per-patch map).
+    """
+    import tensorflow as tf
+
+    pair = tf.concat([ld, fd], axis=-1)  # [K, P, P, 2]
+    k = tf.shape(pair)[0]
+    rots = tf.stack([tf.image.rot90(pair, r) for r in range(4)])  # [4, K, P, P, 2]
+    pick = tf.random.uniform([k], 0, 4, dtype=tf.int32)
+    pair = tf.gather_nd(rots, tf.stack([pick, tf.range(k)], axis=1))  # [K, P, P, 2]
+    flip = tf.random.uniform([k, 1, 1, 1]) < 0.5
+    pair = tf.where(flip, tf.reverse(pair, axis=[2]), pair)
+    return pair[..., :1], pair[..., 1:]
+
+
+def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
+                       patches_per_slice: int = PATCHES_PER_SLICE,
+                       simulate_dose: Optional[float] = None, seed: int = 0,
+                       augment_data: bool = True, skip_air: bool = True):
+    """Infinite, shuffled, batched ``(ld, fd)`` patches [B, P, P, 1] (P = 0: whole slices)."""
+    tf = ctio.import_tensorflow()
+    if not records:
+        raise ctio.CTDataError("empty training split")
+    if patch:
+        small = min(records, key=lambda r: min(r.shape))
+        if patch > min(small.shape):
+            raise ctio.CTDataError(f"--patch {patch} is larger than the slice "
+                                   f"{small.fd_path} ({small.shape[0]}x{small.shape[1]})")
+    elif len({r.shape for r in records}) > 1:
+        raise ctio.CTDataError("--patch 0 (whole slices) needs slices of one size; found "
+                               + ", ".join(sorted({f'{a}x{b}' for a, b in
+                                                   {r.shape for r in records}})))
+    ds = _decoded_slices(records, simulate_dose, seed, tf).repeat()
+    ds = ds.shuffle(min(len(records), 512), seed=seed)
+    if patch:
+        ds = ds.map(lambda a, b: random_patches(a, b, patch, patches_per_slice, skip_air),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda a, b: (a[None], b[None]))  # one whole slice: [1, H, W, 1]
+    if augment_data:
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.unbatch()
+    if patch:
+        ds = ds.shuffle(patches_per_slice * 32, seed=seed)
+    return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def make_val_dataset(records, *, multiple: int, max_slices: int = 8,
+                     simulate_dose: Optional[float] = None, seed: int = 0):
+    """Whole validation slices, centre-cropped to a multiple of ``multiple``; batch 1, cached.
+
+    At most ``max_slices`` slices, evenly spaced, keep validation cheap on a CPU.
+    """
+    tf = ctio.import_tensorflow()
+    if len(records) > max_slices:
+        idx = np.linspace(0, len(records) - 1, max_slices).round().astype(int)
+        records = [records[i] for i in idx]
+
+    def crop(ld, fd):
+        h, w = tf.shape(ld)[0], tf.shape(ld)[1]
+        hc, wc = (h // multiple) * multiple, (w // multiple) * multiple
+        oy, ox = (h - hc) // 2, (w - wc) // 2
+        return ld[oy:oy + hc, ox:ox + wc], fd[oy:oy + hc, ox:ox + wc]
+
+    return (_decoded_slices(records, simulate_dose, seed, tf).map(crop).batch(1)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Check a dataset for training (Mytrain.py).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s)")
+    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+                    help="override layout auto-detection")
+    ap.add_argument("--simulate-dose", type=float, default=None,
+                    help="simulate this dose fraction for full-dose-only slices")
+    ap.add_argument("--val-patients", nargs="+", default=None,
+                    help="validation patients (default: the last patient; 'none' for none)")
+    args = ap.parse_args(argv)
+    if args.simulate_dose is None:
+        # A full-dose-only folder is a valid dataset for simulation: summarise it and say so.
+        found = [ctio.discover(p, args.layout, single_role="fd") for p in args.data]
+        if all(not r.ld_path for d in found for r in d.records):
+            for d, p in zip(found, args.data):
+                ctio.print_summary(ctio.summarize(d), p)
+            print("note:      full dose only: train on it with --simulate-dose 0.25 "
+                  "(or simulate a dataset with Mysimulate.py)")
+            return 0
+    ds = find_training_data(args.data, args.layout, args.simulate_dose)
+    ctio.print_summary(ctio.summarize(ds), " ".join(args.data))
+    split = split_patients(ds, args.val_patients)
+    print(f"split:     {len(split.train)} training / {len(split.val)} validation slices; "
+          f"{split.how}")
+    if args.simulate_dose is not None:
+        n = sum(not r.ld_path for r in ds.records)
+        print(f"simulate:  dose {args.simulate_dose} for {n} full-dose-only slices")
+    per_epoch = math.ceil(len(split.train) * PATCHES_PER_SLICE)
+    print(f"patches:   {PATCHES_PER_SLICE} per slice of {PATCH_SIZE}x{PATCH_SIZE} "
+          f"(~{per_epoch} per pass over the slices)")
+    return 0
+
+
+if __name__ == "__main__":
+    ctio.run_cli(main)

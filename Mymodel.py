@@ -1,0 +1,619 @@
+"""CNCL (Content-Noise Complementary Learning) networks for low-dose CT denoising.
+
+Geng et al., "Content-Noise Complementary Learning for Medical Image Denoising",
+IEEE TMI. Keras 3 (TensorFlow backend) re-implementation.
+
+Conventions used throughout this module:
+
+* Images are NORMALISED CT slices, ``(HU - HU_MIN) / (HU_MAX - HU_MIN)`` with
+  ``HU_MIN=-1024``, ``HU_MAX=3072`` (see ``ctio.normalize``), layout NHWC with one
+  channel, dtype float32.
+* The generator maps a low-dose slice ``LD`` to ``[content, noise]``; the content
+  output is the denoised image. Its spatial contract is ``H % 2**depth == 0`` and
+  ``W % 2**depth == 0`` (any such size, not only the training patch size).
+* The discriminator is a conditional PatchGAN on ``concat[content, noise, LD]``.
+
+Public API: ``PRESETS``, ``model_config``, ``build_unet``, ``build_generator``,
+``build_discriminator``, ``build_models``, ``hu_metrics``, ``CNCLGAN``,
+``SelectChannel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from ctio import EVAL_WINDOW, denormalize
+
+__all__ = [
+    "PRESETS",
+    "CNCLGAN",
+    "SelectChannel",
+    "build_discriminator",
+    "build_generator",
+    "build_models",
+    "build_unet",
+    "hu_metrics",
+    "model_config",
+]
+
+NORMS = ("batch", "instance", "none")
+
+# Model-size presets.
+#
+# ``paper`` is the architecture of the official CNCL code: two U-Nets of ~21.9M
+# parameters each, 43.9M for the generator (+2.8M for the PatchGAN).
+#
+# ``small`` is sized for a 2-core CPU. Measured full GAN ``train_step`` (G and D
+# updates, LSGAN + L1, Adam), batch 16 of 64x64 patches, TF 2.21 CPU, 2 cores,
+# float32, graph mode, median of 10 steps after warm-up:
+#   base 16 / depth 4 / disc 32: ~0.17 s/step (G 1.38M params)
+#   base 16 / depth 3 / disc 16: ~0.12 s/step (G 0.34M params)  <- chosen
+#   base  8 / depth 3 / disc 16: ~0.07 s/step (G 0.09M params)
+# (timings on a machine shared with other jobs; see the report in the PR.)
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"base_filters": 64, "depth": 4, "norm": "batch", "disc_filters": 64},
+    "small": {"base_filters": 16, "depth": 3, "norm": "batch", "disc_filters": 16},
+}
+
+
+def model_config(preset: str, **overrides: Any) -> dict[str, Any]:
+    """Return the JSON-serialisable model configuration of a preset.
+
+    Args:
+        preset: Name of a preset in :data:`PRESETS` (``"paper"`` or ``"small"``).
+        **overrides: Replacement values for ``base_filters``, ``depth``, ``norm``
+            or ``disc_filters``. ``None`` values are ignored, so command-line
+            options that default to ``None`` can be passed straight through.
+
+    Returns:
+        ``{"preset", "base_filters", "depth", "norm", "disc_filters"}``.
+
+    Raises:
+        ValueError: unknown preset, unknown override key or invalid value.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}' (choose from: {', '.join(PRESETS)})")
+    cfg: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    for key, value in overrides.items():
+        if key not in PRESETS[preset]:
+            raise ValueError(
+                f"unknown model option '{key}' (choose from: {', '.join(PRESETS[preset])})"
+            )
+        if value is not None:
+            cfg[key] = value
+    for key in ("base_filters", "depth", "disc_filters"):
+        cfg[key] = int(cfg[key])
+        if cfg[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["base_filters"] < 2:
+        raise ValueError("base_filters must be >= 2 (the last decoder conv has base//2)")
+    cfg["norm"] = str(cfg["norm"])
+    if cfg["norm"] not in NORMS:
+        raise ValueError(f"unknown norm '{cfg['norm']}' (choose from: {', '.join(NORMS)})")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Initialisers
+# --------------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="cncl")
+class SelectChannel(keras.initializers.Initializer):
+    """1x1-conv kernel that copies input channel ``index`` to every output channel.
+
+    Used for the fusion conv: kernel ``[0 for c1, 1 for c2]`` so the untrained
+    generator returns ``c2 = LD - n = LD`` as content.
+
+    Args:
+        index: Input channel to select (0-based).
+    """
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = int(index)
+
+    def __call__(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        # shape = (kh, kw, c_in, c_out); one-hot along c_in.
+        one_hot = keras.ops.one_hot(self.index, shape[-2], dtype=dtype or "float32")
+        return keras.ops.broadcast_to(keras.ops.reshape(one_hot, (1, 1, shape[-2], 1)), shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+
+# --------------------------------------------------------------------------------------
+# Tiny block builders (functional API, KerasTensors only)
+# --------------------------------------------------------------------------------------
+
+
+def _norm_layer(norm: str, name: str) -> layers.Layer | None:
+    """Normalisation layer for ``norm``.
+
+    Args:
+        norm: ``"batch"`` (BatchNormalization), ``"instance"``
+            (GroupNormalization with one group per channel, i.e. instance norm with
+            learned affine) or ``"none"``.
+        name: Layer name.
+
+    Returns:
+        The layer, or ``None`` for ``"none"``.
+    """
+    if norm == "batch":
+        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    if norm == "instance":
+        return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+    if norm == "none":
+        return None
+    raise ValueError(f"unknown norm '{norm}' (choose from: {', '.join(NORMS)})")
+
+
+def _conv(
+    x: keras.KerasTensor,
+    filters: int,
+    name: str,
+    kernel_size: int = 3,
+    strides: int = 1,
+    kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
+    dtype: str | None = None,
+) -> keras.KerasTensor:
+    """Linear 'same'-padded conv with bias.
+
+    Args:
+        x: Input ``(B, H, W, C)``.
+        filters: Output channels.
+        name: Layer name.
+        kernel_size: Square kernel size.
+        strides: Stride.
+        kernel_initializer: Kernel initialiser (bias is always zero-initialised).
+        dtype: Layer dtype policy; ``"float32"`` forces a float32 output under
+            ``mixed_float16``. ``None`` uses the global policy.
+
+    Returns:
+        ``(B, H/strides, W/strides, filters)``.
+    """
+    return layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        kernel_initializer=kernel_initializer,
+        bias_initializer="zeros",
+        dtype=dtype,
+        name=name,
+    )(x)
+
+
+def _conv_norm_relu(x: keras.KerasTensor, filters: int, norm: str, name: str) -> keras.KerasTensor:
+    """3x3 conv -> norm -> ReLU.
+
+    Args:
+        x: Input ``(B, H, W, C)``.
+        filters: Output channels.
+        norm: ``"batch"``, ``"instance"`` or ``"none"``.
+        name: Name prefix of the three layers.
+
+    Returns:
+        ``(B, H, W, filters)``.
+    """
+    x = _conv(x, filters, f"{name}_conv")  # (B, H, W, filters)
+    norm_layer = _norm_layer(norm, f"{name}_norm")
+    if norm_layer is not None:
+        x = norm_layer(x)  # (B, H, W, filters)
+    return layers.ReLU(name=f"{name}_relu")(x)  # (B, H, W, filters)
+
+
+# --------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------
+
+
+def build_unet(
+    base_filters: int = 64,
+    depth: int = 4,
+    norm: str = "batch",
+    zero_head: bool = False,
+    name: str = "unet",
+) -> keras.Model:
+    """One CNCL U-Net branch (shape-identical to the official CNCL code).
+
+    Encoder level ``i`` (``i = 0..depth-1``): ``[3x3 conv(base*2^i) -> norm -> ReLU] x2``
+    then 2x2 max-pool. Bottleneck: ``3x3 conv(base*2^depth) -> norm -> ReLU -> 3x3
+    conv(base*2^(depth-1)) -> norm -> ReLU``. Decoder level ``i`` (deep to shallow):
+    bilinear x2 up-sampling, concat with skip ``i``, ``3x3 conv(base*2^i) -> norm ->
+    ReLU -> 3x3 conv(base*2^(i-1)) -> norm -> ReLU``; at ``i = 0`` the second conv
+    goes to ``base//2`` channels and is linear, followed by a linear 3x3 conv head to
+    one channel. With ``base=64, depth=4`` this has 21.95M parameters.
+
+    Args:
+        base_filters: Channels of the first encoder level.
+        depth: Number of 2x down-samplings (input H, W must be divisible by
+            ``2**depth``).
+        norm: ``"batch"``, ``"instance"`` or ``"none"``.
+        zero_head: Zero-initialise the head kernel and bias (the branch then outputs
+            exactly 0 until trained) -- used for the noise branch.
+        name: Model name.
+
+    Returns:
+        Functional model ``(B, H, W, 1) -> (B, H, W, 1)``; the output is float32
+        whatever the global dtype policy.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm '{norm}' (choose from: {', '.join(NORMS)})")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    inp = keras.Input(shape=(None, None, 1), name=f"{name}_input")  # (B, H, W, 1)
+    x = inp
+    skips = []
+    for i in range(depth):
+        f = base_filters * 2**i
+        x = _conv_norm_relu(x, f, norm, f"enc{i}_a")  # (B, H/2^i, W/2^i, base*2^i)
+        x = _conv_norm_relu(x, f, norm, f"enc{i}_b")  # (B, H/2^i, W/2^i, base*2^i)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{i}_pool")(x)  # (B, H/2^(i+1), W/2^(i+1), ...)
+    # Bottleneck at (B, H/2^depth, W/2^depth, .)
+    x = _conv_norm_relu(x, base_filters * 2**depth, norm, "mid_a")  # (..., base*2^depth)
+    x = _conv_norm_relu(x, base_filters * 2 ** (depth - 1), norm, "mid_b")  # base*2^(d-1)
+    for i in reversed(range(depth)):
+        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{i}_up")(x)
+        # (B, H/2^i, W/2^i, base*2^i)
+        x = layers.Concatenate(axis=-1, name=f"dec{i}_cat")([skips[i], x])
+        # (B, H/2^i, W/2^i, base*2^(i+1))
+        x = _conv_norm_relu(x, base_filters * 2**i, norm, f"dec{i}_a")  # (..., base*2^i)
+        if i > 0:
+            x = _conv_norm_relu(x, base_filters * 2 ** (i - 1), norm, f"dec{i}_b")
+            # (B, H/2^i, W/2^i, base*2^(i-1))
+        else:
+            x = _conv(x, base_filters // 2, "dec0_b_conv")  # (B, H, W, base/2), linear
+    out = _conv(
+        x,
+        1,
+        "head",
+        kernel_initializer="zeros" if zero_head else "glorot_uniform",
+        dtype="float32",
+    )  # (B, H, W, 1) float32, linear
+    return keras.Model(inp, out, name=name)
+
+
+def build_generator(
+    base_filters: int = 64,
+    depth: int = 4,
+    norm: str = "batch",
+    name: str = "cncl_generator",
+) -> keras.Model:
+    """CNCL generator: content U-Net, noise U-Net and a 1x1-conv fusion.
+
+    ``c1 = content_unet(LD)``, ``n = noise_unet(LD)``, ``c2 = LD - n``,
+    ``content = conv1x1(concat[c1, c2])``. The two U-Nets (sub-models named
+    ``content_unet`` and ``noise_unet``) have identical architecture and separate
+    weights.
+
+    Near-identity initialisation: the noise head is zero-initialised (``n = 0``) and
+    the fusion kernel is ``[0, 1]`` with bias 0, so the untrained generator returns
+    exactly its input as content. Gradients still reach both branches: the fusion
+    weight of ``c1`` gets ``c1 * dL/dc`` and the noise head gets a non-zero gradient,
+    after which the deeper layers of both branches receive gradients too.
+
+    Shape contract: input ``(B, H, W, 1)`` float32 normalised LDCT with
+    ``H % 2**depth == 0`` and ``W % 2**depth == 0`` (any such size); outputs
+    ``[content, noise]``, each ``(B, H, W, 1)`` float32 (also under a
+    ``mixed_float16`` policy: the heads, subtraction and fusion are float32 layers).
+
+    Args:
+        base_filters: Channels of the first U-Net level (64 in the paper).
+        depth: U-Net depth, i.e. number of 2x down-samplings (4 in the paper).
+        norm: ``"batch"``, ``"instance"`` or ``"none"``.
+        name: Model name.
+
+    Returns:
+        Functional ``keras.Model`` with outputs ``[content, noise]``.
+    """
+    ld = keras.Input(shape=(None, None, 1), name="ld")  # (B, H, W, 1)
+    content_unet = build_unet(base_filters, depth, norm, zero_head=False, name="content_unet")
+    noise_unet = build_unet(base_filters, depth, norm, zero_head=True, name="noise_unet")
+    c1 = content_unet(ld)  # (B, H, W, 1) float32
+    noise = noise_unet(ld)  # (B, H, W, 1) float32
+    noise = layers.Identity(dtype="float32", name="noise")(noise)  # (B, H, W, 1) float32
+    c2 = layers.Subtract(dtype="float32", name="ld_minus_noise")([ld, noise])  # (B, H, W, 1)
+    both = layers.Concatenate(axis=-1, dtype="float32", name="fusion_cat")([c1, c2])
+    # (B, H, W, 2)
+    content = layers.Conv2D(
+        1,
+        1,
+        kernel_initializer=SelectChannel(1),
+        bias_initializer="zeros",
+        dtype="float32",
+        name="content",
+    )(both)  # (B, H, W, 1) float32
+    return keras.Model(ld, [content, noise], name=name)
+
+
+# --------------------------------------------------------------------------------------
+# Discriminator
+# --------------------------------------------------------------------------------------
+
+
+def build_discriminator(base_filters: int = 64, name: str = "cncl_discriminator") -> keras.Model:
+    """Conditional PatchGAN discriminator of the official CNCL code.
+
+    Four 4x4 stride-2 'same' convs with ``base, 2*base, 4*base, 8*base`` filters
+    (64-128-256-512 in the paper), each followed by LeakyReLU(0.2); instance norm
+    on all but the first. A final 4x4 stride-1 conv gives one logit per patch.
+
+    Shape contract: input ``(B, H, W, 3) = concat[content, noise, LD]`` with
+    ``H % 16 == 0`` and ``W % 16 == 0``; output ``(B, H/16, W/16, 1)`` float32
+    logits (no sigmoid; used with a least-squares GAN loss).
+
+    Args:
+        base_filters: Filters of the first conv.
+        name: Model name.
+
+    Returns:
+        Functional ``keras.Model``.
+    """
+    inp = keras.Input(shape=(None, None, 3), name="content_noise_ld")  # (B, H, W, 3)
+    x = inp
+    for i in range(4):
+        x = _conv(x, base_filters * 2**i, f"d{i}_conv", kernel_size=4, strides=2)
+        # (B, H/2^(i+1), W/2^(i+1), base*2^i)
+        if i > 0:
+            x = layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"d{i}_norm")(x)
+        x = layers.LeakyReLU(negative_slope=0.2, name=f"d{i}_lrelu")(x)
+    out = _conv(x, 1, "patch_logits", kernel_size=4, dtype="float32")  # (B, H/16, W/16, 1)
+    return keras.Model(inp, out, name=name)
+
+
+def build_models(config: dict[str, Any]) -> tuple[keras.Model, keras.Model]:
+    """Build ``(generator, discriminator)`` from a :func:`model_config` dict.
+
+    Args:
+        config: Output of :func:`model_config` (extra keys are ignored).
+
+    Returns:
+        The generator and discriminator.
+    """
+    gen = build_generator(config["base_filters"], config["depth"], config["norm"])
+    disc = build_discriminator(config["disc_filters"])
+    return gen, disc
+
+
+# --------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------
+
+
+def hu_metrics(
+    pred: tf.Tensor,
+    ref: tf.Tensor,
+    window: tuple[float, float] = EVAL_WINDOW,
+) -> dict[str, tf.Tensor]:
+    """Per-image PSNR / SSIM / RMSE in a HU display window (the project's metric).
+
+    Protocol (this function is the single implementation used for validation and
+    evaluation):
+
+    1. ``pred`` and ``ref`` are NORMALISED images ``(B, H, W, 1)``; both are mapped
+       to HU with ``ctio.denormalize`` (``x * 4096 - 1024``) in float32.
+    2. Both are clipped to ``window = (low, high)`` -- by default ``EVAL_WINDOW =
+       (-160, 240)`` HU; pass ``(HU_MIN, HU_MAX)`` for full-range figures -- and
+       shifted by ``-low`` so they lie in ``[0, high - low]``.
+    3. ``psnr = tf.image.psnr(max_val=high - low)`` (400 for the default window),
+       i.e. ``10 log10(L^2 / MSE)`` per image.
+    4. ``ssim = tf.image.ssim(max_val=high - low, filter_size=11, filter_sigma=1.5,
+       k1=0.01, k2=0.03)`` (Gaussian window, valid region, no sample-covariance
+       correction; equal to ``skimage.metrics.structural_similarity(...,
+       gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+       data_range=high - low)``). Images need H, W >= 11.
+    5. ``rmse = sqrt(mean((pred_hu - ref_hu)^2))`` in HU of the clipped images.
+
+    Pure TensorFlow; usable inside ``tf.function`` / ``train_step``.
+
+    Args:
+        pred: Denoised images, normalised, ``(B, H, W, 1)``.
+        ref: Reference (full-dose) images, normalised, ``(B, H, W, 1)``.
+        window: ``(low, high)`` HU window.
+
+    Returns:
+        ``{"psnr": (B,), "ssim": (B,), "rmse": (B,)}`` float32 tensors
+        (``psnr`` is ``inf`` for identical images).
+    """
+    low, high = float(window[0]), float(window[1])
+    if not high > low:
+        raise ValueError(f"window must be (low, high) with high > low, got {window}")
+    width = high - low
+    pred_hu = denormalize(tf.cast(pred, tf.float32))
+    ref_hu = denormalize(tf.cast(ref, tf.float32))
+    pred_w = tf.clip_by_value(pred_hu, low, high) - low  # (B, H, W, 1) in [0, width]
+    ref_w = tf.clip_by_value(ref_hu, low, high) - low
+    psnr = tf.image.psnr(pred_w, ref_w, max_val=width)
+    ssim = tf.image.ssim(
+        pred_w, ref_w, max_val=width, filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03
+    )
+    rmse = tf.sqrt(tf.reduce_mean(tf.square(pred_w - ref_w), axis=[-3, -2, -1]))
+    return {
+        "psnr": tf.cast(psnr, tf.float32),
+        "ssim": tf.cast(ssim, tf.float32),
+        "rmse": tf.cast(rmse, tf.float32),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# GAN training wrapper
+# --------------------------------------------------------------------------------------
+
+
+def _per_example_mean(x: tf.Tensor) -> tf.Tensor:
+    """Mean over all but the batch axis: ``(B, ...) -> (B,)`` float32."""
+    x = tf.cast(x, tf.float32)
+    return tf.reduce_mean(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
+
+
+class CNCLGAN(keras.Model):
+    """CNCL generator + conditional PatchGAN trained with LSGAN + L1 losses.
+
+    ``call(ld)`` returns the content (denoised) image, so ``predict(ld)`` denoises.
+
+    Losses per step on ``(ld, fd)`` (normalised, ``(B, H, W, 1)``):
+
+    * D (least squares): ``0.5 * (mean((D(fd, ld - fd, ld) - 1)^2) +
+      mean(D(c, n, ld)^2))``.
+    * G: ``adv_weight * mean((D(c, n, ld) - 1)^2) + lambda_l1 * (|c - fd|_1 +
+      |n - (ld - fd)|_1)`` (L1 as mean absolute error). ``adv_weight = 0`` drops
+      the adversarial term; D is then neither evaluated nor updated.
+
+    D and G are updated simultaneously from one generator forward pass (the G
+    adversarial term uses D before its update, as in the TF pix2pix tutorial).
+
+    Losses are per-example and averaged over the GLOBAL batch
+    (``tf.nn.compute_average_loss``), so under ``tf.distribute`` the all-reduced
+    (summed) gradients equal the single-device gradient. Trackers record the
+    un-scaled per-replica means.
+
+    Train logs: ``d_loss, g_adv, l1_content, l1_noise`` (``d_loss``/``g_adv`` stay 0
+    when ``adv_weight = 0``). Test logs: ``psnr, ssim`` (:func:`hu_metrics`, default
+    window) and ``l1_content``.
+
+    Args:
+        generator: Model from :func:`build_generator`.
+        discriminator: Model from :func:`build_discriminator`.
+        **kwargs: Passed to ``keras.Model``.
+    """
+
+    def __init__(
+        self, generator: keras.Model, discriminator: keras.Model, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("name", "cncl_gan")
+        super().__init__(**kwargs)
+        self.generator = generator
+        self.discriminator = discriminator
+        self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+        self.g_adv_tracker = keras.metrics.Mean(name="g_adv")
+        self.l1_content_tracker = keras.metrics.Mean(name="l1_content")
+        self.l1_noise_tracker = keras.metrics.Mean(name="l1_noise")
+        self.psnr_tracker = keras.metrics.Mean(name="psnr")
+        self.ssim_tracker = keras.metrics.Mean(name="ssim")
+        self.g_optimizer: keras.optimizers.Optimizer | None = None
+        self.d_optimizer: keras.optimizers.Optimizer | None = None
+        self.lambda_l1 = 100.0
+        self.adv_weight = 1.0
+
+    def call(self, ld: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Denoise: ``(B, H, W, 1)`` normalised LD -> ``(B, H, W, 1)`` content."""
+        content, _ = self.generator(ld, training=training)
+        return content
+
+    def compile(
+        self,
+        g_optimizer: keras.optimizers.Optimizer,
+        d_optimizer: keras.optimizers.Optimizer,
+        lambda_l1: float = 100.0,
+        adv_weight: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        """Configure training.
+
+        Under a ``mixed_float16`` global policy both optimizers are wrapped in
+        ``keras.optimizers.LossScaleOptimizer`` (Keras gives a custom-compile GAN no
+        automatic loss scaling). Both optimizers are built here, so call
+        ``compile`` inside the distribution strategy scope, like model creation.
+
+        Args:
+            g_optimizer: Generator optimizer.
+            d_optimizer: Discriminator optimizer.
+            lambda_l1: Weight of the two L1 terms in the generator loss.
+            adv_weight: Weight of the LSGAN term; 0 trains with L1 only.
+            **kwargs: Passed to ``keras.Model.compile`` (e.g. ``jit_compile``,
+                ``steps_per_execution``, ``run_eagerly``).
+        """
+        super().compile(**kwargs)
+        if keras.mixed_precision.global_policy().name == "mixed_float16":
+            if not isinstance(g_optimizer, keras.optimizers.LossScaleOptimizer):
+                g_optimizer = keras.optimizers.LossScaleOptimizer(g_optimizer)
+            if not isinstance(d_optimizer, keras.optimizers.LossScaleOptimizer):
+                d_optimizer = keras.optimizers.LossScaleOptimizer(d_optimizer)
+        self.g_optimizer = g_optimizer
+        self.d_optimizer = d_optimizer
+        self.lambda_l1 = float(lambda_l1)
+        self.adv_weight = float(adv_weight)
+        if self.adv_weight < 0:
+            raise ValueError(f"adv_weight must be >= 0, got {adv_weight}")
+        # Build now (outside tf.function): a LossScaleOptimizer only uses its dynamic
+        # scale variable in scale_loss() once built.
+        self.g_optimizer.build(self.generator.trainable_variables)
+        self.d_optimizer.build(self.discriminator.trainable_variables)
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        return [
+            self.d_loss_tracker,
+            self.g_adv_tracker,
+            self.l1_content_tracker,
+            self.l1_noise_tracker,
+            self.psnr_tracker,
+            self.ssim_tracker,
+        ]
+
+    @staticmethod
+    def _unpack(data: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        ld, fd = data[0], data[1]
+        return tf.cast(ld, tf.float32), tf.cast(fd, tf.float32)
+
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
+        ld, fd = self._unpack(data)  # (B, H, W, 1) each
+        noise_ref = ld - fd
+        use_adv = self.adv_weight > 0.0
+        g_vars = self.generator.trainable_variables
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            content, noise = self.generator(ld, training=True)
+            l1_c = _per_example_mean(tf.abs(content - fd))  # (B,)
+            l1_n = _per_example_mean(tf.abs(noise - noise_ref))  # (B,)
+            g_per_example = self.lambda_l1 * (l1_c + l1_n)
+            if use_adv:
+                real = tf.concat([fd, noise_ref, ld], axis=-1)  # (B, H, W, 3)
+                fake = tf.concat([content, noise, ld], axis=-1)  # (B, H, W, 3)
+                d_real = self.discriminator(real, training=True)
+                d_fake = self.discriminator(fake, training=True)
+                d_per_example = 0.5 * (
+                    _per_example_mean(tf.square(d_real - 1.0))
+                    + _per_example_mean(tf.square(d_fake))
+                )
+                g_adv = _per_example_mean(tf.square(d_fake - 1.0))
+                g_per_example = g_per_example + self.adv_weight * g_adv
+                d_loss = tf.nn.compute_average_loss(d_per_example)
+                scaled_d_loss = self.d_optimizer.scale_loss(d_loss)
+            g_loss = tf.nn.compute_average_loss(g_per_example)
+            scaled_g_loss = self.g_optimizer.scale_loss(g_loss)
+        g_grads = g_tape.gradient(scaled_g_loss, g_vars)
+        self.g_optimizer.apply_gradients(zip(g_grads, g_vars))
+        if use_adv:
+            d_vars = self.discriminator.trainable_variables
+            d_grads = d_tape.gradient(scaled_d_loss, d_vars)
+            self.d_optimizer.apply_gradients(zip(d_grads, d_vars))
+            self.d_loss_tracker.update_state(d_per_example)
+            self.g_adv_tracker.update_state(g_adv)
+        self.l1_content_tracker.update_state(l1_c)
+        self.l1_noise_tracker.update_state(l1_n)
+        return {
+            m.name: m.result()
+            for m in (
+                self.d_loss_tracker,
+                self.g_adv_tracker,
+                self.l1_content_tracker,
+                self.l1_noise_tracker,
+            )
+        }
+
+    def test_step(self, data: Any) -> dict[str, tf.Tensor]:
+        ld, fd = self._unpack(data)
+        content = self(ld, training=False)
+        scores = hu_metrics(content, fd)
+        self.psnr_tracker.update_state(scores["psnr"])
+        self.ssim_tracker.update_state(scores["ssim"])
+        self.l1_content_tracker.update_state(_per_example_mean(tf.abs(content - fd)))
+        return {
+            m.name: m.result()
+            for m in (self.psnr_tracker, self.ssim_tracker, self.l1_content_tracker)
+        }

@@ -1,0 +1,705 @@
+"""Shared CT file I/O: read slices to HU, find and pair datasets, write outputs safely.
+
+Everything that touches CT files on disk lives here, so that the training loader, the test loader,
+the simulator and ``Mytest.py`` read and write data in exactly one way.
+
+Conventions defined here and nowhere else:
+
+* Normalisation: HU clipped to ``[HU_MIN, HU_MAX]`` = [-1024, 3072] -> ``(HU + 1024) / 4096``.
+* The metric protocol (``EVAL_WINDOW``, ``PROTOCOL``) printed with every table.
+* ``CTDataError``: a problem with the user's input. CLIs print its one-line message and exit 2.
+* Outputs are written to a temporary name in the target folder and renamed (``atomic_path``).
+
+Layouts understood by :func:`discover` (see the README for examples):
+
+* ``mayo``  ``ROOT/<patient>/{quarter_*,full_*}/`` DICOM (or ``ROOT/{quarter_*,full_*}/`` for one
+  patient). QD/FD paired by slice position, never by listing order.
+* ``npy``   RED-CNN ``<patient>_<idx>_input.npy`` (QD) / ``_target.npy`` (FD), HU = v*4096 - 1024.
+* ``tif``   CNCL ``noisy/`` (QD) and ``clean/`` (FD) with identical file names, float HU.
+* ``dicom`` one unpaired DICOM series per folder (``ROOT/*.dcm`` or ``ROOT/<patient>/*.dcm``):
+  low-dose input for inference, or full dose for simulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+# --- Normalisation and metric protocol (defined once for the whole project) --------------------
+HU_MIN = -1024.0  # air; also the value given to padding / out-of-field pixels
+HU_MAX = 3072.0  # dense bone and metal beyond this carry no diagnostic soft-tissue information
+HU_RANGE = HU_MAX - HU_MIN  # 4096: the normalised image is (HU - HU_MIN) / HU_RANGE
+EVAL_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window used by RED-CNN and followers
+FULL_RANGE = (HU_MIN, HU_MAX)  # whole normalised range, reported beside the window figures
+PROTOCOL = (
+    "protocol: HU clipped to window [-160, 240], PSNR data range 400, SSIM 11x11 Gaussian "
+    "sigma 1.5 (K1 0.01, K2 0.03, tf.image), RMSE in HU, whole slices; "
+    "full-range figures over [-1024, 3072] (data range 4096)"
+)
+
+LAYOUTS = ("mayo", "npy", "tif", "dicom")
+# Files that may sit beside DICOM slices in hospital exports and are not slices.
+_NOT_SLICES = {".txt", ".md", ".json", ".csv", ".xml", ".pdf", ".jpg", ".jpeg", ".png", ".zip",
+               ".log", ".ini", ".html", ".py"}
+_POSITION_TOL_MM = 0.01  # QD and FD slices of one position agree to well below this
+_NPY_NAME = re.compile(r"^(?P<patient>.+)_(?P<idx>\d+)_(?P<kind>input|target)\.npy$")
+
+
+class CTDataError(Exception):
+    """A problem with the user's data or arguments; the message is one line naming the file."""
+
+
+def normalize(hu):
+    """HU -> [0, 1]: clip to [HU_MIN, HU_MAX], then (HU - HU_MIN) / HU_RANGE (numpy or tf)."""
+    if isinstance(hu, np.ndarray) or np.isscalar(hu):
+        return ((np.clip(hu, HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE).astype(np.float32)
+    import tensorflow as tf
+
+    return (tf.clip_by_value(hu, HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE
+
+
+def denormalize(x):
+    """[0, 1] -> HU (inverse of :func:`normalize` inside the clip range; numpy or tf)."""
+    return x * HU_RANGE + HU_MIN
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and TensorFlow in one call."""
+    import keras
+
+    keras.utils.set_random_seed(int(seed))
+
+
+def import_tensorflow():
+    """Import TensorFlow without the C++ start-up chatter it writes to stderr.
+
+    TF's absl logging prints lines such as "Could not find cuda drivers" before Python can
+    configure it, even with TF_CPP_MIN_LOG_LEVEL=3. CLIs promise one clean line on stderr for bad
+    input, so the import (and device discovery) runs with file descriptor 2 pointed at /dev/null.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+            tf.get_logger().setLevel("ERROR")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return tf
+
+
+# --- Reading single slices ----------------------------------------------------------------------
+def _unreadable(path, kind: str, e: Exception) -> CTDataError:
+    return CTDataError(f"{path}: not a readable {kind} file ({type(e).__name__}: {e})")
+
+
+def _check_image(hu: np.ndarray, path) -> np.ndarray:
+    if hu.ndim != 2:
+        raise CTDataError(f"{path}: expected a 2-D slice, got an array of shape {hu.shape}")
+    if min(hu.shape) < 8:
+        raise CTDataError(f"{path}: slice of shape {hu.shape} is too small to be a CT image")
+    if not np.all(np.isfinite(hu)):
+        raise CTDataError(f"{path}: contains NaN or infinite values")
+    return hu.astype(np.float32, copy=False)
+
+
+def read_dicom_header(path, with_pixels: bool = False):
+    """Read a DICOM file with pydicom; a non-DICOM, corrupt or non-CT file is a CTDataError."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=not with_pixels)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CTDataError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+    modality = str(ds.get("Modality", "")).upper()
+    if modality != "CT":
+        raise CTDataError(f"{path}: modality is {modality or 'missing'}, not CT")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise CTDataError(f"{path}: DICOM without image size (Rows/Columns)")
+    return ds
+
+
+def read_dicom(path) -> tuple[np.ndarray, object]:
+    """DICOM slice -> (HU float32 [H, W], header without pixel data).
+
+    HU = pixel * RescaleSlope + RescaleIntercept. Pixels equal to PixelPaddingValue and anything
+    below -1024 HU (out-of-field) become -1024 HU. Compressed transfer syntaxes (JPEG 2000, ...)
+    are decoded by pydicom's plug-ins (pylibjpeg-openjpeg is in requirements.txt).
+    """
+    ds = read_dicom_header(path, with_pixels=True)
+    if "PixelData" not in ds:
+        raise CTDataError(f"{path}: DICOM without pixel data")
+    try:
+        raw = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for truncated or undecodable data
+        raise CTDataError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from None
+    if raw.ndim != 2:
+        raise CTDataError(f"{path}: expected one 2-D frame, got pixel array of shape {raw.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    hu = raw.astype(np.float32) * slope + intercept
+    pad = ds.get("PixelPaddingValue")
+    if pad is not None:
+        hu[raw == pad] = HU_MIN
+    np.maximum(hu, HU_MIN, out=hu)
+    del ds.PixelData
+    return _check_image(hu, path), ds
+
+
+def read_npy(path) -> np.ndarray:
+    """RED-CNN .npy slice (values (HU + 1024) / 4096) -> HU float32."""
+    try:
+        v = np.load(str(path), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CTDataError(f"{path}: not a readable .npy file ({e})") from None
+    if not np.issubdtype(v.dtype, np.number):
+        raise CTDataError(f"{path}: .npy holds {v.dtype}, not numbers")
+    return _check_image(np.asarray(v, np.float64) * HU_RANGE + HU_MIN, path)
+
+
+def read_tif(path) -> np.ndarray:
+    """CNCL float TIFF in HU, shape [H, W] or [1, H, W] -> HU float32."""
+    import tifffile
+
+    try:
+        v = tifffile.imread(str(path))
+    except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise _unreadable(path, "TIFF", e) from None
+    if v.ndim == 3 and v.shape[0] == 1:
+        v = v[0]
+    return _check_image(np.asarray(v, np.float32), path)
+
+
+def read_slice(path) -> tuple[np.ndarray, Optional[object]]:
+    """Any supported slice file -> (HU float32 [H, W], DICOM header or None)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return read_npy(path), None
+    if suffix in (".tif", ".tiff"):
+        return read_tif(path), None
+    return read_dicom(path)
+
+
+def slice_shape(path) -> tuple[int, int]:
+    """Image size from the header alone (no pixel decoding)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        try:
+            v = np.load(str(path), mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CTDataError(f"{path}: not a readable .npy file ({e})") from None
+        shape = tuple(v.shape)
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(str(path)) as t:
+                shape = tuple(t.series[0].shape)
+        except Exception as e:
+            raise _unreadable(path, "TIFF", e) from None
+        if len(shape) == 3 and shape[0] == 1:
+            shape = shape[1:]
+    else:
+        ds = read_dicom_header(path)
+        shape = (int(ds.Rows), int(ds.Columns))
+    if len(shape) != 2:
+        raise CTDataError(f"{path}: expected a 2-D slice, got shape {shape}")
+    return shape
+
+
+def slice_position(ds) -> float:
+    """Table position of a DICOM slice: ImagePositionPatient z, else SliceLocation, else
+    InstanceNumber (the pairing key for QD/FD)."""
+    ipp = ds.get("ImagePositionPatient")
+    if ipp is not None and len(ipp) == 3:
+        return float(ipp[2])
+    if ds.get("SliceLocation") is not None:
+        return float(ds.SliceLocation)
+    if ds.get("InstanceNumber") is not None:
+        return float(ds.InstanceNumber)
+    raise CTDataError(f"{getattr(ds, 'filename', '?')}: no ImagePositionPatient, SliceLocation "
+                      "or InstanceNumber to order the slice by")
+
+
+# --- Finding and pairing datasets ---------------------------------------------------------------
+@dataclass
+class SliceRecord:
+    """One slice position: its identity and source files (either side may be missing)."""
+
+    patient: str
+    slice_id: str
+    position: float
+    ld_path: Optional[str]
+    fd_path: Optional[str]
+    shape: tuple[int, int]
+
+
+@dataclass
+class CTDataset:
+    """The slices found under ``root``, sorted by patient and position."""
+
+    layout: str
+    root: str
+    records: list[SliceRecord] = field(default_factory=list)
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({r.patient for r in self.records})
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.records) and all(r.ld_path and r.fd_path for r in self.records)
+
+    @property
+    def has_ld(self) -> bool:
+        return bool(self.records) and all(r.ld_path for r in self.records)
+
+    def for_patients(self, patients) -> CTDataset:
+        keep = set(patients)
+        return CTDataset(self.layout, self.root, [r for r in self.records if r.patient in keep])
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _slice_files(folder: Path) -> list[Path]:
+    """Candidate slice files in one folder (hidden files, DICOMDIR and documents skipped)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and _visible(p) and p.name.upper() != "DICOMDIR"
+                  and p.suffix.lower() not in _NOT_SLICES)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+
+
+def _dose_dirs(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """{suffix: dir} for ``quarter_<suffix>`` and ``full_<suffix>`` sub-folders."""
+    qd, fd = {}, {}
+    for d in _subdirs(folder):
+        name = d.name.lower()
+        if name.startswith("quarter_"):
+            qd[d.name[len("quarter_"):]] = d
+        elif name.startswith("full_"):
+            fd[d.name[len("full_"):]] = d
+    return qd, fd
+
+
+def _dicom_series(folder: Path) -> list[tuple[float, Path, tuple[int, int]]]:
+    """(position, file, shape) of every DICOM slice in ``folder``, sorted by position."""
+    items = []
+    for f in _slice_files(folder):
+        ds = read_dicom_header(f)
+        items.append((slice_position(ds), f, (int(ds.Rows), int(ds.Columns))))
+    items.sort(key=lambda t: t[0])
+    positions = [t[0] for t in items]
+    for a, b in zip(items, items[1:]):
+        if abs(a[0] - b[0]) < _POSITION_TOL_MM:
+            raise CTDataError(f"{b[1]}: same slice position {b[0]:g} as {a[1]} "
+                              "(two series mixed in one folder?)")
+    del positions
+    _check_one_size([(f, s) for _, f, s in items], folder)
+    return items
+
+
+def _check_one_size(files_shapes, where) -> None:
+    if not files_shapes:
+        return
+    f0, s0 = files_shapes[0]
+    for f, s in files_shapes[1:]:
+        if s != s0:
+            raise CTDataError(f"{where}: mixed slice sizes: {f0} is {s0[0]}x{s0[1]} but "
+                              f"{f} is {s[0]}x{s[1]}")
+
+
+def _pair_by_position(patient: str, qd_dir: Optional[Path], fd_dir: Optional[Path],
+                      prefix: str = "") -> list[SliceRecord]:
+    qd = _dicom_series(qd_dir) if qd_dir else []
+    fd = _dicom_series(fd_dir) if fd_dir else []
+    if qd_dir and fd_dir:
+        if not qd or not fd:
+            empty = qd_dir if not qd else fd_dir
+            raise CTDataError(f"{empty}: no DICOM slices, but its counterpart has some")
+        if len(qd) != len(fd):
+            qpos = {round(p, 2) for p, _, _ in qd}
+            fpos = {round(p, 2) for p, _, _ in fd}
+            odd = ([f for p, f, _ in qd if round(p, 2) not in fpos]
+                   + [f for p, f, _ in fd if round(p, 2) not in qpos])
+            first = f"; first unmatched: {odd[0]}" if odd else ""
+            raise CTDataError(f"{qd_dir} has {len(qd)} slices but {fd_dir} has {len(fd)}{first}")
+        for (pq, fq, sq), (pf, ff, sf) in zip(qd, fd):
+            if abs(pq - pf) > _POSITION_TOL_MM:
+                raise CTDataError(f"slice position mismatch: {fq} at {pq:g} mm vs {ff} "
+                                  f"at {pf:g} mm")
+            if sq != sf:
+                raise CTDataError(f"size mismatch: {fq} is {sq[0]}x{sq[1]} but {ff} is "
+                                  f"{sf[0]}x{sf[1]}")
+        return [SliceRecord(patient, f"{prefix}{i:04d}", pq, str(fq), str(ff), sq)
+                for i, ((pq, fq, sq), (_, ff, _)) in enumerate(zip(qd, fd))]
+    side = qd or fd
+    return [SliceRecord(patient, f"{prefix}{i:04d}", p, str(f) if qd else None,
+                        str(f) if fd else None, s) for i, (p, f, s) in enumerate(side)]
+
+
+def _discover_mayo(root: Path) -> list[SliceRecord]:
+    qd, fd = _dose_dirs(root)
+    patient_dirs = [(root.name, root)] if (qd or fd) else [(d.name, d) for d in _subdirs(root)]
+    records = []
+    for patient, pdir in patient_dirs:
+        qd, fd = _dose_dirs(pdir)
+        if not qd and not fd:
+            continue
+        if qd and fd and set(qd) != set(fd):
+            raise CTDataError(f"{pdir}: quarter_* folders {sorted(qd)} do not match full_* "
+                              f"folders {sorted(fd)}")
+        suffixes = sorted(set(qd) | set(fd))
+        for suffix in suffixes:
+            prefix = f"{suffix}_" if len(suffixes) > 1 else ""
+            records += _pair_by_position(patient, qd.get(suffix), fd.get(suffix), prefix)
+    return records
+
+
+def _discover_npy(root: Path) -> list[SliceRecord]:
+    found: dict[tuple[str, int], dict[str, Path]] = {}
+    for f in _slice_files(root):
+        m = _NPY_NAME.match(f.name)
+        if m:
+            found.setdefault((m["patient"], int(m["idx"])), {})[m["kind"]] = f
+    any_target = any("target" in v for v in found.values())
+    any_input = any("input" in v for v in found.values())
+    records = []
+    for (patient, idx), files in sorted(found.items()):
+        if any_target and any_input and len(files) != 2:
+            have = next(iter(files.values()))
+            missing = "target" if "input" in files else "input"
+            raise CTDataError(f"{have}: no matching _{missing}.npy file")
+        ld, fd = files.get("input"), files.get("target")
+        shapes = [(f, slice_shape(f)) for f in (ld, fd) if f]
+        _check_one_size(shapes, f"{patient} slice {idx}")
+        records.append(SliceRecord(patient, str(idx), float(idx), ld and str(ld),
+                                   fd and str(fd), shapes[0][1]))
+    return records
+
+
+def _discover_tif(root: Path) -> list[SliceRecord]:
+    noisy, clean = root / "noisy", root / "clean"
+    ld = {f.name: f for f in _slice_files(noisy)} if noisy.is_dir() else {}
+    fd = {f.name: f for f in _slice_files(clean)} if clean.is_dir() else {}
+    if ld and fd and set(ld) != set(fd):
+        odd = sorted(set(ld) ^ set(fd))[0]
+        where = noisy / odd if odd in ld else clean / odd
+        raise CTDataError(f"{where}: no file of the same name in "
+                          f"{clean if odd in ld else noisy}")
+    records = []
+    for i, name in enumerate(sorted(ld or fd)):
+        stem = Path(name).stem
+        patient = stem.split("_")[0] if "_" in stem else root.name
+        files = [f for f in (ld.get(name), fd.get(name)) if f]
+        shapes = [(f, slice_shape(f)) for f in files]
+        _check_one_size(shapes, name)
+        records.append(SliceRecord(patient, stem, float(i), ld.get(name) and str(ld[name]),
+                                   fd.get(name) and str(fd[name]), shapes[0][1]))
+    return records
+
+
+def _discover_dicom(root: Path, role: str) -> list[SliceRecord]:
+    folders = [root] if _slice_files(root) else _subdirs(root)
+    records = []
+    for folder in folders:
+        series = _dicom_series(folder)
+        for i, (p, f, s) in enumerate(series):
+            ld, fd = (str(f), None) if role == "ld" else (None, str(f))
+            records.append(SliceRecord(folder.name, f"{i:04d}", p, ld, fd, s))
+    return records
+
+
+def detect_layout(root: Path) -> Optional[str]:
+    """Guess the layout of ``root`` from folder and file names (no file is read)."""
+    files = _slice_files(root)
+    if any(_NPY_NAME.match(f.name) for f in files):
+        return "npy"
+    subs = _subdirs(root)
+    names = {d.name for d in subs}
+    if names & {"noisy", "clean"}:
+        return "tif"
+    qd, fd = _dose_dirs(root)
+    if qd or fd or any(any(_dose_dirs(d)) for d in subs):
+        return "mayo"
+    if files or any(_slice_files(d) for d in subs):
+        return "dicom"
+    return None
+
+
+def discover(root, layout: Optional[str] = None, single_role: str = "ld") -> CTDataset:
+    """Find the slices under ``root`` and pair low dose with full dose.
+
+    Args:
+        root: dataset folder (see the module docstring for the layouts).
+        layout: one of ``LAYOUTS`` to override auto-detection, or None.
+        single_role: for the unpaired ``dicom`` layout, whether its slices are the low-dose input
+            (``"ld"``, inference) or the full dose (``"fd"``, simulation / training).
+
+    Raises CTDataError for a missing or empty folder, an unknown layout, unpaired or mismatched
+    slices (naming the first offending files), unreadable headers, or mixed slice sizes.
+    """
+    root = Path(root)
+    if layout is not None and layout not in LAYOUTS:
+        raise CTDataError(f"unknown layout '{layout}' (choose from: {', '.join(LAYOUTS)})")
+    if not root.exists():
+        raise CTDataError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise CTDataError(f"{root}: not a folder (give the dataset folder)")
+    try:
+        if not any(root.iterdir()):
+            raise CTDataError(f"{root}: empty folder")
+        layout = layout or detect_layout(root)
+        if layout is None:
+            raise CTDataError(f"{root}: no CT slices found (expected a Mayo tree, *_input.npy/"
+                              "*_target.npy, noisy/ + clean/ TIFFs, or DICOM files)")
+        finder = {"mayo": _discover_mayo, "npy": _discover_npy, "tif": _discover_tif,
+                  "dicom": lambda r: _discover_dicom(r, single_role)}[layout]
+        records = finder(root)
+    except PermissionError as e:
+        raise CTDataError(f"{e.filename}: permission denied") from None
+    if not records:
+        raise CTDataError(f"{root}: no CT slices found for layout '{layout}'")
+    return CTDataset(layout, str(root), records)
+
+
+# --- Writing outputs (never half-written) -------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name keeps the suffix, so writers that choose the format from it still work.
+    A killed process leaves at most a hidden ``.*.tmp*`` file, never a partial ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def window_to_uint8(hu: np.ndarray, window=EVAL_WINDOW) -> np.ndarray:
+    """Map the HU window linearly to 0..255 (values outside are clipped)."""
+    lo, hi = window
+    return np.round((np.clip(hu, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
+def write_png(path, image: np.ndarray) -> None:
+    """Write an 8-bit (gray or BGR) image atomically."""
+    import cv2
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), image):
+            raise CTDataError(f"{path}: could not write PNG")
+
+
+def write_tiff(path, hu: np.ndarray) -> None:
+    """Float32 HU TIFF (the CNCL layout) written atomically."""
+    import tifffile
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(str(tmp), np.asarray(hu, np.float32))
+
+
+def write_npy(path, hu: np.ndarray) -> None:
+    """Float32 HU .npy written atomically (note: plain HU, not the RED-CNN normalisation)."""
+    with atomic_path(path) as tmp:
+        np.save(str(tmp), np.asarray(hu, np.float32))
+
+
+def write_npy_redcnn(path, hu: np.ndarray) -> None:
+    """RED-CNN convention .npy ((HU + 1024) / 4096, float64) written atomically."""
+    with atomic_path(path) as tmp:
+        np.save(str(tmp), ((np.asarray(hu, np.float64) - HU_MIN) / HU_RANGE))
+
+
+def new_uid() -> str:
+    import pydicom.uid
+
+    return pydicom.uid.generate_uid()
+
+
+def hu_to_stored(hu: np.ndarray, ds) -> np.ndarray:
+    """HU -> stored pixel values with the header's rescale and pixel representation."""
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits = int(ds.get("BitsStored", 16))
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    raw = np.clip(np.round((np.asarray(hu, np.float64) - intercept) / slope), lo, hi)
+    return raw.astype(np.int16 if signed else np.uint16)
+
+
+def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: str,
+                derived: bool = True, series_number: Optional[int] = None) -> None:
+    """Write ``hu`` as a DICOM slice that keeps ``header``'s patient, study and geometry.
+
+    Pixels are re-encoded with the header's rescale (uncompressed, explicit VR little endian);
+    SeriesInstanceUID is ``series_uid``, SOPInstanceUID is new, and ``description`` goes into
+    SeriesDescription. ``derived`` marks ImageType DERIVED\\SECONDARY.
+    """
+    import copy
+
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = copy.deepcopy(header)
+    if hasattr(ds, "PixelData"):
+        del ds.PixelData
+    hu = np.asarray(hu, np.float32)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.BitsStored = 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = hu.shape
+    if "PixelRepresentation" not in ds:
+        ds.PixelRepresentation = 1
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024 if ds.PixelRepresentation == 0 else 0
+    for tag in ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue",
+                "LargestImagePixelValue", "LossyImageCompression"):
+        if tag in ds:
+            delattr(ds, tag)
+    ds.PixelData = hu_to_stored(hu, ds).tobytes()
+    ds["PixelData"].VR = "OW"
+    sop = new_uid()
+    ds.SOPInstanceUID = sop
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesDescription = description[:64]
+    if series_number is not None:
+        ds.SeriesNumber = series_number
+    if derived:
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+    meta = pydicom.dataset.FileMetaDataset(getattr(ds, "file_meta", pydicom.dataset.Dataset()))
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", pydicom.uid.CTImageStorage)
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    pydicom.dataset.validate_file_meta(ds.file_meta, enforce_standard=True)
+    with atomic_path(path) as tmp:
+        ds.save_as(str(tmp), enforce_file_format=True)
+
+
+def new_ct_header(*, patient_id: str, study_uid: str, series_uid: str, instance: int,
+                  z_mm: float, shape: tuple[int, int], pixel_mm: float = 0.7,
+                  thickness_mm: float = 3.0, description: str = "", kvp: float = 100.0):
+    """A minimal but valid CT image header (uint16, intercept -1024), for generated data."""
+    import datetime
+
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage
+
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.Modality = "CT"
+    ds.PatientID = ds.PatientName = patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.FrameOfReferenceUID = study_uid + ".1" if len(study_uid) < 60 else study_uid
+    ds.StudyDate = ds.SeriesDate = datetime.date(2016, 1, 1).strftime("%Y%m%d")
+    ds.Manufacturer = "CNCL procedural phantom"
+    ds.SeriesDescription = description[:64]
+    ds.SeriesNumber, ds.InstanceNumber = 1, int(instance)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [-pixel_mm * shape[1] / 2, -pixel_mm * shape[0] / 2, float(z_mm)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SliceLocation = float(z_mm)
+    ds.SliceThickness = thickness_mm
+    ds.PixelSpacing = [pixel_mm, pixel_mm]
+    ds.KVP = kvp
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    return ds
+
+
+# --- CLI plumbing -------------------------------------------------------------------------------
+def run_cli(main) -> None:
+    """Run ``main()`` and turn expected failures into one line on stderr and a non-zero exit.
+
+    CTDataError and argument errors exit 2; Ctrl-C exits 130; any other exception prints one line
+    (set CNCL_DEBUG=1 to see the traceback) and exits 1.
+    """
+    try:
+        code = main()
+    except CTDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("CNCL_DEBUG"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {type(e).__name__}: {msg[:500]} (set CNCL_DEBUG=1 for details)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+# --- Dataset summaries (the loaders' check-my-data commands) -----------------------------------
+def summarize(dataset: CTDataset) -> dict:
+    """Layout, patients, counts, sizes and HU range of each side.
+
+    Reads every slice, one at a time, so a corrupt file, NaN/inf or a pair of different sizes
+    raises CTDataError here rather than during training.
+    """
+    lo = {"ld": np.inf, "fd": np.inf}
+    hi = {"ld": -np.inf, "fd": -np.inf}
+    for r in dataset.records:
+        shapes = []
+        for side, path in (("ld", r.ld_path), ("fd", r.fd_path)):
+            if path:
+                img = read_slice(path)[0]
+                shapes.append((path, img.shape))
+                lo[side] = min(lo[side], float(img.min()))
+                hi[side] = max(hi[side], float(img.max()))
+        _check_one_size(shapes, f"{r.patient} slice {r.slice_id}")
+    return {
+        "layout": dataset.layout,
+        "patients": {p: sum(r.patient == p for r in dataset.records) for p in dataset.patients},
+        "slices": len(dataset.records),
+        "pairs": sum(bool(r.ld_path and r.fd_path) for r in dataset.records),
+        "sizes": sorted({f"{r.shape[0]}x{r.shape[1]}" for r in dataset.records}),
+        "hu_range": {k: (lo[k], hi[k]) for k in lo if np.isfinite(lo[k])},
+    }
+
+
+def print_summary(info: dict, data) -> None:
+    """Print :func:`summarize`'s result for a person."""
+    pats = ", ".join(f"{p} ({n})" for p, n in info["patients"].items())
+    print(f"data:      {data}")
+    print(f"layout:    {info['layout']}")
+    print(f"patients:  {len(info['patients'])}: {pats}")
+    print(f"slices:    {info['slices']}  (QD/FD pairs: {info['pairs']})")
+    print(f"size:      {', '.join(info['sizes'])}")
+    for side, name in (("ld", "LD (input)"), ("fd", "FD (reference)")):
+        if side in info["hu_range"]:
+            lo, hi = info["hu_range"][side]
+            print(f"HU {name}: [{lo:.0f}, {hi:.0f}]")
