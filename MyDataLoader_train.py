@@ -236,8 +236,13 @@ def make_val_dataset(records, *, multiple: int, max_slices: int = 8,
         oy, ox = (h - hc) // 2, (w - wc) // 2
         return ld[oy:oy + hc, ox:ox + wc], fd[oy:oy + hc, ox:ox + wc]
 
-    return (_decoded_slices(records, simulate_dose, seed, tf).map(crop).batch(1)
-            .prefetch(tf.data.AUTOTUNE))
+    ds = _decoded_slices(records, simulate_dose, seed, tf).map(crop)
+    shapes = {r.shape for r in records}
+    if len(shapes) == 1:  # a static shape: one trace of the validation step, not one per slice
+        h, w = shapes.pop()
+        static = [h // multiple * multiple, w // multiple * multiple, 1]
+        ds = ds.map(lambda a, b: (tf.ensure_shape(a, static), tf.ensure_shape(b, static)))
+    return ds.batch(1).prefetch(tf.data.AUTOTUNE)
 
 
 def main(argv=None) -> int:

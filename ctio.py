@@ -125,7 +125,7 @@ def read_dicom_header(path, with_pixels: bool = False):
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=not with_pixels)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CTDataError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+        raise _unreadable(path, "DICOM", e) from None
     modality = str(ds.get("Modality", "")).upper()
     if modality != "CT":
         raise CTDataError(f"{path}: modality is {modality or 'missing'}, not CT")
@@ -166,7 +166,7 @@ def read_npy(path) -> np.ndarray:
     try:
         v = np.load(str(path), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise CTDataError(f"{path}: not a readable .npy file ({e})") from None
+        raise _unreadable(path, ".npy", e) from None
     if not np.issubdtype(v.dtype, np.number):
         raise CTDataError(f"{path}: .npy holds {v.dtype}, not numbers")
     return _check_image(np.asarray(v, np.float64) * HU_RANGE + HU_MIN, path)
@@ -202,7 +202,7 @@ def slice_shape(path) -> tuple[int, int]:
         try:
             v = np.load(str(path), mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise CTDataError(f"{path}: not a readable .npy file ({e})") from None
+            raise _unreadable(path, ".npy", e) from None
         shape = tuple(v.shape)
     elif suffix in (".tif", ".tiff"):
         import tifffile
@@ -491,7 +491,8 @@ def atomic_path(path) -> Iterator[Path]:
     A killed process leaves at most a hidden ``.*.tmp*`` file, never a partial ``path``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    base, dot, rest = path.name.partition(".")  # keep every suffix: Keras wants ".weights.h5"
+    tmp = path.with_name(f".{base}.tmp{os.getpid()}{dot}{rest}")
     try:
         yield tmp
         os.replace(tmp, path)
