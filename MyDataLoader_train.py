@@ -53,11 +53,22 @@ def find_training_data(paths: Sequence[str], layout: Optional[str] = None,
     """
     if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
         paths = [paths]
+    return check_trainable(discover_all(paths, layout), simulate_dose)
+
+
+def discover_all(paths: Sequence[str], layout: Optional[str] = None) -> list[ctio.CTDataset]:
+    """``ctio.discover`` each folder; unpaired DICOM series count as full dose."""
+    return [ctio.discover(p, layout, single_role="fd") for p in paths]
+
+
+def check_trainable(found: list[ctio.CTDataset],
+                    simulate_dose: Optional[float] = None) -> ctio.CTDataset:
+    """Merge discovered folders, refusing slices that cannot be trained on (see above)."""
     if simulate_dose is not None and not 0.0 < simulate_dose < 1.0:
         raise ctio.CTDataError(f"--simulate-dose must be in (0, 1), got {simulate_dose}")
     records, layouts = [], []
-    for p in paths:
-        ds = ctio.discover(p, layout, single_role="fd")
+    for ds in found:
+        p = ds.root
         layouts.append(ds.layout)
         for r in ds.records:
             if not r.fd_path:
@@ -72,7 +83,7 @@ def find_training_data(paths: Sequence[str], layout: Optional[str] = None,
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ctio.CTDataError(f"patient {dup[0]} slice {dup[1]} appears in two --data folders")
-    return ctio.CTDataset("+".join(sorted(set(layouts))), ",".join(map(str, paths)), records)
+    return ctio.CTDataset("+".join(sorted(set(layouts))), ",".join(d.root for d in found), records)
 
 
 def split_patients(dataset: ctio.CTDataset, val_patients: Optional[Sequence[str]] = None,
@@ -187,6 +198,17 @@ def augment(ld, fd):
     return pair[..., :1], pair[..., 1:]
 
 
+def augment_flips(ld, fd):
+    """Random left-right / up-down flips, the same for LD and FD ([K, H, W, 1], any H x W)."""
+    import tensorflow as tf
+
+    pair = tf.concat([ld, fd], axis=-1)
+    k = tf.shape(pair)[0]
+    pair = tf.where(tf.random.uniform([k, 1, 1, 1]) < 0.5, tf.reverse(pair, axis=[2]), pair)
+    pair = tf.where(tf.random.uniform([k, 1, 1, 1]) < 0.5, tf.reverse(pair, axis=[1]), pair)
+    return pair[..., :1], pair[..., 1:]
+
+
 def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
                        patches_per_slice: int = PATCHES_PER_SLICE,
                        simulate_dose: Optional[float] = None, seed: int = 0,
@@ -211,8 +233,9 @@ def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
                     num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(lambda a, b: (a[None], b[None]))  # one whole slice: [1, H, W, 1]
-    if augment_data:
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment_data:  # 90-degree rotations need square images; whole slices may not be
+        square = bool(patch) or all(r.shape[0] == r.shape[1] for r in records)
+        ds = ds.map(augment if square else augment_flips, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.unbatch()
     if patch:
         ds = ds.shuffle(patches_per_slice * 32, seed=seed)
@@ -256,16 +279,16 @@ def main(argv=None) -> int:
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients (default: the last patient; 'none' for none)")
     args = ap.parse_args(argv)
+    found = discover_all(args.data, args.layout)
     if args.simulate_dose is None:
         # A full-dose-only folder is a valid dataset for simulation: summarise it and say so.
-        found = [ctio.discover(p, args.layout, single_role="fd") for p in args.data]
         if all(not r.ld_path for d in found for r in d.records):
             for d, p in zip(found, args.data):
                 ctio.print_summary(ctio.summarize(d), p)
             print("note:      full dose only: train on it with --simulate-dose 0.25 "
                   "(or simulate a dataset with Mysimulate.py)")
             return 0
-    ds = find_training_data(args.data, args.layout, args.simulate_dose)
+    ds = check_trainable(found, args.simulate_dose)
     ctio.print_summary(ctio.summarize(ds), " ".join(args.data))
     split = split_patients(ds, args.val_patients)
     print(f"split:     {len(split.train)} training / {len(split.val)} validation slices; "

@@ -26,6 +26,7 @@ import contextlib
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -122,10 +123,16 @@ def read_dicom_header(path, with_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=not with_pixels)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
-        raise _unreadable(path, "DICOM", e) from None
+    with warnings.catch_warnings(record=True) as caught:  # pydicom warns on truncation
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=not with_pixels)
+        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+            raise _unreadable(path, "DICOM", e) from None
+    eof = [str(w.message) for w in caught if "End of file" in str(w.message)]
+    if eof or len(ds) == 0:
+        raise CTDataError(f"{path}: truncated or corrupt DICOM file "
+                          f"({eof[0] if eof else 'no data elements'})")
     modality = str(ds.get("Modality", "")).upper()
     if modality != "CT":
         raise CTDataError(f"{path}: modality is {modality or 'missing'}, not CT")
@@ -145,7 +152,9 @@ def read_dicom(path) -> tuple[np.ndarray, object]:
     if "PixelData" not in ds:
         raise CTDataError(f"{path}: DICOM without pixel data")
     try:
-        raw = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = ds.pixel_array
     except Exception as e:  # pydicom raises many types for truncated or undecodable data
         raise CTDataError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from None
     if raw.ndim != 2:
@@ -646,6 +655,8 @@ def run_cli(main) -> None:
     CTDataError and argument errors exit 2; Ctrl-C exits 130; any other exception prints one line
     (set CNCL_DEBUG=1 to see the traceback) and exits 1.
     """
+    if not os.environ.get("CNCL_DEBUG"):
+        warnings.simplefilter("ignore")  # library warnings would break the one-line contract
     try:
         code = main()
     except CTDataError as e:
