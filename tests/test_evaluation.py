@@ -1,0 +1,176 @@
+"""Myevaluation.py: metrics equal scikit-image's on the windowed images, files, table, errors.
+
+Inference runs with an UNTRAINED tiny generator (the identity), so CNCL scores equal the LDCT
+scores; the point here is the metric path (Mymodel.hu_metrics through Myevaluation), checked
+against skimage on the same windowed images, per slice, method and range.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ctio
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(root: Path) -> Path:
+    """A run folder as Mytrain.py writes it, with untrained (identity) generator weights."""
+    ctio.import_tensorflow()
+    import Mymodel
+
+    run = root / "tiny"
+    run.mkdir(parents=True)
+    cfg = {"model": {"preset": "small", "base_filters": 8, "depth": 3, "norm": "batch",
+                     "disc_filters": 8},
+           "normalization": {"hu_min": -1024, "hu_max": 3072}}
+    (run / "config.json").write_text(json.dumps(cfg))
+    Mymodel.build_generator(8, 3, "batch").save_weights(str(run / "generator_best.weights.h5"))
+    return run
+
+
+def write_npy_pairs(root: Path, sizes: dict, with_fd: bool = True, seed: int = 0) -> Path:
+    """RED-CNN layout <patient>_<i>_input.npy / _target.npy; sizes = {patient: (shape, n)}."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for patient, (shape, n) in sizes.items():
+        h, w = shape
+        yy, xx = np.mgrid[:h, :w]
+        for i in range(n):
+            fd = np.full(shape, -1000.0)
+            body = ((yy - h / 2) / (0.4 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 < 1
+            fd[body] = 40.0 + 60.0 * np.sin(xx[body] / 5.0 + i)
+            fd[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < 16] = 900.0  # bone
+            ld = np.maximum(fd + rng.normal(0, 25, shape), -1024)
+            np.save(root / f"{patient}_{i}_input.npy", (ld + 1024) / 4096)
+            if with_fd:
+                np.save(root / f"{patient}_{i}_target.npy", (fd + 1024) / 4096)
+    return root
+
+
+SIZES = {"A": ((64, 48), 3), "B": ((40, 56), 2)}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def denoised(run_dir, tmp_path_factory):
+    """(paired data, Mytest.py output on it)."""
+    import Mytest
+
+    root = tmp_path_factory.mktemp("eval")
+    data = write_npy_pairs(root / "pairs", SIZES)
+    out = root / "out"
+    assert Mytest.main(["--data", str(data), "--run", str(run_dir), "--out", str(out),
+                        "--no-figures"]) == 0
+    return data, out
+
+
+def run_eval_cli(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, str(REPO / "Myevaluation.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+
+
+def skimage_scores(img: np.ndarray, ref: np.ndarray, lo: float, hi: float) -> dict:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a = np.clip(img.astype(np.float64), lo, hi) - lo
+    b = np.clip(ref.astype(np.float64), lo, hi) - lo
+    return {
+        "psnr": peak_signal_noise_ratio(b, a, data_range=hi - lo),
+        "ssim": structural_similarity(b, a, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False, data_range=hi - lo),
+        "rmse": float(np.sqrt(np.mean((a - b) ** 2))),
+    }
+
+
+def test_metrics_equal_skimage_and_outputs(denoised, capsys):
+    from scipy.ndimage import gaussian_filter
+
+    import Myevaluation
+
+    _, out = denoised
+    capsys.readouterr()
+    assert Myevaluation.main(["--pred", str(out), "--batch", "2"]) == 0
+    printed = capsys.readouterr().out
+
+    with open(out / "manifest.csv", newline="") as f:
+        manifest = {(r["patient"], r["slice_id"]): r for r in csv.DictReader(f)}
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 5
+    for r in rows:
+        m = manifest[(r["patient"], r["slice_id"])]
+        ld = ctio.read_slice(m["ld_path"])[0]
+        ref = ctio.read_slice(m["fd_path"])[0]
+        img = {"ldct": ld, "gaussian": gaussian_filter(ld, 0.7, mode="reflect"),
+               "cncl": np.load(out / m["pred_npy"])}[r["method"]]
+        for rng_name, (lo, hi) in (("window", (-160, 240)), ("full", (-1024, 3072))):
+            want = skimage_scores(img, ref, lo, hi)
+            got = {k: float(r[f"{k}_{rng_name}"]) for k in ("psnr", "ssim", "rmse")}
+            assert abs(got["psnr"] - want["psnr"]) < 0.01, (r, rng_name, want)
+            assert abs(got["ssim"] - want["ssim"]) < 0.001, (r, rng_name, want)
+            assert abs(got["rmse"] - want["rmse"]) < 0.01, (r, rng_name, want)
+
+    by = {(r["patient"], r["slice_id"], r["method"]): r for r in rows}
+    for p, s, _ in list(by):  # identity generator: CNCL scores are the LDCT scores
+        assert abs(float(by[p, s, "cncl"]["psnr_window"])
+                   - float(by[p, s, "ldct"]["psnr_window"])) < 0.01
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["protocol"] == ctio.PROTOCOL
+    assert report["n_slices"] == 5 and report["n_patients"] == 2
+    assert set(report["per_patient"]) == {"A", "B"}
+    assert report["per_patient"]["A"]["n_slices"] == 3
+    psnr = [float(r["psnr_window"]) for r in rows if r["method"] == "cncl"]
+    overall = report["overall"]["cncl"]["window"]["psnr"]
+    assert overall["mean"] == pytest.approx(np.mean(psnr), abs=1e-5)
+    assert overall["std"] == pytest.approx(np.std(psnr, ddof=1), abs=1e-5)
+
+    lines = printed.splitlines()
+    head = lines.index("| method | PSNR (dB) | SSIM | RMSE (HU) | PSNR full (dB) | SSIM full | "
+                       "RMSE full (HU) |")
+    table = lines[head + 2:head + 5]
+    assert [t.split(" | ")[0] for t in table] == ["| LDCT (input)",
+                                                  "| Gaussian filter (sigma 0.7)", "| CNCL"]
+    assert " ± " in table[2]
+    assert lines[head + 5:head + 7] == ["", ctio.PROTOCOL]  # the protocol follows the table
+
+
+def test_missing_manifest_is_one_line(tmp_path):
+    res = run_eval_cli("--pred", tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: no manifest.csv in {tmp_path}; run Mytest.py first"
+
+
+def test_ld_only_fails_cleanly_then_references_from_data(run_dir, denoised, tmp_path):
+    import Myevaluation
+    import Mytest
+
+    paired, _ = denoised
+    data = write_npy_pairs(tmp_path / "ld_only", SIZES, with_fd=False)
+    out = tmp_path / "out"
+    assert Mytest.main(["--data", str(data), "--run", str(run_dir), "--out", str(out)]) == 0
+    res = run_eval_cli("--pred", out)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no slice has a full-dose reference" in lines[0]
+    assert "Traceback" not in res.stderr
+
+    # LD-only folder given as --data: it has no references either
+    with pytest.raises(ctio.CTDataError, match="no full-dose reference"):
+        Myevaluation.main(["--pred", str(out), "--data", str(data)])
+    # the full-dose references are found by patient and slice id
+    assert Myevaluation.main(["--pred", str(out), "--data", str(paired)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["n_slices"] == 5 and report["references"] == str(paired.resolve())

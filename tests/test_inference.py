@@ -1,0 +1,327 @@
+"""Mytest.py: whole-slice inference, output files, manifest, resume and error handling.
+
+The run folder holds an UNTRAINED tiny generator, which is initialised to the identity, so the
+denoised slices must equal the inputs (up to float rounding): that pins padding, tiling,
+normalisation and every writer without a trained model.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ctio
+
+REPO = Path(__file__).resolve().parents[1]
+BASE, DEPTH = 8, 3  # tiny generator; depth 3 -> slices are padded to multiples of 8
+
+
+def make_run(root: Path, base: int = BASE, depth: int = DEPTH) -> Path:
+    """A run folder as Mytrain.py writes it, with untrained (identity) generator weights."""
+    ctio.import_tensorflow()
+    import Mymodel
+
+    run = root / "tiny"
+    run.mkdir(parents=True)
+    cfg = {"model": {"preset": "small", "base_filters": base, "depth": depth, "norm": "batch",
+                     "disc_filters": 8},
+           "normalization": {"hu_min": -1024, "hu_max": 3072}}
+    (run / "config.json").write_text(json.dumps(cfg))
+    Mymodel.build_generator(base, depth, "batch").save_weights(
+        str(run / "generator_best.weights.h5"))
+    return run
+
+
+def phantom(shape, rng) -> np.ndarray:
+    """A body-like ellipse of soft tissue with a few inserts in air (HU)."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    img = np.full(shape, -1000.0, np.float32)
+    body = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 < 1
+    img[body] = 40.0
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(2, 6)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.choice([-100.0, 80.0, 300.0])
+    return img
+
+
+def write_mayo(root: Path, patient: str, shape, n: int, with_fd: bool = True,
+               seed: int = 0) -> Path:
+    """ROOT/<patient>/{quarter_3mm,full_3mm}/*.dcm (LD = FD + 20 HU noise)."""
+    rng = np.random.default_rng(seed)
+    study = ctio.new_uid()
+    series = {"quarter_3mm": ctio.new_uid(), "full_3mm": ctio.new_uid()}
+    for i in range(n):
+        fd = phantom(shape, rng)
+        ld = fd + rng.normal(0, 20, shape).astype(np.float32)
+        for sub, img in (("quarter_3mm", ld), ("full_3mm", fd)):
+            if sub == "full_3mm" and not with_fd:
+                continue
+            d = root / patient / sub
+            d.mkdir(parents=True, exist_ok=True)
+            hdr = ctio.new_ct_header(patient_id=patient, study_uid=study, series_uid=series[sub],
+                                     instance=i + 1, z_mm=-50.0 + 3.0 * i, shape=shape,
+                                     description=sub)
+            ctio.write_dicom(d / f"{n - i:03d}.dcm", np.maximum(img, -1024), hdr,
+                             series_uid=series[sub], description=sub, derived=False)
+    return root
+
+
+def write_npy_ld_only(root: Path, patient: str, shape, n: int, seed: int = 1) -> Path:
+    """RED-CNN layout, low-dose inputs only: <patient>_<i>_input.npy ((HU + 1024) / 4096)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ld = phantom(shape, rng) + rng.normal(0, 20, shape).astype(np.float32)
+        np.save(root / f"{patient}_{i}_input.npy", (np.maximum(ld, -1024) + 1024) / 4096)
+    return root
+
+
+def read_rows(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def run_cli(*args, timeout=180):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, str(REPO / "Mytest.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def mayo(tmp_path_factory) -> Path:
+    return write_mayo(tmp_path_factory.mktemp("mayo"), "P1", (64, 48), 3)
+
+
+def test_dicom_run_outputs_resume_and_overwrite(tiny_run, mayo, tmp_path, capsys):
+    import pydicom
+
+    import Mytest
+
+    out = tmp_path / "out"
+    args = ["--data", mayo, "--run", tiny_run, "--out", out, "--format", "png,tif,dicom",
+            "--batch", "2"]
+    assert Mytest.main(list(map(str, args))) == 0
+    rows = read_rows(out)
+    assert [r["slice_id"] for r in rows] == ["0000", "0001", "0002"]
+    uids = set()
+    for r in rows:
+        pred = np.load(out / r["pred_npy"])
+        ld = ctio.read_slice(r["ld_path"])[0]
+        assert pred.dtype == np.float32 and pred.shape == (64, 48)
+        np.testing.assert_allclose(pred, ld, atol=0.05)  # identity generator
+        png = __import__("cv2").imread(str(out / r["png"]), -1)
+        np.testing.assert_array_equal(png, ctio.window_to_uint8(pred, (-160, 240)))
+        np.testing.assert_allclose(ctio.read_tif(out / r["tiff"]), pred)
+        assert r["fd_path"] and (out / r["figure"]).is_file()
+        assert r["weights"].endswith("generator_best.weights.h5") and r["run"] == str(tiny_run)
+        # DICOM: the source's geometry, HU within 1 HU of the float output, a new series
+        src = pydicom.dcmread(r["ld_path"], stop_before_pixels=True)
+        dcm = pydicom.dcmread(out / r["dicom"])
+        assert (dcm.Rows, dcm.Columns) == (src.Rows, src.Columns)
+        assert list(dcm.ImagePositionPatient) == list(src.ImagePositionPatient)
+        assert list(dcm.PixelSpacing) == list(src.PixelSpacing)
+        hu = dcm.pixel_array * float(dcm.RescaleSlope) + float(dcm.RescaleIntercept)
+        assert np.abs(hu - pred).max() <= 1.0
+        assert dcm.StudyInstanceUID == src.StudyInstanceUID
+        assert dcm.SeriesInstanceUID != src.SeriesInstanceUID
+        assert dcm.SOPInstanceUID != src.SOPInstanceUID
+        assert "CNCL denoised" in dcm.SeriesDescription and dcm.ImageType[0] == "DERIVED"
+        uids.add(dcm.SeriesInstanceUID)
+    assert len(uids) == 1  # one derived series per patient
+    fig = __import__("cv2").imread(str(out / rows[0]["figure"]))
+    assert fig.shape[0] == 64 and fig.shape[1] == 4 * 48 + 3 * 2  # four panels, 2-px gaps
+
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    before = {p: stamp(p) for p in files}
+    capsys.readouterr()
+    # Rerun: everything is done, nothing is rewritten.
+    assert Mytest.main(list(map(str, args))) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: stamp(p) for p in files} == before
+
+    # Interrupted run: one slice missing from the manifest and a stale temporary of a dead
+    # writer. The rerun removes the temporary, redoes that slice only, duplicates nothing.
+    with open(out / "manifest.csv", newline="") as f:
+        lines = f.readlines()
+    (out / "manifest.csv").write_text("".join(lines[:-1]))
+    stale = out / "P1" / ".0002.tmp999999999.npy"
+    stale.write_bytes(b"partial")
+    assert Mytest.main(list(map(str, args))) == 0
+    assert "skipping 2 finished slice(s); 1 to do" in capsys.readouterr().out
+    assert not stale.exists()
+    rows2 = read_rows(out)
+    assert [r["slice_id"] for r in rows2] == ["0000", "0001", "0002"]
+    assert stamp(out / "P1" / "0000.png") == before[out / "P1" / "0000.png"]
+    assert stamp(out / "P1" / "0002.png") != before[out / "P1" / "0002.png"]
+    assert len({r["series_uid"] for r in rows2}) == 1  # the resumed slice joins the series
+    assert not [p for p in out.rglob(".*") if p.is_file()]
+
+    # --overwrite redoes every slice.
+    assert Mytest.main(list(map(str, [*args, "--overwrite"]))) == 0
+    assert "denoised 3 slice(s)" in capsys.readouterr().out
+    assert stamp(out / "P1" / "0000.npy") != before[out / "P1" / "0000.npy"]
+    assert len(read_rows(out)) == 3
+
+
+def test_ld_only_odd_size(tiny_run, tmp_path):
+    import cv2
+
+    import Mytest
+
+    data = write_npy_ld_only(tmp_path / "npy", "L001", (100, 76), 2)
+    out = tmp_path / "out"
+    assert Mytest.main(["--data", str(data), "--run", str(tiny_run), "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 2 and all(r["fd_path"] == "" and r["figure"] == "" for r in rows)
+    for r in rows:
+        pred = np.load(out / r["pred_npy"])
+        assert pred.shape == (100, 76)
+        np.testing.assert_allclose(pred, ctio.read_slice(r["ld_path"])[0], atol=0.05)
+        assert cv2.imread(str(out / r["png"]), -1).shape == (100, 76)
+    assert not (out / "figures").exists()
+    # Another model's weights into the same OUT would mix two models in one manifest.
+    import Mymodel
+
+    other = tmp_path / "other.weights.h5"
+    Mymodel.build_generator(BASE, DEPTH, "batch").save_weights(str(other))
+    with pytest.raises(ctio.CTDataError, match="made with other weights"):
+        Mytest.main(["--data", str(data), "--run", str(tiny_run), "--out", str(out),
+                     "--weights", str(other)])
+    # npy/tif input has no DICOM header: DICOM output is refused, not invented.
+    with pytest.raises(ctio.CTDataError, match="needs DICOM input"):
+        Mytest.main(["--data", str(data), "--run", str(tiny_run), "--out", str(out),
+                     "--format", "dicom"])
+
+
+def test_tiling_and_padding_match_input(tiny_run):
+    import Mytest
+
+    gen = Mytest.load_generator(Mytest.read_run_config(tiny_run),
+                                tiny_run / "generator_best.weights.h5")
+    rng = np.random.default_rng(3)
+    imgs = [np.maximum(phantom((100, 76), rng) + rng.normal(0, 20, (100, 76)), -1024)
+            .astype(np.float32) for _ in range(2)]
+    tiled = Mytest.Denoiser(gen, DEPTH, batch=3, max_side=64, tile=32)
+    whole = Mytest.Denoiser(gen, DEPTH, batch=3)
+    for a, b, x in zip(tiled(imgs), whole(imgs), imgs):
+        assert a.shape == x.shape == (100, 76)
+        np.testing.assert_allclose(a, x, atol=0.05)
+        np.testing.assert_allclose(a, b, atol=0.05)
+    assert Mytest._tile_starts(104, 32, 8) == [0, 24, 48, 72]
+
+
+def test_mismatched_weights_are_one_ctdataerror(tiny_run, tmp_path):
+    import Mytest
+
+    other = make_run(tmp_path, base=4, depth=DEPTH)
+    with pytest.raises(ctio.CTDataError, match="cannot load generator weights") as e:
+        Mytest.load_generator(Mytest.read_run_config(tiny_run),
+                              other / "generator_best.weights.h5")
+    assert str(other / "generator_best.weights.h5") in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_weights_exit_2_one_line(tiny_run, mayo, tmp_path):
+    good = (tiny_run / "generator_best.weights.h5").read_bytes()
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(good[: len(good) // 2])
+    res = run_cli("--data", mayo, "--run", tiny_run, "--weights", bad, "--out", tmp_path / "o")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in res.stderr
+
+
+def test_cheap_argument_errors(tiny_run, mayo, tmp_path, monkeypatch):
+    import Mytest
+
+    base = ["--data", str(mayo), "--run", str(tiny_run), "--out", str(tmp_path / "o")]
+    cases = [
+        (["--window", "240", "-160"], "LOW < HIGH"),
+        (["--batch", "0"], "--batch 0"),
+        (["--weights", str(tmp_path / "none.weights.h5")], "weights file not found"),
+        (["--out", str(mayo / "P1" / "x")], "inside the input folder"),
+        (["--run", str(tmp_path)], "config.json: no such file"),
+    ]
+    for extra, msg in cases:
+        with pytest.raises(ctio.CTDataError, match=msg):
+            Mytest.main(base + extra)
+    with pytest.raises(SystemExit):
+        Mytest.main(base + ["--format", "png,jpeg"])
+    # one DICOM folder is patient 'quarter_3mm': OUT/quarter_3mm/ would be the input folder
+    with pytest.raises(ctio.CTDataError, match="would hold the input data"):
+        Mytest.main(["--data", str(mayo / "P1" / "quarter_3mm"), "--layout", "dicom",
+                     "--run", str(tiny_run), "--out", str(mayo / "P1")])
+    notes = tmp_path / "notes.weights.h5"
+    notes.write_text("not hdf5")
+    with pytest.raises(ctio.CTDataError, match="no HDF5 signature"):
+        Mytest.main(base + ["--weights", str(notes)])
+    # --run defaults to the newest runs/*/ with a config.json
+    monkeypatch.setattr(Mytest, "RUNS_DIR", tmp_path / "runs")
+    with pytest.raises(ctio.CTDataError, match="no training run"):
+        Mytest.find_latest_run(Mytest.RUNS_DIR)
+    assert Mytest.find_latest_run(tiny_run.parent) == tiny_run
+    # errors before TensorFlow: a CLI failure here is one line and fast
+    res = run_cli("--data", mayo, "--run", tiny_run, "--window", "1", "1")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_defaults_demo_data_and_newest_run(tiny_run, mayo, tmp_path, monkeypatch):
+    import Mytest
+
+    monkeypatch.setattr(Mytest, "DEMO_DIR", tmp_path / "no-demo")
+    with pytest.raises(ctio.CTDataError, match="make demo"):
+        Mytest.main(["--run", str(tiny_run)])
+    # --data: the demo tree, test patient only; --run: newest run; --out: RUN/test
+    write_mayo(mayo_copy := tmp_path / "demo", "P2", (32, 32), 1, seed=5)
+    write_mayo(mayo_copy, "P1", (32, 40), 2, seed=6)
+    monkeypatch.setattr(Mytest, "DEMO_DIR", mayo_copy)
+    monkeypatch.setattr(Mytest, "demo_test_patient", lambda: "P1")
+    monkeypatch.setattr(Mytest, "RUNS_DIR", tiny_run.parent)
+    assert Mytest.main(["--no-figures"]) == 0
+    rows = read_rows(tiny_run / "test")
+    assert {r["patient"] for r in rows} == {"P1"} and len(rows) == 2
+
+
+@pytest.mark.slow
+def test_real_sample_data(tiny_run, real_data, tmp_path):
+    """Real Mayo TIFF pair and a GE DICOM series with padding: sizes, HU and DICOM geometry."""
+    import pydicom
+
+    import Mytest
+
+    out = tmp_path / "tif"
+    assert Mytest.main(["--data", str(real_data / "mayo_pairs" / "tif_cncl"), "--run",
+                        str(tiny_run), "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    pred = np.load(out / row["pred_npy"])
+    np.testing.assert_allclose(pred, ctio.read_slice(row["ld_path"])[0], atol=0.1)
+    assert (out / row["figure"]).is_file()
+
+    ge = real_data / "dicom_misc" / "gehc_ct_3slice"
+    if not ge.is_dir():
+        pytest.skip(f"{ge} not found")
+    out = tmp_path / "ge"
+    assert Mytest.main(["--data", str(ge), "--run", str(tiny_run), "--out", str(out),
+                        "--format", "dicom"]) == 0
+    for r in read_rows(out):
+        src = pydicom.dcmread(r["ld_path"], stop_before_pixels=True)
+        dcm = pydicom.dcmread(out / r["dicom"])
+        assert list(dcm.ImagePositionPatient) == list(src.ImagePositionPatient)
+        hu = dcm.pixel_array * float(dcm.RescaleSlope) + float(dcm.RescaleIntercept)
+        assert np.abs(hu - np.load(out / r["pred_npy"])).max() <= 1.0
