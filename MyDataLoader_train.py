@@ -31,7 +31,6 @@ import ctio
 PATCH_SIZE = 64  # CNCL trains on 64x64 patches: enough context for streak noise, cheap on a CPU
 PATCHES_PER_SLICE = 8  # several patches per decoded slice amortise decoding
 AIR_HU = -900.0  # below this a pixel is air; patches of almost only air teach nothing
-DEFAULT_PIXEL_MM = 0.7  # Mayo 512x512 slices have 0.66-0.78 mm pixels; used when no header says
 VAL_FRACTION = 0.2  # share of slices held out when there is a single patient
 
 
@@ -138,8 +137,7 @@ def load_pair(rec, simulate_dose: Optional[float] = None, seed: int = 0):
     else:
         import Mysimulate
 
-        pixel_mm = float(header.PixelSpacing[0]) if header is not None and \
-            "PixelSpacing" in header else DEFAULT_PIXEL_MM
+        pixel_mm = Mysimulate.pixel_size_mm(header, fd_hu.shape, None)
         ld_hu = Mysimulate.simulate_pair_from_fd(fd_hu, simulate_dose, pixel_mm,
                                                  (_slice_seed(seed, rec),))
     return ctio.normalize(ld_hu)[..., None], ctio.normalize(fd_hu)[..., None]

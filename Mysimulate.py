@@ -1,0 +1,780 @@
+"""Simulate low-dose CT from full-dose slices, and build a procedural demo dataset.
+
+Noise model (projection-domain noise insertion in the style of Zeng et al. 2015)::
+
+    HU -> mu = MU_WATER * (1 + HU / 1000)  [1/mm], times the pixel size -> line integrals p
+    p = radon(mu)                  parallel beam, N_VIEWS views, on the inscribed circle
+    N0 = dose * I0 * bowtie(t) * mA factor;  N ~ Poisson(N0 * exp(-p)) + Normal(0, sigma_e)
+    N = max(N, 1);  noise sinogram = -log(N / N0) - p
+    LD = FD + FBP(noise sinogram)  (= FD + FBP(noisy sinogram) - FBP(noise-free sinogram))
+
+Choices and why:
+
+* **Difference formulation.** ``LD = FD + FBP(noisy) - FBP(noise-free)``: the full-dose image stays
+  exactly the original (no blur or streaks from our coarse parallel-beam re-projection), and
+  ``LD - FD`` contains only the inserted noise, like the Mayo challenge's own QD/FD pairs. FBP is
+  linear, so this costs one ``radon`` and one ``iradon`` per slice. Pixels outside the
+  reconstruction circle keep their value (air in CT).
+* **Pure insertion at dose b.** The inserted noise is that of a scan with ``b * I0`` incident
+  counts, so its variance is ``1 / (b * I0)`` and its std scales as ``1 / sqrt(b)``. The exact
+  *extra* variance needed to take an already-noisy full-dose scan to dose b would be
+  ``(1/b - 1) / I0_true`` (Zeng/Yu); the two agree at the calibration dose 0.25 when
+  ``I0 = 4/3 * I0_true``, which is what calibrating ``I0_DEFAULT`` on real QD - FD at 0.25 does. So
+  at b = 0.25 the figures match the real Mayo pairs; at other doses ``dose`` reads as "noise of a
+  dose-b scan of a noiseless object" (at b = 0.5 this adds 22 % more std than the exact extra
+  noise would; at b -> 1 it still adds full-dose-level noise).
+* **Cosine-apodised ramp filter**, not the plain ramp: measured on the six real L506 QD - FD pairs
+  (3 mm, B30f), the radially averaged noise power spectrum matches the cosine filter's within a
+  few percent in every band, while the plain ramp puts 3-10x too much power at high frequencies.
+* **N_VIEWS = 180.** Measured on a 300 mm water cylinder (512 px, 0.664 mm) with the total counts
+  fixed: noise std at every radius and the NPS in the centre and periphery agree with 360 and 720
+  views within sampling error; 180 views is 2x faster than 360.
+* **Tube-current modulation.** Scanners lower the mA where the patient is thin (L067: 101 mA in
+  the lower chest, ~290 mA median). For DICOM input the per-slice I0 is scaled by the slice's
+  XRayTubeCurrent (else Exposure) relative to the series median (:func:`exposure_factors`), so
+  such slices get proportionally more noise; the series-average calibration is unchanged.
+* **Bowtie filter.** Clinical scanners shape the beam so peripheral rays get fewer photons. Modelled
+  as the water-equivalent thickness that flattens the flux behind a 360 mm water cylinder
+  (BOWTIE_RADIUS_MM), capped at 150 mm (~5 % transmission). Measured effect: without it the
+  L067 lower-chest slice (the CNCL tif pair's slice, real QD - FD 31.0 HU) came out at 0.84x
+  the mean of seven other L067 slices (abdomen to thighs) and 0.66x the real figure; with it
+  1.0x and 0.82x (25.4 HU).
+* ``I0`` is counts per detector bin (one pixel wide) per view at N_VIEWS views: an *effective*
+  figure that also absorbs slice thickness and kernel; it is not a scanner's photon count. The
+  noise std scales as ``1 / pixel_mm`` at fixed ``I0`` (measured), which
+  :func:`matched_i0` uses to give coarser images real-QD-like noise.
+
+Command line::
+
+    python Mysimulate.py --input FD_DIR --dose 0.25 --out OUT [--seed N]   # paired dataset
+    python Mysimulate.py --demo --out OUT [--patients 4 --slices 12 --size 256]
+    python Mysimulate.py --calibrate DATA_DIR   # real vs simulated noise figures
+
+This module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+import ctio
+
+# --- Noise model constants ----------------------------------------------------------------------
+# Water at 70 keV (NIST XCOM mu/rho ~0.194 cm^2/g): the effective energy of a 100-120 kVp beam.
+MU_WATER = 0.0194  # 1/mm
+# Full-dose counts on the central ray per view (at the series' median tube current), calibrated
+# so that dose 0.25 on L067 (0.664 mm pixels) matches the body noise std of the 7 real Mayo
+# QD - FD pairs: 24.9 HU simulated (mean of all 56 slices, 18-30 HU) vs 24.9 HU real.
+I0_DEFAULT = 7.7e6
+# Electronic noise: sigma_e^2 ~ 10 counts^2 at a physical ~1e5 photons per ray (the usual figure
+# for clinical detectors in low-dose simulation papers), scaled by sqrt(I0_DEFAULT / 1e5) so the
+# electronic-to-quantum noise ratio is kept for our effective I0. Matters only in photon-starved
+# rays (shoulders, metal); the calibration data does not constrain it.
+SIGMA_E_DEFAULT = 28.0
+BOWTIE_RADIUS_MM = 180.0  # bowtie flattens the flux behind a water cylinder of this radius
+BOWTIE_MAX_WATER_MM = 150.0  # its thickest part, in mm of water (~5 % transmission)
+N_VIEWS = 180  # parallel-beam views over 180 degrees (measured: see module docstring)
+FBP_FILTER = "cosine"  # matches the real QD - FD noise power spectrum (see module docstring)
+CALIB_PIXEL_MM = 0.664  # pixel size of the L067 slices I0_DEFAULT was calibrated on
+ASSUMED_FOV_MM = 340.0  # field of view assumed for .npy/.tif input (Mayo's 340 mm recon FOV)
+MIN_COUNTS = 1.0  # noisy counts are clamped here before the log (photon starvation)
+BODY_HU = -500.0  # body mask threshold for noise figures
+BODY_ERODE_PX = 5  # erosion of the body mask (keeps the skin edge out of the noise figure)
+
+# --- Demo dataset constants ---------------------------------------------------------------------
+DEMO_PATIENTS = 4
+DEMO_SLICES = 12
+DEMO_SIZE = 256
+DEMO_DOSE = 0.25
+DEMO_FOV_MM = 380.0  # phantom body 290-350 mm wide inside this field of view
+DEMO_SLICE_MM = 3.0
+DEMO_SERIES = "3mm"  # folder suffix: quarter_3mm / full_3mm
+CTSMALL = "CTSMALL"
+
+
+def demo_patient_names(patients: int = DEMO_PATIENTS) -> list[str]:
+    """Phantom patient names; the last (also last when sorted) is the demo test patient."""
+    return [f"DEMO{i + 1:02d}" for i in range(patients)]
+
+
+DEMO_TEST_PATIENT = demo_patient_names()[-1]
+
+
+# --- Noise insertion ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _circle_mask(n: int) -> np.ndarray:
+    """skimage's reconstruction circle for an n x n image (centre n // 2, radius n // 2)."""
+    yy, xx = np.ogrid[:n, :n]
+    return (yy - n // 2) ** 2 + (xx - n // 2) ** 2 <= (n // 2) ** 2
+
+
+def bowtie_transmission(t_mm: np.ndarray) -> np.ndarray:
+    """Fraction of the central-ray flux reaching detector offset ``t_mm`` (mm from the centre)."""
+    r = BOWTIE_RADIUS_MM
+    t = np.abs(np.asarray(t_mm, np.float64))
+    water = 2.0 * (r - np.sqrt(np.clip(r * r - t * t, 0.0, None)))
+    water = np.where(t < r, np.minimum(water, BOWTIE_MAX_WATER_MM), BOWTIE_MAX_WATER_MM)
+    return np.exp(-MU_WATER * water)
+
+
+def simulate_low_dose(hu: np.ndarray, dose: float, *, pixel_mm: float, i0: float = I0_DEFAULT,
+                      sigma_e: float = SIGMA_E_DEFAULT, rng: np.random.Generator,
+                      filter_name: str = FBP_FILTER) -> np.ndarray:
+    """Full-dose slice in HU -> simulated dose-``dose`` slice in HU (float32, same shape).
+
+    Noise variance corresponds to ``dose * i0`` counts on the central ray, fewer towards the edge
+    (bowtie; module docstring). ``i0`` may be scaled per slice for tube-current modulation
+    (:func:`exposure_factors`). The result is not clipped (air may go below -1024). A non-square
+    slice is padded with air to a square. Pixels outside the inscribed reconstruction circle keep
+    their value. ``rng`` makes the result reproducible.
+    """
+    from skimage.transform import iradon, radon
+
+    hu = np.asarray(hu, np.float64)
+    if hu.ndim != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {hu.shape}")
+    if not (np.isfinite(dose) and dose > 0):
+        raise ValueError(f"dose must be > 0, got {dose}")
+    if not (np.isfinite(pixel_mm) and pixel_mm > 0):
+        raise ValueError(f"pixel_mm must be > 0, got {pixel_mm}")
+    h, w = hu.shape
+    n = max(h, w)
+    square = np.full((n, n), ctio.HU_MIN)
+    top, left = (n - h) // 2, (n - w) // 2
+    square[top:top + h, left:left + w] = hu
+    inside = _circle_mask(n)
+
+    mu = np.clip(MU_WATER * (1.0 + square / 1000.0), 0.0, None) * pixel_mm
+    mu[~inside] = 0.0
+    theta = np.linspace(0.0, 180.0, N_VIEWS, endpoint=False)
+    p = radon(mu, theta, circle=True)
+    offsets_mm = (np.arange(p.shape[0]) - p.shape[0] // 2) * pixel_mm
+    blank = dose * i0 * bowtie_transmission(offsets_mm)[:, None]  # counts without the patient
+    counts = rng.poisson(blank * np.exp(-p)).astype(np.float64)
+    if sigma_e > 0:
+        counts += rng.normal(0.0, sigma_e, p.shape)
+    np.maximum(counts, MIN_COUNTS, out=counts)
+    noise_sino = -np.log(counts / blank) - p
+    noise_mu = iradon(noise_sino, theta, output_size=n, circle=True, filter_name=filter_name)
+    noise_hu = noise_mu * (1000.0 / (MU_WATER * pixel_mm))
+    out = square
+    out[inside] += noise_hu[inside]
+    return out[top:top + h, left:left + w].astype(np.float32)
+
+
+def simulate_pair_from_fd(fd_hu: np.ndarray, dose: float, pixel_mm: float,
+                          seed_tuple: Sequence[int], **kwargs) -> np.ndarray:
+    """Simulated low-dose HU for ``fd_hu``; the same ``seed_tuple`` gives the same noise.
+
+    ``seed_tuple`` is any sequence of non-negative ints (e.g. ``(seed, epoch, slice_index)``).
+    Extra keyword arguments go to :func:`simulate_low_dose` (``i0``, ``sigma_e``).
+    """
+    rng = np.random.default_rng([int(s) for s in seed_tuple])
+    return simulate_low_dose(fd_hu, dose, pixel_mm=pixel_mm, rng=rng, **kwargs)
+
+
+def matched_i0(pixel_mm: float, i0: float = I0_DEFAULT) -> float:
+    """I0 that gives a ``pixel_mm`` image the noise std that ``i0`` gives at CALIB_PIXEL_MM.
+
+    Noise std scales as 1 / pixel_mm at fixed I0 (measured), so I0 scales as pixel_mm^-2.
+    """
+    return i0 * (CALIB_PIXEL_MM / pixel_mm) ** 2
+
+
+def body_mask(fd_hu: np.ndarray, erode_px: int = BODY_ERODE_PX) -> np.ndarray:
+    """Pixels inside the body: FD > -500 HU, eroded by ``erode_px`` pixels."""
+    from scipy import ndimage
+
+    mask = np.asarray(fd_hu) > BODY_HU
+    return ndimage.binary_erosion(mask, iterations=erode_px) if erode_px else mask
+
+
+def noise_std_in_body(ld_hu: np.ndarray, fd_hu: np.ndarray) -> float:
+    """Std of LD - FD over the (eroded) body mask of FD, in HU."""
+    mask = body_mask(fd_hu)
+    if not mask.any():
+        raise ValueError("no body pixels (FD > -500 HU after erosion) to measure noise on")
+    return float(np.std((np.asarray(ld_hu, np.float64) - fd_hu)[mask]))
+
+
+def _slice_seed(seed: int, patient: str, slice_id: str) -> tuple[int, int]:
+    """Per-slice seed: independent of processing order and of which other slices exist."""
+    return int(seed), zlib.crc32(f"{patient}/{slice_id}".encode())
+
+
+def _tube_current(header) -> Optional[float]:
+    for tag in ("XRayTubeCurrent", "Exposure"):
+        try:
+            value = float(header.get(tag))
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def exposure_factors(headers: Sequence) -> list[float]:
+    """Per-slice I0 factors for tube-current modulation within one series.
+
+    ``XRayTubeCurrent`` (else ``Exposure``) of each slice divided by the series median; all 1.0 if
+    any slice lacks both tags (or ``headers`` holds None, e.g. for .npy/.tif input).
+    """
+    values = [None if h is None else _tube_current(h) for h in headers]
+    if not values or any(v is None for v in values):
+        return [1.0] * len(values)
+    median = float(np.median(values))
+    return [v / median for v in values]
+
+
+def _series_factors(records: Sequence[ctio.SliceRecord]) -> dict[str, float]:
+    """{fd_path: exposure factor}, one series per (patient, folder) of DICOM FD files."""
+    series: dict[tuple[str, str], list[str]] = {}
+    for rec in records:
+        series.setdefault((rec.patient, str(Path(rec.fd_path).parent)), []).append(rec.fd_path)
+    factors = {}
+    for paths in series.values():
+        factors.update(zip(paths, exposure_factors([ctio.read_dicom_header(f) for f in paths])))
+    return factors
+
+
+# --- Calibration --------------------------------------------------------------------------------
+def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: float = I0_DEFAULT,
+                       sigma_e: float = SIGMA_E_DEFAULT, seed: int = 0,
+                       print_fn: Optional[Callable[[str], None]] = print) -> dict:
+    """Body noise std of the real Mayo QD - FD pairs vs simulated dose ``dose`` on L067 slices.
+
+    ``data_dir`` is the shared sample-data folder (``mayo_pairs/npy_redcnn``,
+    ``mayo_pairs/tif_cncl``, ``L067_full_1mm``). ``n_slices`` L067 slices, evenly spread over the
+    stack, are simulated. Returns the figures as a dict; prints a table unless ``print_fn`` is None.
+    """
+    data = Path(data_dir)
+    figures: dict = {}
+    for key, sub in (("real_npy", "mayo_pairs/npy_redcnn"), ("real_tif", "mayo_pairs/tif_cncl")):
+        ds = ctio.discover(data / sub)
+        if not ds.paired:
+            raise ctio.CTDataError(f"{data / sub}: expected QD/FD pairs")
+        figures[key] = {f"{r.patient}_{r.slice_id}": noise_std_in_body(
+            ctio.read_slice(r.ld_path)[0], ctio.read_slice(r.fd_path)[0]) for r in ds.records}
+    real = list(figures["real_npy"].values()) + list(figures["real_tif"].values())
+    figures["real_mean"] = float(np.mean(real))
+
+    ds = ctio.discover(data / "L067_full_1mm", layout="dicom", single_role="fd")
+    factors = _series_factors(ds.records)
+    picks = np.unique(np.linspace(0, len(ds.records) - 1, max(1, n_slices)).round().astype(int))
+    sim = {}
+    for k in picks:
+        rec = ds.records[int(k)]
+        fd, header = ctio.read_slice(rec.fd_path)
+        ld = simulate_pair_from_fd(fd, dose, pixel_size_mm(header, fd.shape, None),
+                                   _slice_seed(seed, rec.patient, rec.slice_id),
+                                   i0=i0 * factors[rec.fd_path], sigma_e=sigma_e)
+        sim[f"{rec.patient}_{rec.slice_id}"] = noise_std_in_body(ld, fd)
+    figures["sim_l067"] = sim
+    figures["sim_mean"] = float(np.mean(list(sim.values())))
+    figures["ratio"] = figures["sim_mean"] / figures["real_mean"]
+    figures.update(dose=dose, i0=i0, sigma_e=sigma_e)
+    if print_fn is not None:
+        def fmt(d):
+            return ", ".join(f"{v:.1f}" for v in d.values())
+
+        npy = list(figures["real_npy"].values())
+        print_fn(f"body noise std (LD - FD inside FD > {BODY_HU:g} HU eroded {BODY_ERODE_PX} px)")
+        print_fn(f"real QD-FD, L506 npy pairs ({len(npy)}): {fmt(figures['real_npy'])}  "
+                 f"mean {np.mean(npy):.1f} HU")
+        print_fn(f"real QD-FD, L067 tif pair: {fmt(figures['real_tif'])} HU")
+        print_fn(f"real, all {len(real)} pairs: mean {figures['real_mean']:.1f} HU")
+        print_fn(f"simulated dose {dose:g}, L067 1 mm ({len(sim)} slices, I0 {i0:.3g} x "
+                 f"mA / median mA, sigma_e {sigma_e:g}): {fmt(sim)}  "
+                 f"mean {figures['sim_mean']:.1f} HU")
+        print_fn(f"simulated / real: {figures['ratio']:.2f}")
+    return figures
+
+
+# --- Simulating a dataset from full-dose input --------------------------------------------------
+class _Progress:
+    """One-line counter on stderr (rewritten in place on a terminal, ~10 lines otherwise)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.start = total, label, time.time()
+        self.tty = sys.stderr.isatty()
+        self.step = max(1, total // 10)
+
+    def update(self, done: int) -> None:
+        if self.tty or done % self.step == 0 or done == self.total:
+            rate = (time.time() - self.start) / max(done, 1)
+            eta = rate * (self.total - done)
+            line = f"{self.label}: {done}/{self.total} slices, {eta:.0f} s left"
+            if self.tty:
+                sys.stderr.write(f"\r{line}   " + ("\n" if done == self.total else ""))
+            else:
+                sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+def pixel_size_mm(header, shape, override: Optional[float]) -> float:
+    """Pixel size: explicit override, else DICOM PixelSpacing, else ASSUMED_FOV_MM / width."""
+    if override:
+        return float(override)
+    if header is not None and header.get("PixelSpacing") is not None:
+        return float(np.mean([float(v) for v in header.PixelSpacing]))
+    return ASSUMED_FOV_MM / max(shape)
+
+
+def _check_out(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """OUT must not overlap an input and must be empty (or absent) unless ``overwrite``."""
+    res = out.resolve()
+    for inp in inputs:
+        inp = inp.resolve()
+        if res == inp or inp in res.parents or res in inp.parents:
+            raise ctio.CTDataError(f"{out}: output folder overlaps the input {inp}; choose "
+                                   "another --out (the input is never modified)")
+    if out.exists():
+        if not out.is_dir():
+            raise ctio.CTDataError(f"{out}: exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise ctio.CTDataError(f"{out}: folder exists and is not empty (use --overwrite to "
+                                   "write into it)")
+
+
+def _copy_file(src, dst: Path) -> None:
+    with ctio.atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Optional[str] = None,
+                     pixel_mm: Optional[float] = None, i0: float = I0_DEFAULT,
+                     sigma_e: float = SIGMA_E_DEFAULT, overwrite: bool = False,
+                     progress: bool = True) -> dict:
+    """Write a paired dataset (same format as the input) with a simulated low-dose side.
+
+    * DICOM (``dicom`` or ``mayo`` layout): ``OUT/<patient>/quarter_sim[_S]/NNNN.dcm`` (new series
+      and SOP UIDs, ImageType DERIVED, original geometry) and ``OUT/<patient>/full_sim[_S]/`` with
+      byte copies of the original full-dose files (``S``: the input's ``full_S`` suffix).
+    * npy: ``<patient>_<idx>_input.npy`` (simulated) + copied ``_target.npy``.
+    * tif: ``noisy/<name>`` (simulated) + copied ``clean/<name>``.
+
+    The full-dose side is read from the input's FD files only; the input is never modified. Slice
+    noise is seeded from (seed, patient, slice id); DICOM slices get the tube-current factor of
+    :func:`exposure_factors`. Simulated HU below -1024 are clipped (as in real data).
+    Returns a summary dict (layout, patients, slices, seconds).
+    """
+    input_dir, out = Path(input_dir), Path(out)
+    _check_out(out, overwrite, [input_dir])
+    ds = ctio.discover(input_dir, layout, single_role="fd")
+    records = [r for r in ds.records if r.fd_path]
+    if not records:
+        raise ctio.CTDataError(f"{input_dir}: no full-dose slices found (layout {ds.layout}); "
+                               "give full-dose input (clean/, *_target.npy, full_* or DICOM)")
+    factors = _series_factors(records) if ds.layout in ("mayo", "dicom") else {}
+    start = time.time()
+    bar = _Progress(len(records), f"simulating dose {dose:g}") if progress else None
+    series_uid: dict[Path, str] = {}
+    counters: dict[Path, int] = {}
+    for done, rec in enumerate(records, 1):
+        fd, header = ctio.read_slice(rec.fd_path)
+        px = pixel_size_mm(header, fd.shape, pixel_mm)
+        ld = simulate_pair_from_fd(fd, dose, px, _slice_seed(seed, rec.patient, rec.slice_id),
+                                   i0=i0 * factors.get(rec.fd_path, 1.0), sigma_e=sigma_e)
+        np.maximum(ld, ctio.HU_MIN, out=ld)  # air noise below -1024 HU: clipped like real data
+        src = Path(rec.fd_path)
+        if ds.layout in ("mayo", "dicom"):
+            if header is None:
+                raise ctio.CTDataError(f"{src}: expected a DICOM slice")
+            suffix = "sim"
+            if ds.layout == "mayo" and src.parent.name.lower().startswith("full_"):
+                suffix = f"sim_{src.parent.name[len('full_'):]}"
+            qdir = out / rec.patient / f"quarter_{suffix}"
+            fdir = out / rec.patient / f"full_{suffix}"
+            for d in (qdir, fdir):
+                d.mkdir(parents=True, exist_ok=True)
+            k = counters[qdir] = counters.get(qdir, -1) + 1
+            uid = series_uid.setdefault(qdir, ctio.new_uid())
+            old = str(header.get("SeriesDescription", "") or "").strip()
+            desc = f"simulated dose {dose:g} from {old}" if old else f"simulated dose {dose:g}"
+            ctio.write_dicom(qdir / f"{k:04d}.dcm", ld, header, series_uid=uid, description=desc,
+                             derived=True)
+            _copy_file(src, fdir / f"{k:04d}.dcm")
+        elif ds.layout == "npy":
+            out.mkdir(parents=True, exist_ok=True)
+            stem = src.name[: -len("_target.npy")]
+            ctio.write_npy_redcnn(out / f"{stem}_input.npy", ld)
+            _copy_file(src, out / src.name)
+        else:  # tif
+            for d in ("noisy", "clean"):
+                (out / d).mkdir(parents=True, exist_ok=True)
+            ctio.write_tiff(out / "noisy" / src.name, ld)
+            _copy_file(src, out / "clean" / src.name)
+        if bar:
+            bar.update(done)
+    return {"layout": ds.layout, "patients": sorted({r.patient for r in records}),
+            "slices": len(records), "seconds": time.time() - start}
+
+
+# --- Procedural demo phantom --------------------------------------------------------------------
+def _ellipse(u, v, cx, cy, ax, ay, angle_deg=0.0) -> np.ndarray:
+    """Mask of an ellipse (centre cx, cy; semi-axes ax, ay; rotated by angle_deg) on grid u, v."""
+    du, dv = u - cx, v - cy
+    if angle_deg:
+        a = np.deg2rad(angle_deg)
+        du, dv = du * np.cos(a) + dv * np.sin(a), -du * np.sin(a) + dv * np.cos(a)
+    return (du / ax) ** 2 + (dv / ay) ** 2 <= 1.0
+
+
+def _taper(z: float, z0: float, z1: float, ramp: float = 25.0) -> float:
+    """1 inside [z0, z1], falling smoothly to 0 within ``ramp`` mm outside it."""
+    d = max(z0 - z, z - z1, 0.0)
+    return float(np.cos(min(d / ramp, 1.0) * np.pi / 2) ** 2)
+
+
+def _patient_params(rng: np.random.Generator, n_slices: int) -> dict:
+    """Random anatomy of one phantom patient (sizes in mm of a 'standard' 330 x 240 mm body)."""
+    lesions = []
+    for _ in range(int(rng.integers(2, 5))):
+        lesions.append(dict(x=rng.uniform(-90, -30), y=rng.uniform(-35, 20),
+                            z=rng.uniform(0, n_slices * DEMO_SLICE_MM), r=rng.uniform(6, 13),
+                            dhu=rng.choice([-1, 1], p=[0.7, 0.3]) * rng.uniform(10, 20)))
+    loops = []
+    for _ in range(int(rng.integers(7, 12))):
+        loops.append(dict(x=rng.uniform(-40, 90), y=rng.uniform(-85, 15), r=rng.uniform(8, 16),
+                          dx=rng.uniform(-0.6, 0.6), dy=rng.uniform(-0.6, 0.6),
+                          z0=rng.uniform(-20, n_slices * DEMO_SLICE_MM * 0.7),
+                          length=rng.uniform(15, 60),
+                          content=rng.choice(["gas", "fluid", "feces"], p=[0.35, 0.4, 0.25])))
+    return dict(
+        scale=rng.uniform(0.9, 1.03), aspect=rng.uniform(0.92, 1.08), rot=rng.uniform(-3, 3),
+        shift=(rng.uniform(-8, 8), rng.uniform(-6, 6)), fat_mm=rng.uniform(12, 28),
+        zc0=rng.uniform(40.0, 100.0),  # cranio-caudal position of the first slice (0: liver dome)
+        liver_hu=rng.uniform(55, 65), soft_hu=rng.uniform(35, 45), aorta_hu=rng.uniform(150, 200),
+        kidney_hu=rng.uniform(140, 180), lesions=lesions, loops=loops,
+        vessels=[(rng.uniform(-85, -30), rng.uniform(-30, 25), rng.uniform(2.5, 4.5))
+                 for _ in range(5)],
+    )
+
+
+def _phantom_slice(size: int, pixel_mm: float, zk: float, prm: dict, texture: np.ndarray,
+                   mix: np.ndarray) -> np.ndarray:
+    """One axial abdomen slice in HU at distance ``zk`` mm from the patient's first slice.
+
+    ``texture`` (HU) is added inside the body; ``mix`` (unit std) decides where the abdominal
+    cavity holds soft tissue rather than fat.
+    """
+    from scipy import ndimage
+
+    c = (np.arange(size) - size / 2 + 0.5) * pixel_mm
+    x, y = np.meshgrid(c, c)  # x to the patient's left (image right), y posterior (down)
+    s, ar = prm["scale"], prm["aspect"]
+    rot = np.deg2rad(prm["rot"])
+    xs, ys = x - prm["shift"][0], y - prm["shift"][1]
+    u = (xs * np.cos(rot) + ys * np.sin(rot)) / (s * ar)
+    v = (-xs * np.sin(rot) + ys * np.cos(rot)) / (s / ar)
+    zc = prm["zc0"] + zk  # cranio-caudal coordinate of the canonical abdomen
+    img = np.full((size, size), -1000.0)
+
+    def paint(mask, hu):
+        img[mask] = hu
+
+    # Body wall: skin, subcutaneous fat, muscle ring, then visceral fat filling the cavity.
+    bx, by = 165.0 + 0.1 * (zc - 80), 120.0
+    f = prm["fat_mm"]
+    paint(_ellipse(u, v, 0, 0, bx, by), 20)
+    paint(_ellipse(u, v, 0, 0, bx - 2, by - 2), -100)
+    paint(_ellipse(u, v, 0, 0, bx - f, by - f * 0.8), 50)
+    cavity = _ellipse(u, v, 0, 0, bx - f - 12, by - f * 0.8 - 10)
+    paint(cavity, -90)  # visceral fat, then mesentery and collapsed bowel where ``mix`` is high
+    paint(cavity & (mix > 0.3), prm["soft_hu"] - 10)
+    paint(_ellipse(u, v, 0, -by + f + 10, 45, 14), 50)  # rectus muscles
+    paint(_ellipse(u, v, 0, -by + f + 12, 6, 14), -90)  # linea alba
+    # Ribs (upper abdomen), just inside the muscle ring.
+    rib = _taper(zc, -50, 90, 20)
+    if rib > 0.2:
+        for ang in (-150, -125, -100, -80, -55, -30, 210, 235, 260, 280, 305, 330):
+            a = np.deg2rad(ang)
+            rx, ry = (bx - f - 6) * np.cos(a), (by - f * 0.8 - 5) * np.sin(a)
+            if ry < 40:
+                paint(_ellipse(u, v, rx, ry, 6 * rib, 4 * rib, ang), 650)
+    # Liver with vessels and low-contrast lesions.
+    lv = _taper(zc, 0, 90, 70)
+    if lv > 0.05:
+        lcx, lcy = -55 - 0.15 * zc, -5 + 0.12 * zc
+        liver = _ellipse(u, v, lcx, lcy, 80 * lv, 72 * lv, 15)
+        paint(liver, prm["liver_hu"])
+        for vx, vy, vr in prm["vessels"]:
+            paint(liver & _ellipse(u, v, vx, vy + 0.1 * zk, vr, vr), 150)
+        for les in prm["lesions"]:
+            r2 = les["r"] ** 2 - (zk - les["z"]) ** 2
+            if r2 > 1.0:
+                r = np.sqrt(r2)
+                paint(liver & _ellipse(u, v, les["x"], les["y"], r, r * 0.9),
+                      prm["liver_hu"] + les["dhu"])
+    sp = _taper(zc, 0, 70, 30)  # spleen
+    if sp > 0.05:
+        paint(_ellipse(u, v, 95, 20, 30 * sp, 48 * sp, -30), 50)
+    st = _taper(zc, 0, 60, 30)  # stomach: wall, fluid, gas pocket anteriorly
+    if st > 0.05:
+        paint(_ellipse(u, v, 40, -40, 45 * st, 32 * st, 20), prm["soft_hu"])
+        paint(_ellipse(u, v, 40, -40, 40 * st, 27 * st, 20), 10)
+        paint(_ellipse(u, v, 35, -58 * st, 28 * st, 9 * st), -1000)
+    pa = _taper(zc, 50, 100, 20)  # pancreas
+    if pa > 0.05:
+        paint(_ellipse(u, v, 15, 12, 45 * pa, 11 * pa, -15), 45)
+    # Bowel loops: tubes drifting with z; wall plus gas / fluid / feces content.
+    for lp in prm["loops"]:
+        dz = zk - lp["z0"]
+        if 0 <= dz <= lp["length"] and zc > 40:
+            cx, cy, r = lp["x"] + lp["dx"] * dz, lp["y"] + lp["dy"] * dz, lp["r"]
+            paint(_ellipse(u, v, cx, cy, r, r * 0.85), prm["soft_hu"])
+            content = {"gas": -1000, "fluid": 15, "feces": -250}[lp["content"]]
+            paint(_ellipse(u, v, cx, cy, r - 2.5, r * 0.85 - 2.5), content)
+    # Kidneys: enhancing cortex, medulla, fatty sinus.
+    kd = _taper(zc, 70, 150, 25)
+    if kd > 0.05:
+        for sgn in (-1, 1):
+            kx = sgn * 62
+            paint(_ellipse(u, v, kx, 48, 26 * kd, 38 * kd, sgn * 25), prm["kidney_hu"])
+            paint(_ellipse(u, v, kx, 48, 17 * kd, 27 * kd, sgn * 25), 90)
+            paint(_ellipse(u, v, kx - sgn * 10 * kd, 48, 6 * kd, 12 * kd, sgn * 25), -80)
+    # Psoas and paraspinal muscles.
+    ps = _taper(zc, 90, 250, 40)
+    for sgn in (-1, 1):
+        if ps > 0.05:
+            paint(_ellipse(u, v, sgn * 30, 58, 8 + 12 * ps, 10 + 6 * ps), 50)
+        paint(_ellipse(u, v, sgn * 38, 96, 27, 20, sgn * 10), 55)
+    # Aorta and IVC (contrast enhanced).
+    paint(_ellipse(u, v, 12, 32, 11, 11), prm["aorta_hu"])
+    paint(_ellipse(u, v, -20, 30, 12, 9), prm["aorta_hu"] - 40)
+    # Vertebra: cortical shell, cancellous core, canal, arch, spinous and transverse processes.
+    paint(_ellipse(u, v, 0, 62, 20, 17), 900)
+    paint(_ellipse(u, v, 0, 62, 17.5, 14.5), 250)
+    paint(_ellipse(u, v, 0, 90, 13, 12) & ~_ellipse(u, v, 0, 88, 8, 7.5) & (v > 84), 750)
+    paint(_ellipse(u, v, 0, 110, 4.5, 13), 750)
+    for sgn in (-1, 1):
+        paint(_ellipse(u, v, sgn * 22, 84, 13, 4.5, sgn * 20), 700)
+    paint(_ellipse(u, v, 0, 88, 8, 7.5), 15)  # spinal canal (CSF)
+    # Soft-tissue texture inside the body, then mild partial-volume blur.
+    body = img > -950
+    img[body] += texture[body]
+    return ndimage.gaussian_filter(img, 0.6)
+
+
+def _smooth_field(rng: np.random.Generator, slices: int, size: int, sigma_px: float,
+                  sigma_slices: float) -> np.ndarray:
+    """3-D low-pass Gaussian random field with unit std, smooth across slices too."""
+    from scipy import ndimage
+
+    t = ndimage.gaussian_filter(rng.standard_normal((slices, size, size)),
+                                (sigma_slices, sigma_px, sigma_px), mode="wrap")
+    return (t / max(float(t.std()), 1e-9)).astype(np.float32)
+
+
+def _ctsmall_pair(dose: float, seed: int, i0: float, sigma_e: float):
+    """pydicom's CT_small.dcm (128 x 128 crop of a spine) as FD, and its simulated LD.
+
+    The file is a crop: projecting it alone would give ~8 cm path lengths and far too little
+    noise, so it is embedded in a 320 x 240 mm soft-tissue/fat body for the simulation.
+    """
+    import pydicom.data
+
+    path = pydicom.data.get_testdata_file("CT_small.dcm")
+    fd, header = ctio.read_slice(path)
+    fd = np.round(fd)
+    px = pixel_size_mm(header, fd.shape, None)
+    n = 512
+    c = (np.arange(n) - n / 2 + 0.5) * px
+    x, y = np.meshgrid(c, c)
+    canvas = np.full((n, n), -1000.0)
+    canvas[_ellipse(x, y, 0, 0, 160, 120)] = -100
+    canvas[_ellipse(x, y, 0, 0, 140, 102)] = 40
+    h, w = fd.shape
+    top, left = (n - h) // 2, (n - w) // 2
+    canvas[top:top + h, left:left + w] = fd
+    ld = simulate_pair_from_fd(canvas, dose, px, _slice_seed(seed, CTSMALL, "0000"), i0=i0,
+                               sigma_e=sigma_e)[top:top + h, left:left + w]
+    header.PatientID = header.PatientName = CTSMALL
+    return fd, ld, header
+
+
+def _store_round(hu: np.ndarray) -> np.ndarray:
+    """The HU values a uint16 / intercept -1024 DICOM stores exactly (so read-back is exact)."""
+    return np.clip(np.round(hu), ctio.HU_MIN, 65535 + ctio.HU_MIN).astype(np.float32)
+
+
+def demo_patient_slices(index: int, slices: int = DEMO_SLICES, size: int = DEMO_SIZE,
+                        seed: int = 0, dose: float = DEMO_DOSE
+                        ) -> Iterator[tuple[int, float, np.ndarray, np.ndarray]]:
+    """Yield ``(k, z_mm, fd_hu, ld_hu)`` of phantom patient ``index`` (0-based: DEMO01 is 0).
+
+    Exactly the slices :func:`make_demo` writes (integer HU, so the DICOM round trip is exact).
+    The quarter dose uses the calibrated defaults with I0 rescaled by :func:`matched_i0`.
+    """
+    pixel_mm = DEMO_FOV_MM / size
+    i0 = matched_i0(pixel_mm)
+    name = demo_patient_names(index + 1)[-1]
+    rng = np.random.default_rng([int(seed), 7, int(index)])
+    prm = _patient_params(rng, slices)
+    texture = 4.0 * _smooth_field(rng, slices, size, 3.0 / pixel_mm, 1.5)  # ~4 HU, 3 mm
+    mix = _smooth_field(rng, slices, size, 9.0 / pixel_mm, 2.0)  # ~9 mm blobs
+    for k in range(slices):
+        zk = k * DEMO_SLICE_MM
+        fd = _store_round(_phantom_slice(size, pixel_mm, zk, prm, texture[k], mix[k]))
+        ld = _store_round(simulate_pair_from_fd(
+            fd, dose, pixel_mm, _slice_seed(seed, name, f"{k:04d}"), i0=i0))
+        yield k, -(prm["zc0"] + zk), fd, ld  # table position decreases caudally, as in Mayo
+
+
+def make_demo(out, patients: int = DEMO_PATIENTS, slices: int = DEMO_SLICES,
+              size: int = DEMO_SIZE, seed: int = 0, *, dose: float = DEMO_DOSE,
+              overwrite: bool = False, progress: bool = False) -> Path:
+    """Write the procedural demo dataset (Mayo layout) to ``out`` and return ``out``.
+
+    ``patients`` phantom patients DEMO01.. (the last one is the test patient, see
+    :func:`demo_patient_names`) with ``slices`` 3 mm slices of ``size`` x ``size`` each, plus
+    pydicom's CT_small.dcm as patient CTSMALL (training side). Quarter dose is simulated with
+    the calibrated defaults, I0 rescaled by :func:`matched_i0` for the phantom's coarser pixels
+    so the noise level is like real Mayo QD. Deterministic in ``seed`` (except DICOM UIDs).
+    """
+    out = Path(out)
+    if patients < 1 or slices < 1 or size < 32:
+        raise ctio.CTDataError("demo needs --patients >= 1, --slices >= 1 and --size >= 32")
+    _check_out(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    pixel_mm = DEMO_FOV_MM / size
+    names = demo_patient_names(patients)
+    bar = _Progress(patients * slices + 1, "demo") if progress else None
+    done = 0
+    for p, name in enumerate(names):
+        study = ctio.new_uid()
+        uids = {"quarter": ctio.new_uid(), "full": ctio.new_uid()}
+        for k, z_mm, fd, ld in demo_patient_slices(p, slices, size, seed, dose):
+            for side, img in (("quarter", ld), ("full", fd)):
+                folder = out / name / f"{side}_{DEMO_SERIES}"
+                folder.mkdir(parents=True, exist_ok=True)
+                desc = (f"phantom, simulated dose {dose:g}" if side == "quarter"
+                        else "phantom, full dose")
+                header = ctio.new_ct_header(
+                    patient_id=name, study_uid=study, series_uid=uids[side], instance=k + 1,
+                    z_mm=z_mm, shape=(size, size), pixel_mm=pixel_mm,
+                    thickness_mm=DEMO_SLICE_MM, description=desc)
+                ctio.write_dicom(folder / f"{k:04d}.dcm", img, header, series_uid=uids[side],
+                                 description=desc, derived=side == "quarter")
+            done += 1
+            if bar:
+                bar.update(done)
+    fd, ld, header = _ctsmall_pair(dose, seed, I0_DEFAULT, SIGMA_E_DEFAULT)
+    for side, img in (("quarter", _store_round(ld)), ("full", fd)):
+        folder = out / CTSMALL / f"{side}_{DEMO_SERIES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        desc = (f"CT_small, simulated dose {dose:g}" if side == "quarter"
+                else "CT_small, full dose")
+        ctio.write_dicom(folder / "0000.dcm", img, header, series_uid=ctio.new_uid(),
+                         description=desc, derived=side == "quarter")
+    if bar:
+        bar.update(done + 1)
+    readme = f"""CNCL demo dataset: procedural phantom, NOT patient data.
+
+Generated by Mysimulate.py --demo (seed {seed}) in {time.time() - start:.0f} s.
+Layout: Mayo style, <patient>/quarter_{DEMO_SERIES}/NNNN.dcm (simulated dose {dose:g}) and
+<patient>/full_{DEMO_SERIES}/NNNN.dcm (full dose), paired by ImagePositionPatient z.
+
+Patients: {", ".join(names)} ({slices} slices of {size}x{size}, {pixel_mm:.3f} mm pixels,
+{DEMO_SLICE_MM:g} mm apart): synthetic axial abdomen slices (fat, muscle, liver with
+low-contrast lesions, spleen, kidneys, aorta, spine, bowel gas, smooth texture).
+{CTSMALL}: pydicom's bundled CT_small.dcm (one 128x128 slice), a training patient.
+Test patient: {names[-1]} (the last by name); all others are for training/validation.
+
+Quarter dose: projection-domain Poisson + electronic noise insertion (see Mysimulate.py), I0
+scaled for the pixel size so the noise level is like the real Mayo quarter-dose data.
+"""
+    with ctio.atomic_path(out / "README.txt") as tmp:
+        tmp.write_text(readme)
+    return out
+
+
+# --- Command line -------------------------------------------------------------------------------
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors become one CTDataError line (run_cli prints it, exit 2)."""
+
+    def error(self, message):
+        raise ctio.CTDataError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _ArgumentParser(
+        description="Simulate low-dose CT from full-dose slices (projection-domain noise "
+                    "insertion), or generate the procedural demo dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--input", help="full-dose dataset folder (any layout ctio reads; for "
+                                      "paired data the full-dose side is used)")
+    mode.add_argument("--demo", action="store_true", help="generate the procedural demo dataset")
+    mode.add_argument("--calibrate", metavar="DATA_DIR",
+                      help="print real vs simulated noise figures on the shared sample data")
+    ap.add_argument("--out", help="output folder (required with --input and --demo)")
+    ap.add_argument("--dose", type=float, default=0.25, help="dose fraction in (0, 1)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (per-slice streams)")
+    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+                    help="input layout (auto-detected when not given)")
+    ap.add_argument("--pixel-mm", type=float, default=None,
+                    help="pixel size in mm (when not given: DICOM PixelSpacing, else "
+                         f"{ASSUMED_FOV_MM:g} mm / width for .npy/.tif)")
+    ap.add_argument("--i0", type=float, default=I0_DEFAULT,
+                    help="full-dose counts per ray (--input, --calibrate; the demo always uses "
+                         "the calibrated defaults)")
+    ap.add_argument("--sigma-e", type=float, default=SIGMA_E_DEFAULT,
+                    help="electronic noise std in counts (--input, --calibrate)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --out (files of the same name are replaced)")
+    ap.add_argument("--patients", type=int, default=DEMO_PATIENTS, help="demo: phantom patients")
+    ap.add_argument("--slices", type=int, default=DEMO_SLICES, help="demo: slices per patient")
+    ap.add_argument("--size", type=int, default=DEMO_SIZE, help="demo: image size (pixels)")
+    return ap
+
+
+def main(argv=None) -> int:
+    """CLI entry point; ``argv`` items may be ``Path`` objects (converted with ``str``)."""
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    if args.calibrate:
+        if not Path(args.calibrate).is_dir():
+            raise ctio.CTDataError(f"{args.calibrate}: no such folder")
+        calibration_report(args.calibrate, dose=args.dose, i0=args.i0, sigma_e=args.sigma_e,
+                           seed=args.seed)
+        return 0
+    if not args.out:
+        raise ctio.CTDataError("--out is required with --input and --demo")
+    if not (0.0 < args.dose < 1.0):
+        raise ctio.CTDataError(f"--dose must be in (0, 1), got {args.dose:g}")
+    if args.seed < 0:
+        raise ctio.CTDataError(f"--seed must be >= 0, got {args.seed}")
+    if not (args.i0 > 0 and args.sigma_e >= 0):
+        raise ctio.CTDataError("--i0 must be > 0 and --sigma-e >= 0")
+    if args.pixel_mm is not None and not args.pixel_mm > 0:
+        raise ctio.CTDataError(f"--pixel-mm must be > 0, got {args.pixel_mm:g}")
+    if args.demo:
+        t = time.time()
+        out = make_demo(args.out, args.patients, args.slices, args.size, args.seed,
+                        dose=args.dose, overwrite=args.overwrite, progress=True)
+        print(f"demo dataset: {out} ({args.patients} phantom patients x {args.slices} slices "
+              f"+ {CTSMALL}; test patient {demo_patient_names(args.patients)[-1]}) "
+              f"in {time.time() - t:.1f} s")
+        return 0
+    if not Path(args.input).exists():
+        raise ctio.CTDataError(f"{args.input}: no such file or directory")
+    info = simulate_dataset(args.input, args.out, args.dose, seed=args.seed, layout=args.layout,
+                            pixel_mm=args.pixel_mm, i0=args.i0, sigma_e=args.sigma_e,
+                            overwrite=args.overwrite)
+    print(f"wrote {info['slices']} simulated dose-{args.dose:g} slices ({info['layout']}, "
+          f"{len(info['patients'])} patient(s)) to {args.out} in {info['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    ctio.run_cli(main)
