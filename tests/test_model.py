@@ -1,0 +1,288 @@
+"""Tests for Mymodel: CNCL generator / discriminator shapes, initialisation, training,
+weights I/O and the HU metric protocol. Small models only (whole file ~1 min on 2 CPUs)."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import Mymodel
+from ctio import EVAL_WINDOW, HU_MAX, HU_MIN, normalize, set_seed
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_policy():
+    set_seed(1234)
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _adam() -> keras.optimizers.Optimizer:
+    return keras.optimizers.Adam(learning_rate=1e-3, beta_1=0.5)
+
+
+def _synthetic_pairs(n: int = 4, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth 'anatomy' in HU plus Gaussian noise, returned normalised (ld, fd)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    fd_hu = np.stack(
+        [
+            40.0 + 150.0 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)))
+            for _ in range(n)
+        ]
+    )
+    ld_hu = fd_hu + rng.normal(0.0, 60.0, fd_hu.shape)
+    return normalize(ld_hu)[..., None], normalize(fd_hu)[..., None]
+
+
+def _gan(preset: str = "small", **overrides) -> Mymodel.CNCLGAN:
+    g, d = Mymodel.build_models(Mymodel.model_config(preset, **overrides))
+    return Mymodel.CNCLGAN(g, d)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_model_config_presets_and_errors():
+    paper = Mymodel.model_config("paper")
+    assert paper == {
+        "preset": "paper", "base_filters": 64, "depth": 4, "norm": "batch", "disc_filters": 64
+    }
+    small = Mymodel.model_config("small", depth=4, norm=None)
+    assert small["depth"] == 4 and small["norm"] == Mymodel.PRESETS["small"]["norm"]
+    assert json.loads(json.dumps(small)) == small
+    with pytest.raises(ValueError, match=r"unknown preset 'x' \(choose from: paper, small\)"):
+        Mymodel.model_config("x")
+    with pytest.raises(ValueError):
+        Mymodel.model_config("small", norm="layer")
+    with pytest.raises(ValueError):
+        Mymodel.model_config("small", width=3)
+
+
+# ------------------------------------------------------------------ architecture
+
+
+@pytest.mark.parametrize(
+    "depth,h,w,norm", [(4, 48, 80, "batch"), (3, 24, 40, "instance"), (3, 24, 40, "none")]
+)
+def test_generator_shapes_dtype_and_identity_init(depth, h, w, norm):
+    g = Mymodel.build_generator(base_filters=8, depth=depth, norm=norm)
+    x = np.random.default_rng(0).random((2, h, w, 1), dtype=np.float32)
+    out = g(x, training=False)
+    assert isinstance(out, list) and len(out) == 2
+    content, noise = out
+    for t in out:
+        assert tuple(t.shape) == (2, h, w, 1)
+        assert t.dtype == tf.float32
+    # Near-identity initialisation: untrained generator returns its input as content.
+    assert np.max(np.abs(content.numpy() - x)) < 1e-5
+    assert np.max(np.abs(noise.numpy())) == 0.0
+    # Same in training mode (batch statistics do not matter: fusion weight of c1 is 0).
+    assert np.max(np.abs(g(x, training=True)[0].numpy() - x)) < 1e-5
+
+
+def test_paper_generator_param_count():
+    cfg = Mymodel.model_config("paper")
+    g = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
+    n = g.count_params()
+    assert abs(n - 44e6) / 44e6 < 0.05, n
+    assert g.get_layer("content_unet").count_params() == g.get_layer("noise_unet").count_params()
+
+
+def test_discriminator_patch_shape():
+    d = Mymodel.build_discriminator(base_filters=8)
+    y = d(np.zeros((3, 48, 80, 3), np.float32))
+    assert tuple(y.shape) == (3, 3, 5, 1) and y.dtype == tf.float32
+    assert d.get_layer("d0_conv").kernel.shape == (4, 4, 3, 8)
+    assert d.get_layer("d3_conv").kernel.shape == (4, 4, 32, 64)
+
+
+def test_mixed_precision_outputs_float32_and_loss_scaling():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+    x, fd = _synthetic_pairs(2, 32)
+    content, noise = gan.generator(x, training=False)
+    assert content.dtype == tf.float32 and noise.dtype == tf.float32
+    assert np.max(np.abs(content.numpy() - x)) < 1e-5
+    # Eager step: tracing the loss-scaled GAN step costs ~20 s of CPU; the graph path is
+    # covered in float32 by test_training_lowers_l1_and_updates_both_branches.
+    gan.compile(_adam(), _adam(), run_eagerly=True)
+    assert isinstance(gan.g_optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(gan.d_optimizer, keras.optimizers.LossScaleOptimizer)
+    logs = gan.train_on_batch(x, fd, return_dict=True)
+    assert all(np.isfinite(v) for v in logs.values()), logs
+    assert float(gan.g_optimizer.dynamic_scale.numpy()) > 1.0  # loss scaling active
+
+
+# ------------------------------------------------------------------ training
+
+
+def _kernel(gan: Mymodel.CNCLGAN, branch: str, layer: str) -> np.ndarray:
+    return gan.generator.get_layer(branch).get_layer(layer).kernel.numpy().copy()
+
+
+def test_training_lowers_l1_and_updates_both_branches():
+    ld, fd = _synthetic_pairs(4, 32)
+    ds = tf.data.Dataset.from_tensor_slices((ld, fd)).batch(4).repeat()
+    val = tf.data.Dataset.from_tensor_slices((ld, fd)).batch(4)
+    gan = _gan("small")
+    gan.compile(_adam(), _adam(), lambda_l1=100.0, adv_weight=1.0)
+    watched = [("content_unet", "enc0_a_conv"), ("noise_unet", "enc0_a_conv"),
+               ("noise_unet", "head")]
+    before = {k: _kernel(gan, *k) for k in watched}
+    d_before = gan.discriminator.get_layer("d0_conv").kernel.numpy().copy()
+    seen = []
+    cb = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(e))
+    # One step per epoch: fit resets the trackers each epoch, so history is per step.
+    hist = gan.fit(
+        ds, steps_per_epoch=1, epochs=20, callbacks=[cb], verbose=0,
+        validation_data=val, validation_freq=20,
+    ).history
+    assert len(seen) == 20
+    assert len(hist["val_psnr"]) == 1 and np.isfinite(hist["val_psnr"][0])
+    assert 0.0 < hist["val_ssim"][0] <= 1.0
+    l1 = np.array(hist["l1_content"]) + np.array(hist["l1_noise"])
+    assert np.all(np.isfinite(l1)) and np.all(np.isfinite(hist["d_loss"]))
+    assert l1[-1] < 0.7 * l1[0], l1
+    for k in watched:
+        assert not np.allclose(_kernel(gan, *k), before[k]), f"{k} did not change"
+    assert not np.allclose(gan.discriminator.get_layer("d0_conv").kernel.numpy(), d_before)
+    denoised = gan.predict(ld, verbose=0)
+    assert denoised.shape == ld.shape and denoised.dtype == np.float32
+
+
+def test_adv_weight_zero_trains_l1_only_and_validates():
+    ld, fd = _synthetic_pairs(4, 32)
+    train = tf.data.Dataset.from_tensor_slices((ld, fd)).batch(2).repeat()
+    val = tf.data.Dataset.from_tensor_slices((ld, fd)).batch(2)
+    gan = _gan("small", base_filters=8, depth=2, disc_filters=8)
+    gan.compile(_adam(), _adam(), adv_weight=0.0, run_eagerly=True)  # graph path tested above
+    d_before = [w.numpy().copy() for w in gan.discriminator.trainable_weights]
+    hist = gan.fit(train, steps_per_epoch=3, epochs=1, validation_data=val, verbose=0).history
+    assert hist["d_loss"] == [0.0] and hist["g_adv"] == [0.0]
+    assert np.isfinite(hist["l1_content"][0]) and hist["l1_content"][0] > 0
+    for key in ("val_psnr", "val_ssim", "val_l1_content"):
+        assert key in hist and np.isfinite(hist[key][0])
+    for w, b in zip(gan.discriminator.trainable_weights, d_before):
+        assert np.array_equal(w.numpy(), b)
+    # evaluate() reports the same protocol as hu_metrics on the content output.
+    res = gan.evaluate(val, return_dict=True, verbose=0)
+    ref = Mymodel.hu_metrics(gan.predict(ld, verbose=0), fd)
+    assert res["psnr"] == pytest.approx(float(np.mean(ref["psnr"])), abs=1e-3)
+    assert res["ssim"] == pytest.approx(float(np.mean(ref["ssim"])), abs=1e-5)
+
+
+def test_generator_weights_round_trip(tmp_path):
+    cfg = dict(base_filters=8, depth=3, norm="batch")
+    g = Mymodel.build_generator(**cfg)
+    rng = np.random.default_rng(1)
+    g.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in g.get_weights()])
+    x = np.random.default_rng(2).random((2, 24, 40, 1), dtype=np.float32)
+    path = tmp_path / "g.weights.h5"
+    g.save_weights(path)
+    fresh = Mymodel.build_generator(**cfg)
+    assert not np.array_equal(fresh(x)[0].numpy(), g(x)[0].numpy())
+    fresh.load_weights(path)
+    for a, b in zip(fresh(x), g(x)):
+        assert np.array_equal(a.numpy(), b.numpy())
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _windowed(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    return np.clip(hu, *window).astype(np.float64) - window[0]
+
+
+@pytest.mark.parametrize("window", [EVAL_WINDOW, (HU_MIN, HU_MAX)])
+def test_hu_metrics_matches_skimage(window):
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:72] / 64.0
+    ref_hu = np.stack([300.0 * np.sin(3 * xx + k) * np.cos(2 * yy) for k in range(3)])
+    pred_hu = ref_hu + rng.normal(0, 40.0, ref_hu.shape)
+    ref, pred = normalize(ref_hu)[..., None], normalize(pred_hu)[..., None]
+    out = Mymodel.hu_metrics(tf.constant(pred), tf.constant(ref), window=window)
+    assert set(out) == {"psnr", "ssim", "rmse"}
+    for v in out.values():
+        assert v.shape == (3,) and v.dtype == tf.float32
+    width = window[1] - window[0]
+    # Reference on the float32 normalised images mapped back to HU, as the model sees them.
+    ref_w = _windowed(ref[..., 0].astype(np.float64) * 4096 - 1024, window)
+    pred_w = _windowed(pred[..., 0].astype(np.float64) * 4096 - 1024, window)
+    for i in range(3):
+        psnr = peak_signal_noise_ratio(ref_w[i], pred_w[i], data_range=width)
+        ssim = structural_similarity(
+            ref_w[i], pred_w[i], gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, data_range=width,
+        )
+        rmse = np.sqrt(np.mean((pred_w[i] - ref_w[i]) ** 2))
+        assert float(out["psnr"][i]) == pytest.approx(psnr, abs=0.01)
+        assert float(out["ssim"][i]) == pytest.approx(ssim, abs=0.001)
+        assert float(out["rmse"][i]) == pytest.approx(rmse, rel=1e-4)
+
+
+def test_hu_metrics_in_tf_function():
+    x = tf.random.uniform((2, 32, 32, 1), seed=1)
+    fn = tf.function(lambda a, b: Mymodel.hu_metrics(a, b))
+    out = fn(x, x * 0.99)
+    assert out["psnr"].shape == (2,) and np.all(np.isfinite(out["psnr"].numpy()))
+    assert np.all(out["ssim"].numpy() <= 1.0)
+
+
+_DIST_SCRIPT = r"""
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, Mymodel
+rng = np.random.default_rng(0)
+ld = rng.random((4, 32, 32, 1)).astype("float32")
+fd = (0.8 * ld + 0.05).astype("float32")
+def weights(gan):
+    return [w.numpy() for w in gan.generator.weights + gan.discriminator.weights]
+def one_epoch(strategy):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        cfg = Mymodel.model_config("small", base_filters=4, depth=2, disc_filters=4,
+                                   norm="instance")
+        gan = Mymodel.CNCLGAN(*Mymodel.build_models(cfg))
+        gan.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1))
+    init = weights(gan)
+    ds = tf.data.Dataset.from_tensor_slices((ld, fd)).batch(4)
+    hist = gan.fit(ds, epochs=1, verbose=0, shuffle=False).history
+    return init, weights(gan), hist
+i1, w1, h1 = one_epoch(tf.distribute.get_strategy())
+i2, w2, h2 = one_epoch(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+assert all(np.array_equal(a, b) for a, b in zip(i1, i2))
+print("STEP", max(float(np.abs(a - b).max()) for a, b in zip(w1, i1)))
+print("DIFF", max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)))
+print("LOGDIFF", max(abs(h1[k][0] - h2[k][0]) for k in h1))
+"""
+
+
+@pytest.mark.slow
+def test_two_replica_step_equals_single_device(tmp_path):
+    """Losses are averaged over the GLOBAL batch: a MirroredStrategy step on 2 logical CPUs
+    (batch 4 = 2 x 2) gives the same SGD update as one device (instance norm, so batch
+    statistics do not depend on the split). Runs in a subprocess: logical devices must be
+    configured before TensorFlow initialises."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "dist_check.py"
+    script.write_text(_DIST_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vals = dict(line.split() for line in proc.stdout.splitlines() if line[:4] in
+                ("STEP", "DIFF", "LOGD"))
+    assert float(vals["STEP"]) > 1e-3  # the step did move the weights
+    assert float(vals["DIFF"]) < 1e-5 * max(1.0, float(vals["STEP"]))
+    assert float(vals["LOGDIFF"]) < 1e-5
