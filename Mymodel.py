@@ -49,16 +49,15 @@ NORMS = ("batch", "instance", "none")
 #
 # ``small`` is sized for a 2-core CPU. Measured full GAN ``train_step`` (G and D updates,
 # LSGAN + L1, Adam, float32, tf.function without XLA), batch 16 of 64x64 patches, TF 2.21,
-# 2 cores. The machine was shared with other jobs (load average 4-9) while measuring, so
-# wall times are inflated; process CPU seconds per step (median of 10, after warm-up) are the
-# steadier figure, and wall time on 2 idle cores is roughly CPU / 1.5-2:
-#   base  8 / depth 3 / disc 16: G 0.17M params, ~0.57 CPU-s/step (wall min 0.30-0.46 s)
-#   base  8 / depth 4 / disc 16: G 0.69M params, ~0.64 CPU-s/step (wall min 0.48-0.63 s)  <- small
-#   base 16 / depth 3 / disc 16: G 0.69M params, ~1.0-1.3 CPU-s/step (wall min 0.65-1.5 s)
-#   base 16 / depth 4 / disc 32: G 2.76M params, ~1.6 CPU-s/step (wall min 0.7-1.4 s)
-# No candidate with base >= 8 reaches 0.15 s/step on this CPU (XLA did not help either);
-# base 8 / depth 4 costs ~10% more than depth 3 but has 4x the parameters and one more 2x
-# down-sampling (larger receptive field; CT noise is spatially correlated), so it is ``small``.
+# 2 cores, median of 10 steps after warm-up, machine nearly idle (load ~2):
+#   base  8 / depth 3 / disc 16: G 0.17M params, 0.30 s/step (0.55 CPU-s)
+#   base  8 / depth 4 / disc 16: G 0.69M params, 0.37 s/step (0.69 CPU-s)  <- small
+#   base 16 / depth 3 / disc 16: G 0.69M params, 0.46 s/step (0.87 CPU-s)
+#   base 16 / depth 4 / disc 16: G 2.76M params, ~1.0 s/step (1.1 CPU-s)
+# No candidate with base >= 8 reaches 0.15 s/step on this CPU (XLA on CPU did not help).
+# base 8 / depth 4 costs ~20% more than depth 3 but has 4x the parameters and one more 2x
+# down-sampling (larger receptive field; CT noise is spatially correlated), and is 20% faster
+# than base 16 / depth 3 with the same parameter count.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"base_filters": 64, "depth": 4, "norm": "batch", "disc_filters": 64},
     "small": {"base_filters": 8, "depth": 4, "norm": "batch", "disc_filters": 16},
