@@ -5,6 +5,7 @@ Usage::
     python Mytest.py [--data PATH] [--run RUN_DIR] [--out OUT] [--weights FILE]
                      [--format png,tiff,npy,dicom] [--window LOW HIGH] [--batch N]
                      [--overwrite] [--layout mayo|npy|tif|dicom] [--patients P ...]
+                     [--slices PATIENT[:SLICE] ...]
 
 Output layout (``OUT`` defaults to ``RUN_DIR/test``)::
 
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dataset layout (default: auto-detected)")
     ap.add_argument("--patients", nargs="+", default=None, metavar="P",
                     help="only these patients (default: all; the demo test patient for data/demo)")
+    ap.add_argument("--slices", nargs="+", default=None, metavar="SPEC",
+                    help="only these slices: PATIENT or PATIENT:SLICE (e.g. L506:160 L506:200)")
     ap.add_argument("--no-figures", action="store_true",
                     help="do not write the LD | denoised | FD | difference figures")
     ap.add_argument("--max-side", type=int, default=MAX_SIDE, metavar="PX",
@@ -268,7 +271,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         patients = patients or [demo_test_patient()]
     else:
         data = Path(args.data)
-    dataset = load_test_dataset(data, args.layout, patients)
+    dataset = load_test_dataset(data, args.layout, patients).select(include=args.slices)
     data = data.resolve()
 
     out = Path(args.out) if args.out else run_dir / "test"

@@ -282,6 +282,36 @@ class CTDataset:
         keep = set(patients)
         return CTDataset(self.layout, self.root, [r for r in self.records if r.patient in keep])
 
+    def select(self, include=None, exclude=None) -> CTDataset:
+        """Keep the slices matching ``include`` and not ``exclude``.
+
+        Each spec is ``PATIENT`` (all its slices) or ``PATIENT:SLICE`` (one slice id, as shown in
+        the manifest, e.g. ``L506:160``). A spec matching nothing is a CTDataError (typo guard).
+        """
+        def matcher(specs):
+            hits = {s: 0 for s in specs}
+
+            def match(r):
+                found = False
+                for s in specs:
+                    patient, _, sid = s.partition(":")
+                    if r.patient == patient and (not sid or r.slice_id == sid):
+                        hits[s] += 1
+                        found = True
+                return found
+            return match, hits
+
+        records = self.records
+        for specs, keep in ((include, True), (exclude, False)):
+            if specs:
+                match, hits = matcher(list(specs))
+                records = [r for r in records if match(r) == keep]
+                unused = [s for s, n in hits.items() if n == 0]
+                if unused:
+                    raise CTDataError(f"{self.root}: no slice matches {unused[0]} "
+                                      "(use PATIENT or PATIENT:SLICE)")
+        return CTDataset(self.layout, self.root, records)
+
 
 def _visible(p: Path) -> bool:
     return not p.name.startswith(".")

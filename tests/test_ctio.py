@@ -619,3 +619,17 @@ def test_real_gehc_padding_is_masked(real_data):
         body = raw != pad
         lut = np.maximum(pydicom.pixels.apply_modality_lut(raw, raw_ds), -1024)
         np.testing.assert_array_equal(hu[body], lut[body])
+
+
+def test_select_slices_by_patient_and_slice_spec(tmp_path):
+    from conftest import write_mayo_tree
+
+    ds = ctio.discover(write_mayo_tree(tmp_path / "m", patients=("A", "B"), slices=3, size=32))
+    ids = [(r.patient, r.slice_id) for r in ds.records]
+    held = ds.select(include=["A:0001", "B"])
+    assert [(r.patient, r.slice_id) for r in held.records] == [("A", "0001")] + [
+        k for k in ids if k[0] == "B"]
+    rest = ds.select(exclude=["A:0001", "B"])
+    assert [(r.patient, r.slice_id) for r in rest.records] == [("A", "0000"), ("A", "0002")]
+    with pytest.raises(ctio.CTDataError, match="no slice matches A:9999"):
+        ds.select(exclude=["A:9999"])
