@@ -44,15 +44,19 @@ class Split:
 
 
 def find_training_data(paths: Sequence[str], layout: Optional[str] = None,
-                       simulate_dose: Optional[float] = None) -> ctio.CTDataset:
+                       simulate_dose: Optional[float] = None,
+                       exclude: Optional[Sequence[str]] = None) -> ctio.CTDataset:
     """Discover one or more dataset folders and check they can be trained on.
 
     Slices with a real QD/FD pair are used as they are. Full-dose-only slices need
     ``simulate_dose`` (the low dose is then simulated); low-dose-only slices cannot be trained on.
+    ``exclude`` (``PATIENT`` or ``PATIENT:SLICE`` specs) holds slices out of training and
+    validation, e.g. for a held-out test.
     """
     if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
         paths = [paths]
-    return check_trainable(discover_all(paths, layout), simulate_dose)
+    dataset = check_trainable(discover_all(paths, layout), simulate_dose)
+    return dataset.select(exclude=exclude) if exclude else dataset
 
 
 def discover_all(paths: Sequence[str], layout: Optional[str] = None) -> list[ctio.CTDataset]:
@@ -276,6 +280,8 @@ def main(argv=None) -> int:
                     help="simulate this dose fraction for full-dose-only slices")
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients (default: the last patient; 'none' for none)")
+    ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",
+                    help="hold out slices: PATIENT or PATIENT:SLICE (e.g. L506:160)")
     args = ap.parse_args(argv)
     found = discover_all(args.data, args.layout)
     if args.simulate_dose is None:
@@ -287,6 +293,8 @@ def main(argv=None) -> int:
                   "(or simulate a dataset with Mysimulate.py)")
             return 0
     ds = check_trainable(found, args.simulate_dose)
+    if args.exclude:
+        ds = ds.select(exclude=args.exclude)
     ctio.print_summary(ctio.summarize(ds), " ".join(args.data))
     split = split_patients(ds, args.val_patients)
     print(f"split:     {len(split.train)} training / {len(split.val)} validation slices; "
