@@ -19,6 +19,7 @@ is written last, so killing the process at any moment leaves the previous epoch'
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import io
 import json
@@ -26,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import ctio
@@ -66,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of the adversarial term (0: L1 only, no discriminator updates)")
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients; default the last patient, 'none' for none")
+    ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",
+                    help="hold slices out of training and validation (for a held-out test): "
+                         "PATIENT or PATIENT:SLICE, e.g. L506:160 L506:200")
+    ap.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                    help="stop after the epoch that passes this much training time (0: none)")
     ap.add_argument("--val-slices", type=int, default=8,
                     help="at most this many whole validation slices (evenly spaced)")
     ap.add_argument("--no-augment", action="store_true", help="no flips / rotations")
@@ -131,31 +138,70 @@ def write_json(path: Path, obj) -> None:
 
 
 # --- Distribution -------------------------------------------------------------------------------
-def worker_role() -> tuple[bool, int]:
-    """(is_chief, number of workers) from TF_CONFIG; a malformed TF_CONFIG is a CTDataError."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
+def worker_role(strategy: str = "auto") -> tuple[bool, int]:
+    """(is_chief, number of workers) from TF_CONFIG; a malformed TF_CONFIG is a CTDataError.
+
+    Checked before TensorFlow starts: a bad cluster description must fail in one line, not leave
+    workers waiting for peers that can never connect. TF_CONFIG needs --strategy auto or
+    multiworker (with default / mirrored each worker would train alone).
+    """
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw.strip():
         return True, 1
+
+    def bad(why: str) -> ctio.CTDataError:
+        return ctio.CTDataError(f"TF_CONFIG: {why}")
+
     try:
         cfg = json.loads(raw)
-        cluster, task = cfg["cluster"], cfg["task"]
-        ttype, index = task["type"], int(task["index"])
-        workers = list(cluster.get("worker", [])) + list(cluster.get("chief", []))
-        for addr in workers:
+    except ValueError as e:
+        raise bad(f"not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise bad('want a JSON object {"cluster": {...}, "task": {...}}')
+    cluster, task = cfg.get("cluster"), cfg.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise bad('no "cluster" (want e.g. {"worker": ["host1:port", "host2:port"]})')
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise bad('no "task" (want e.g. {"type": "worker", "index": 0})')
+    other = sorted(set(cluster) - {"chief", "worker"})
+    if other:
+        raise bad(f"job {', '.join(other)} not supported (MultiWorkerMirroredStrategy uses "
+                  "'chief' and 'worker')")
+    seen = set()
+    for job, addrs in cluster.items():
+        if not isinstance(addrs, list) or not addrs:
+            raise bad(f'cluster "{job}" must be a non-empty list of "host:port"')
+        for addr in addrs:
             host, _, port = str(addr).rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"bad address '{addr}' (want host:port)")
-        if ttype not in cluster or index >= len(cluster[ttype]):
-            raise ValueError(f"task {ttype}:{index} is not in the cluster")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ctio.CTDataError(f"TF_CONFIG is malformed: {e}") from None
+                raise bad(f"bad address {addr!r} in \"{job}\" (want host:port)")
+            if addr in seen:
+                raise bad(f"address {addr} appears twice in the cluster")
+            seen.add(addr)
+    if len(cluster.get("chief", [])) > 1:
+        raise bad("at most one chief")
+    ttype, index = task["type"], task["index"]
+    if ttype not in cluster:
+        raise bad(f'task type {ttype!r} is not a job of the cluster ({", ".join(cluster)})')
+    if isinstance(index, bool) or not isinstance(index, int) \
+            or not 0 <= index < len(cluster[ttype]):
+        raise bad(f"task index {index!r} out of range: \"{ttype}\" has "
+                  f"{len(cluster[ttype])} address(es), index 0..{len(cluster[ttype]) - 1}")
+    if strategy not in ("auto", "multiworker"):
+        raise ctio.CTDataError(f"--strategy {strategy} with TF_CONFIG set: use --strategy "
+                               "multiworker (or auto) for a cluster, or unset TF_CONFIG")
     chief = ttype == "chief" or (ttype == "worker" and index == 0 and "chief" not in cluster)
-    return chief, len(workers)
+    return chief, len(seen)
 
 
 def make_strategy(name: str, tf):
+    """The tf.distribute strategy for --strategy (auto: by TF_CONFIG, then by visible GPUs).
+
+    Call it before anything creates a tensor: MultiWorkerMirroredStrategy configures the
+    collective runtime, which must not be initialised yet (listing devices is fine).
+    """
     if name == "auto":
-        if os.environ.get("TF_CONFIG"):
+        if os.environ.get("TF_CONFIG", "").strip():
             name = "multiworker"
         elif len(tf.config.list_physical_devices("GPU")) > 1:
             name = "mirrored"
@@ -168,17 +214,145 @@ def make_strategy(name: str, tf):
     return tf.distribute.get_strategy()
 
 
+def shard_by_data(ds, tf):
+    """Shard a dataset of GLOBAL batches over workers by element: each global batch is split
+    into per-replica batches (batch / replicas each). The pipeline reads no files, so sharding
+    by file (AUTO's first choice) does not apply; every worker runs it and keeps its share."""
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(opts)
+
+
+def prepare_for_fit(gan, strategy, size: int, n_workers: int, tf) -> None:
+    """Adapt the model to `strategy` where Keras 3.15 `fit` falls short (keras-team/keras#20585).
+
+    MultiWorkerMirroredStrategy:
+    * `fit` starts with a symbolic build that calls `strategy.reduce("MEAN", (ld, fd))` on the
+      first batch, which this strategy cannot do for a tuple ("Attempt to convert a value
+      (PerReplica ...)"). That build only creates variables that do not exist yet: G, D and both
+      optimizers are built by compile and the model by the call below (BackupAndRestore also
+      needs it built), so the build is skipped.
+    * With several workers Keras reduces each step's logs with `strategy.reduce("MEAN", value,
+      axis=0)`, which fails for scalars ("Invalid reduction dimension 0"): logs get a length-1
+      axis.
+    Any strategy with several replicas: Keras reports the MEAN over replicas of each replica's
+    own running means, wrong when replicas see different numbers of images (validation slices
+    are batched by 1, so most replicas see none and e.g. PSNR comes out halved). The steps
+    instead report the global mean: each metric's total and count summed over the replicas.
+    """
+    import numpy as np
+
+    mwms = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if mwms:
+        gan(np.zeros((1, size, size, 1), np.float32))
+        gan._maybe_symbolic_build = lambda *args, **kwargs: None
+    if strategy.num_replicas_in_sync == 1:
+        return
+    shape = [1] if mwms and n_workers > 1 else []
+
+    def global_logs(step):
+        def run(data):
+            logs = step(data)
+            means = [m for m in gan.metrics if m.name in logs]
+            sums = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM,
+                [tf.stack([tf.convert_to_tensor(m.total), tf.convert_to_tensor(m.count)])
+                 for m in means])
+            logs.update({m.name: tf.math.divide_no_nan(t[0], t[1]) for m, t in zip(means, sums)})
+            return {k: tf.reshape(v, shape) for k, v in logs.items()}
+        return run
+
+    gan.train_step = global_logs(gan.train_step)
+    gan.test_step = global_logs(gan.test_step)
+
+
+def backup_epoch(backup_dir: Path) -> int:
+    """Epochs finished according to a BackupAndRestore folder (0: none saved yet)."""
+    try:
+        return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def make_backup_callback(backup_dir: Path, is_chief: bool, strategy, keras, tf):
+    """keras.callbacks.BackupAndRestore for multi-worker runs: a restarted cluster resumes.
+
+    Only the chief keeps a backup (RUN_DIR/backup, deleted by Keras when fit ends). On start the
+    chief restores it and every worker then takes the chief's epoch and weights (G, D, both
+    optimizers) by an all-reduce, so a worker restarted on another machine, with no files of its
+    own, continues in step instead of training from scratch beside the others.
+    """
+
+    class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs=None):
+            epoch = 0
+            if is_chief and (backup_dir / "latest.weights.h5").is_file():
+                # load_weights directly: the stock restore would first build the wrapper's unused
+                # default optimizer on the chief only (variable creation is collective: a hang).
+                self.model.load_weights(str(backup_dir / "latest.weights.h5"))
+                epoch = backup_epoch(backup_dir)
+            epoch = int(from_chief([tf.constant(epoch, tf.int64)])[0])
+            if epoch:
+                variables = list({id(v): v for v in self.model.variables
+                                  + _optimizer_variables(self.model)}.values())
+                for v, value in zip(variables, from_chief(variables)):
+                    v.assign(value)
+                self.model._initial_epoch = epoch
+
+        def _save_model(self):
+            if is_chief:
+                super()._save_model()
+
+        def on_train_end(self, logs=None):
+            if is_chief:
+                super().on_train_end(logs)
+
+    def from_chief(values: list) -> list:
+        """The chief's values on every worker: all-reduces (sum, one per dtype) of the chief's
+        values and zeros from the others."""
+
+        def replica_fn():
+            mine = [tf.identity(v) if is_chief else tf.zeros(v.shape, v.dtype) for v in values]
+            out = list(mine)
+            for dtype in {t.dtype for t in mine}:
+                idx = [i for i, t in enumerate(mine) if t.dtype == dtype]
+                summed = tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, [mine[i] for i in idx])
+                for i, t in zip(idx, summed):
+                    out[i] = t
+            return out
+
+        summed = tf.function(lambda: strategy.run(replica_fn))()
+        return [strategy.experimental_local_results(t)[0] for t in summed]
+
+    return ChiefBackupAndRestore(str(backup_dir))
+
+
+def _optimizer_variables(model) -> list:
+    return [v for name in ("g_optimizer", "d_optimizer", "optimizer")
+            if getattr(model, name, None) is not None for v in getattr(model, name).variables]
+
+
 # --- Callbacks ----------------------------------------------------------------------------------
-def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, keras, tf):
+def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, keras, tf,
+                   time_limit: float = 0.0):
     """The run's own checkpointing (atomic, resumable) and TensorBoard panels."""
 
     class RunState(keras.callbacks.Callback):
         """After each epoch: latest/best generator, full state, history.csv; state.json last."""
 
+        def on_train_begin(self, logs=None):
+            self.start = time.monotonic() - 60.0 * state.get("minutes", 0.0)
+
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
-            row = {"epoch": epoch + 1, **logs}
+            state["minutes"] = (time.monotonic() - self.start) / 60.0  # training time, resumes add
+            row = {"epoch": epoch + 1, "minutes": round(state["minutes"], 3), **logs}
             state["history"].append(row)
+            if time_limit and state["minutes"] >= time_limit:
+                self.model.stop_training = True
+                print(f"time limit: {state['minutes']:.1f} of {time_limit:g} minutes used, "
+                      "stopping after this epoch", flush=True)
             gen = gan.generator
             save_weights(gen, write_dir / "generator_latest.weights.h5")
             score = logs.get("val_psnr")
@@ -251,28 +425,38 @@ def resolve_data(args) -> tuple[list[str], list[str] | None, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    is_chief, n_workers = worker_role()
+    is_chief, n_workers = worker_role(args.strategy)
     if args.resume:
         if args.out is None:
             raise ctio.CTDataError("--resume needs --out RUN_DIR")
         out = Path(args.out)
         check_run_dir(out, resume=True)
         cfg = load_config(out)
+        saved_model = cfg["model"]
         epochs = args.epochs
         args = argparse.Namespace(**{**cfg["train"], "epochs": epochs, "resume": True,
                                      "verbose": args.verbose, "strategy": args.strategy,
                                      "out": str(out)})
+    else:
+        saved_model = None
     check_args(args)
+    if n_workers > 1 and getattr(args, "time_limit", 0.0):
+        raise ctio.CTDataError("--time-limit is for single-machine runs: each worker would stop "
+                               "on its own clock; use --epochs with several workers")
     data, exclude, note = resolve_data(args)
     if args.out is None:
         args.out = str(REPO / "runs" / f"{args.preset}-{Path(data[0]).name}")
     out = Path(args.out)
-    if not args.resume and is_chief:
+    # A multi-worker run that stopped before it finished left RUN_DIR/backup: the same command
+    # (as a cluster manager reruns it) continues it from there.
+    restart = is_chief and n_workers > 1 and not args.resume and (out / "backup").is_dir()
+    if not args.resume and is_chief and not restart:
         check_run_dir(out, resume=False)
 
     import MyDataLoader_train as loader
 
-    dataset = loader.find_training_data(data, args.layout, args.simulate_dose)
+    dataset = loader.find_training_data(data, args.layout, args.simulate_dose,
+                                        exclude=getattr(args, "exclude", None))
     if exclude:
         dataset = dataset.for_patients([p for p in dataset.patients if p not in exclude])
     split = loader.split_patients(dataset, args.val_patients)
@@ -282,9 +466,10 @@ def main(argv=None) -> int:
 
     import Mymodel
 
-    try:
-        model_cfg = Mymodel.model_config(args.preset)
-    except ValueError as e:
+    try:  # a resumed run rebuilds exactly the saved model, even if the preset changed since
+        model_cfg = (Mymodel.model_config(**saved_model) if saved_model
+                     else Mymodel.model_config(args.preset))
+    except (ValueError, TypeError) as e:
         raise ctio.CTDataError(f"--preset: {e}") from None
     multiple = 2 ** model_cfg["depth"]
     if args.patch % multiple:
@@ -294,10 +479,18 @@ def main(argv=None) -> int:
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = make_strategy(args.strategy, tf)
+    if args.batch % strategy.num_replicas_in_sync:
+        raise ctio.CTDataError(f"--batch {args.batch} (the global batch) is not divisible by the "
+                               f"{strategy.num_replicas_in_sync} replicas")
+    if n_workers > 1:  # the first collective waits, without a time limit, for every worker
+        print(f"{'chief' if is_chief else 'worker'} of {n_workers} workers: training starts when "
+              "all are up", flush=True)
 
     # Only the chief writes into RUN_DIR; other workers write to a folder that is removed.
     write_dir = out if is_chief else Path(tempfile.mkdtemp(prefix="cncl-worker-"))
     write_dir.mkdir(parents=True, exist_ok=True)
+    if not is_chief:  # also when main() fails before fit
+        atexit.register(shutil.rmtree, write_dir, ignore_errors=True)
     train_ds = loader.make_train_dataset(
         split.train, patch=args.patch, batch=args.batch,
         patches_per_slice=args.patches_per_slice, simulate_dose=args.simulate_dose,
@@ -307,11 +500,9 @@ def main(argv=None) -> int:
         val_ds = loader.make_val_dataset(split.val, multiple=multiple, max_slices=args.val_slices,
                                          simulate_dose=args.simulate_dose, seed=args.seed)
     if n_workers > 1:
-        opts = tf.data.Options()
-        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        train_ds = train_ds.with_options(opts)
+        train_ds = shard_by_data(train_ds, tf)
         if val_ds is not None:
-            val_ds = val_ds.with_options(opts)
+            val_ds = shard_by_data(val_ds, tf)
 
     total_steps = args.epochs * args.steps_per_epoch
     with strategy.scope():
@@ -326,6 +517,7 @@ def main(argv=None) -> int:
         gan.compile(g_optimizer=keras.optimizers.Adam(lr(), beta_1=0.5),
                     d_optimizer=keras.optimizers.Adam(lr(), beta_1=0.5),
                     lambda_l1=args.lambda_l1, adv_weight=args.adv_weight)
+    prepare_for_fit(gan, strategy, multiple, n_workers, tf)
 
     state = {"epoch": 0, "history": []}
     if args.resume:
@@ -335,6 +527,10 @@ def main(argv=None) -> int:
         if state["epoch"] >= args.epochs:
             print(f"nothing to do: {state['epoch']} epochs done, --epochs {args.epochs}")
             return 0
+    elif restart and (out / "config.json").is_file():
+        state = restart_state(out)
+        print(f"restarting the interrupted multi-worker run {out} after epoch {state['epoch']}",
+              flush=True)
     elif is_chief:
         config = {
             "version": CONFIG_VERSION,
@@ -359,7 +555,15 @@ def main(argv=None) -> int:
           f"{split.how}", flush=True)
     print(f"model: preset {args.preset}, generator {generator.count_params():,} parameters; "
           f"run folder {out}", flush=True)
-    callbacks = make_callbacks(out, write_dir, gan, state, val_ds, keras, tf)
+    callbacks = make_callbacks(out, write_dir, gan, state, val_ds, keras, tf,
+                               time_limit=getattr(args, "time_limit", 0.0))
+    if n_workers > 1:
+        # After RunState, so state/ is never behind the backup. --resume restores state/ instead.
+        if is_chief and args.resume:
+            shutil.rmtree(write_dir / "backup", ignore_errors=True)
+        if is_chief:
+            (write_dir / "backup").mkdir(exist_ok=True)  # marks the run as in progress
+        callbacks.append(make_backup_callback(write_dir / "backup", is_chief, strategy, keras, tf))
     try:
         gan.fit(train_ds, epochs=args.epochs, initial_epoch=state["epoch"],
                 steps_per_epoch=args.steps_per_epoch, validation_data=val_ds,
@@ -369,6 +573,11 @@ def main(argv=None) -> int:
         msg = " ".join(e.message.split())
         if "CTDataError" in msg:
             raise ctio.CTDataError(msg.split("CTDataError:")[-1].strip()) from None
+        if n_workers > 1 and isinstance(e, (tf.errors.UnavailableError,
+                                            tf.errors.CancelledError)):
+            raise RuntimeError(f"lost contact with another worker ({type(e).__name__}); run the "
+                               "same command on every worker again to continue from the last "
+                               "finished epoch") from None
         raise
     finally:
         if not is_chief:
@@ -378,6 +587,18 @@ def main(argv=None) -> int:
         print(f"done: {state['epoch']} epochs; generator weights in {out}"
               + (f" (best val PSNR {best:.2f} dB at epoch {state['best_epoch']})" if best else ""))
     return 0
+
+
+def restart_state(out: Path) -> dict:
+    """RunState's state for a restarted multi-worker run, cut back to the backup's epoch."""
+    epoch = backup_epoch(out / "backup")
+    try:
+        state = json.loads((out / "state" / "state.json").read_text())
+    except (OSError, ValueError):
+        state = {"history": []}
+    state["history"] = [r for r in state.get("history", []) if r.get("epoch", 0) <= epoch]
+    state["epoch"] = epoch
+    return state
 
 
 def restore_state(gan, weights: Path) -> None:
