@@ -71,8 +71,8 @@ def iter_slices(dataset: ctio.CTDataset) -> Iterator[TestSlice]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Check a dataset for denoising (Mytest.py).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = ctio.ArgumentParser(description="Check a dataset for denoising (Mytest.py).",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder (any supported layout)")
     ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
                     help="override layout auto-detection")

@@ -271,8 +271,8 @@ def make_val_dataset(records, *, multiple: int, max_slices: int = 8,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Check a dataset for training (Mytrain.py).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = ctio.ArgumentParser(description="Check a dataset for training (Mytrain.py).",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s)")
     ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
                     help="override layout auto-detection")

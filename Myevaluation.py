@@ -289,7 +289,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ctio.ArgumentParser(
         description="PSNR / SSIM / RMSE of the LDCT input, a Gaussian-filter baseline and the "
         "CNCL output of Mytest.py against the full-dose references.",
         formatter_class=_HelpFormatter)

@@ -305,7 +305,7 @@ class _Progress:
 
     def __init__(self, total: int, label: str):
         self.total, self.label, self.start = total, label, time.time()
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stdout.isatty()
         self.step = max(1, total // 10)
 
     def update(self, done: int) -> None:
@@ -314,10 +314,10 @@ class _Progress:
             eta = rate * (self.total - done)
             line = f"{self.label}: {done}/{self.total} slices, {eta:.0f} s left"
             if self.tty:
-                sys.stderr.write(f"\r{line}   " + ("\n" if done == self.total else ""))
+                sys.stdout.write(f"\r{line}   " + ("\n" if done == self.total else ""))
             else:
-                sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+                sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
 
 def pixel_size_mm(header, shape, override: Optional[float]) -> float:
@@ -374,6 +374,8 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
     if not records:
         raise ctio.CTDataError(f"{input_dir}: no full-dose slices found (layout {ds.layout}); "
                                "give full-dose input (clean/, *_target.npy, full_* or DICOM)")
+    for rec in records:  # a corrupt or NaN slice fails here, before anything is written
+        ctio.read_slice(rec.fd_path)
     factors = _series_factors(records) if ds.layout in ("mayo", "dicom") else {}
     start = time.time()
     bar = _Progress(len(records), f"simulating dose {dose:g}") if progress else None

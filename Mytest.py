@@ -30,8 +30,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,7 +57,6 @@ MANIFEST_FIELDS = ("patient", "slice_id", "position", "height", "width", "ld_pat
 # Manifest column holding the output of each --format ('npy' is the always-written pred_npy).
 FORMAT_COLUMN = {"png": "png", "tiff": "tiff", "npy": "pred_npy", "dicom": "dicom"}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_TMP_NAME = re.compile(r"^\..+\.tmp(?P<pid>\d+)(\..*)?$")  # ctio.atomic_path temporaries
 
 
 # --- Arguments and cheap validation (no TensorFlow) ---------------------------------------------
@@ -90,7 +87,7 @@ def parse_formats(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ctio.ArgumentParser(
         description="Denoise low-dose CT slices with a trained CNCL generator. Writes float32 HU "
         "predictions (.npy, always), the requested formats, comparison figures when a full-dose "
         "reference exists, and OUT/manifest.csv (read by Myevaluation.py).",
@@ -354,36 +351,12 @@ def is_done(row: Optional[dict], rec: ctio.SliceRecord, plan: Plan, sha: str) ->
 
 
 def clean_stale_tmp(out: Path, patients) -> int:
-    """Remove temporaries left by a killed writer (``.name.tmp<pid>.ext`` of a dead pid) in the
-    folders this script writes: OUT, OUT/<patient>, OUT/<patient>/dicom and OUT/figures."""
-    removed = 0
-    dirs = [out, out / "figures", *(out / p for p in patients),
-            *(out / p / "dicom" for p in patients)]
-    for dirpath in dirs:
-        if not dirpath.is_dir():
-            continue
-        for name in os.listdir(dirpath):
-            m = _TMP_NAME.match(name)
-            if not m or not (dirpath / name).is_file():
-                continue
-            pid = int(m["pid"])
-            if pid != os.getpid():
-                try:
-                    os.kill(pid, 0)
-                    continue  # a live process may still be writing it
-                except ProcessLookupError:
-                    pass
-                except PermissionError:
-                    continue
-            try:
-                os.unlink(dirpath / name)
-                removed += 1
-            except OSError:
-                pass
-    return removed
+    """Remove temporaries left by a killed writer in the folders this script writes:
+    OUT, OUT/<patient>, OUT/<patient>/dicom and OUT/figures."""
+    return ctio.remove_stale_temporaries([out, out / "figures", *(out / p for p in patients),
+                                          *(out / p / "dicom" for p in patients)])
 
 
-# --- Inference ----------------------------------------------------------------------------------
 def load_generator(model_cfg: dict, weights: Path):
     """Build the generator of ``model_cfg`` and load ``weights``; CTDataError if they don't fit."""
     ctio.import_tensorflow()

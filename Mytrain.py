@@ -39,7 +39,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
+    ap = ctio.ArgumentParser(
         description="Train CNCL on paired (or simulated) low-dose / full-dose CT.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", nargs="+", default=None,
@@ -431,6 +431,7 @@ def main(argv=None) -> int:
             raise ctio.CTDataError("--resume needs --out RUN_DIR")
         out = Path(args.out)
         check_run_dir(out, resume=True)
+        ctio.remove_stale_temporaries([out, out / "state"])  # left by a save that was killed
         cfg = load_config(out)
         saved_model = cfg["model"]
         epochs = args.epochs
@@ -555,24 +556,34 @@ def main(argv=None) -> int:
           f"{split.how}", flush=True)
     print(f"model: preset {args.preset}, generator {generator.count_params():,} parameters; "
           f"run folder {out}", flush=True)
-    callbacks = make_callbacks(out, write_dir, gan, state, val_ds, keras, tf,
-                               time_limit=getattr(args, "time_limit", 0.0))
-    if n_workers > 1:
-        # After RunState, so state/ is never behind the backup. --resume restores state/ instead.
-        if is_chief and args.resume:
-            shutil.rmtree(write_dir / "backup", ignore_errors=True)
-        if is_chief:
-            (write_dir / "backup").mkdir(exist_ok=True)  # marks the run as in progress
-        callbacks.append(make_backup_callback(write_dir / "backup", is_chief, strategy, keras, tf))
     try:
+        callbacks = make_callbacks(out, write_dir, gan, state, val_ds, keras, tf,
+                                   time_limit=getattr(args, "time_limit", 0.0))
+        if n_workers > 1:
+            # After RunState, so state/ is never behind the backup. --resume restores state/.
+            if is_chief and args.resume:
+                shutil.rmtree(write_dir / "backup", ignore_errors=True)
+            if is_chief:
+                (write_dir / "backup").mkdir(exist_ok=True)  # marks the run as in progress
+            callbacks.append(make_backup_callback(write_dir / "backup", is_chief, strategy,
+                                                  keras, tf))
         gan.fit(train_ds, epochs=args.epochs, initial_epoch=state["epoch"],
                 steps_per_epoch=args.steps_per_epoch, validation_data=val_ds,
                 callbacks=callbacks, verbose=args.verbose, shuffle=False)
-    except tf.errors.OpError as e:
-        # A CTDataError raised while decoding inside tf.data arrives wrapped in an OpError.
+    except BaseException as e:
+        if is_chief and not args.resume and not restart:
+            discard_unstarted_run(out)
+        if not isinstance(e, tf.errors.OpError):
+            raise
+        # A CTDataError raised while decoding inside tf.data (in fit, or for the first validation
+        # slice taken by make_callbacks) arrives wrapped in an OpError with TF's node names and a
+        # Python traceback: keep the CTDataError's own line.
         msg = " ".join(e.message.split())
-        if "CTDataError" in msg:
-            raise ctio.CTDataError(msg.split("CTDataError:")[-1].strip()) from None
+        if "CTDataError:" in msg:
+            msg = msg.split("CTDataError:")[-1]
+            for tail in (" Traceback (most recent call last)", " [[", " {{"):
+                msg = msg.split(tail)[0]
+            raise ctio.CTDataError(msg.strip()) from None
         if n_workers > 1 and isinstance(e, (tf.errors.UnavailableError,
                                             tf.errors.CancelledError)):
             raise RuntimeError(f"lost contact with another worker ({type(e).__name__}); run the "
@@ -587,6 +598,18 @@ def main(argv=None) -> int:
         print(f"done: {state['epoch']} epochs; generator weights in {out}"
               + (f" (best val PSNR {best:.2f} dB at epoch {state['best_epoch']})" if best else ""))
     return 0
+
+
+def discard_unstarted_run(out: Path) -> None:
+    """Remove what a new run wrote before its first epoch was saved: a config.json without
+    state/state.json would block both the same command ("already holds a run") and --resume."""
+    if (out / "state" / "state.json").is_file():
+        return
+    for name in ("config.json", "history.csv", "generator_latest.weights.h5",
+                 "generator_best.weights.h5"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("tensorboard", "state"):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def restart_state(out: Path) -> dict:

@@ -22,6 +22,7 @@ Layouts understood by :func:`discover` (see the README for examples):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -55,6 +56,13 @@ _NPY_NAME = re.compile(r"^(?P<patient>.+)_(?P<idx>\d+)_(?P<kind>input|target)\.n
 
 class CTDataError(Exception):
     """A problem with the user's data or arguments; the message is one line naming the file."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one CTDataError line (run_cli prints it and exits 2)."""
+
+    def error(self, message):
+        raise CTDataError(f"{message} (see --help)")
 
 
 def normalize(hu):
@@ -137,7 +145,8 @@ def read_dicom_header(path, with_pixels: bool = False):
     if modality != "CT":
         raise CTDataError(f"{path}: modality is {modality or 'missing'}, not CT")
     if "Rows" not in ds or "Columns" not in ds:
-        raise CTDataError(f"{path}: DICOM without image size (Rows/Columns)")
+        raise CTDataError(f"{path}: DICOM without image size (Rows/Columns): truncated or "
+                          "corrupt file, or not an image")
     return ds
 
 
@@ -676,6 +685,35 @@ def new_ct_header(*, patient_id: str, study_uid: str, series_uid: str, instance:
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
     return ds
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp(?P<pid>\d+)(\..*)?$")  # atomic_path temporaries
+
+
+def remove_stale_temporaries(folders) -> int:
+    """Delete atomic_path temporaries (``.name.tmp<pid>.ext``) of processes that no longer run
+    (a killed writer leaves them); returns how many were removed."""
+    removed = 0
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TMP_NAME.match(p.name)
+            if not m or not p.is_file():
+                continue
+            pid = int(m["pid"])
+            if pid != os.getpid():
+                try:
+                    os.kill(pid, 0)
+                    continue  # a live process may still be writing it
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
 
 
 # --- CLI plumbing -------------------------------------------------------------------------------

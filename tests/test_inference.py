@@ -261,7 +261,7 @@ def test_cheap_argument_errors(tiny_run, mayo, tmp_path, monkeypatch):
     for extra, msg in cases:
         with pytest.raises(ctio.CTDataError, match=msg):
             Mytest.main(base + extra)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ctio.CTDataError, match="unknown format"):
         Mytest.main(base + ["--format", "png,jpeg"])
     # one DICOM folder is patient 'quarter_3mm': OUT/quarter_3mm/ would be the input folder
     with pytest.raises(ctio.CTDataError, match="would hold the input data"):
