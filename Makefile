@@ -25,8 +25,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 DEMO_RUN ?= runs/demo
-DEMO_EPOCHS ?= 6
-DEMO_STEPS ?= 150
+DEMO_EPOCHS ?= 5
+DEMO_STEPS ?= 120
 
 # Demo: procedural data (no download), a few minutes of CPU training, denoise the demo test
 # patient, evaluate. Mytrain.py creates data/demo when it is absent.
