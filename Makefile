@@ -38,6 +38,11 @@ demo: $(STAMP)
 	$(BIN)/python Myevaluation.py --pred $(DEMO_RUN)/test
 	@echo "figures:"; ls -1 $(DEMO_RUN)/test/figures/*.png
 
+# Throughput, MFU, loader ratio and memory (see README "Benchmark"); figures, not assertions.
+bench: $(STAMP)
+	mkdir -p runs
+	$(BIN)/python Mybenchmark.py --preset paper --json runs/bench.json
+
 clean:
 	rm -rf runs data/demo .pytest_cache
 

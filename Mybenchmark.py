@@ -1,0 +1,893 @@
+"""Benchmark CNCL on this machine: matmul peak, training, inference, data loading and memory.
+
+Usage::
+
+    python Mybenchmark.py [--preset paper|small] [--json FILE] [--quick]
+
+Every figure is a median over repeats taken after warm-up (the first call of a graph, which
+traces and, with ``--jit on``, compiles it, is timed separately and never counted). It prints one
+table and, with ``--json``, writes every figure with the machine it was measured on.
+
+FLOPs are counted analytically from the layers (:func:`conv_flops`): for each Conv2D
+``2 * H_out * W_out * k_h * k_w * C_in / groups * C_out`` per example (Dense: ``2 * C_in * C_out``
+per position). Bias, normalisation, activations, pooling, up-sampling, concatenation, losses and
+the optimizer are not counted: MFU measures the convolutions, and time spent on the rest shows up
+as a lower MFU. One training step (``CNCLGAN.train_step``, LSGAN + L1, ``adv_weight > 0``) counts
+
+    3 * G_fwd + 7 * D_fwd
+
+* G: forward + backward, the backward costing 2 forwards (input and weight gradients) -> 3 G_fwd;
+* D: forward on the real and the fake triplet (2), backward of both for D's update (2 x 2), and
+  the input-gradient pass through D(fake) that carries the adversarial loss back to G (1) -> 7.
+
+MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same process (float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+import ctio
+
+REPO = Path(__file__).resolve().parent
+PRESETS = ("paper", "small")  # Mymodel.PRESETS, named here to validate before importing TF
+SECTIONS = ("matmul", "train", "infer", "data", "memory")
+SLICE = 512  # whole-slice size of the Mayo data
+PATCH = 64  # training patch size (MyDataLoader_train.PATCH_SIZE)
+TRAIN_BATCH = 16  # Mytrain.py's default batch
+REQUIRED_KEYS = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
+                 "infer_mfu", "loader_ratio", "mem_ratio")
+FLOPS_CONVENTION = (
+    "FLOPs = 2*H_out*W_out*kh*kw*C_in/groups*C_out per Conv2D (2*C_in*C_out per position for "
+    "Dense), forward, per example, from the layer shapes; bias, norm, activations, pooling, "
+    "up-sampling, concat, losses and optimizer not counted. Train step = 3*G_fwd + 7*D_fwd "
+    "(G fwd+bwd, bwd = 2 fwd; D fwd on real and fake = 2, D bwd on both for its update = 4, "
+    "adversarial input-gradient through D(fake) to G = 1). Inference = G_fwd. "
+    "MFU = counted FLOP/s / float32 matmul FLOP/s.")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for options whose default is decided at run time (None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line on stderr and exits 2."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(description="Benchmark CNCL training, inference, data loading and memory on "
+                 "this machine; prints a table and optionally writes JSON.",
+                 formatter_class=_HelpFormatter)
+    ap.add_argument("--preset", default="paper", help="model preset: paper or small")
+    ap.add_argument("--json", default=None, metavar="FILE", help="write the figures here")
+    ap.add_argument("--quick", action="store_true",
+                    help="fast smoke run: small sizes, few repeats (figures are not meaningful)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="comma-separated subset of: " + ", ".join(SECTIONS))
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="timed repeats per measurement (0: automatic per section)")
+    ap.add_argument("--jit", default="off", help="XLA for train step and inference: off or on")
+    ap.add_argument("--train-batches", default=None,
+                    help="comma-separated batch sizes of 64x64 patches to time (default 16,32; "
+                    "the first one is the headline train_* figure)")
+    ap.add_argument("--slice-batches", default=None,
+                    help="comma-separated batches of whole slices for training (default 1; "
+                    "'none' skips whole-slice training)")
+    ap.add_argument("--infer-batches", default=None,
+                    help="comma-separated inference batch sizes (default 1,2,4; small adds 8)")
+    ap.add_argument("--onednn", default="default",
+                    help="TF_ENABLE_ONEDNN_OPTS for this run: default (leave the environment "
+                    "as it is; TF's default is off on CPUs without AVX-512 VNNI / AMX), on or off")
+    ap.add_argument("--intra-threads", type=int, default=0,
+                    help="TF intra-op threads (0: TF default = cores)")
+    ap.add_argument("--inter-threads", type=int, default=0,
+                    help="TF inter-op threads (0: TF default)")
+    ap.add_argument("--data", default=None,
+                    help="DICOM folder for the data section (default: CT_SAMPLE_DATA/"
+                    "L067_full_1mm when present, else generated DICOM slices)")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="write a TF profiler trace of 2 training steps and 1 inference call")
+    return ap
+
+
+def parse_ints(text: Optional[str], name: str, allow_none: bool = False) -> Optional[list[int]]:
+    if text is None:
+        return None
+    if allow_none and str(text).strip().lower() == "none":
+        return []
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ctio.CTDataError(f"--{name}: expected comma-separated integers, got '{text}'") \
+            from None
+    if not vals or min(vals) < 1:
+        raise ctio.CTDataError(f"--{name}: need positive integers, got '{text}'")
+    return vals
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate flags before the slow TensorFlow import; raises CTDataError (exit 2)."""
+    if args.preset not in PRESETS:
+        raise ctio.CTDataError(f"unknown preset '{args.preset}' (choose from: "
+                               f"{', '.join(PRESETS)})")
+    if args.jit not in ("off", "on"):
+        raise ctio.CTDataError(f"--jit must be off or on, got '{args.jit}'")
+    if args.onednn not in ("default", "on", "off"):
+        raise ctio.CTDataError(f"--onednn must be default, on or off, got '{args.onednn}'")
+    secs = [s.strip() for s in str(args.sections).split(",") if s.strip()]
+    bad = [s for s in secs if s not in SECTIONS]
+    if bad or not secs:
+        raise ctio.CTDataError(f"--sections: unknown section '{(bad or [''])[0]}' (choose from: "
+                               f"{', '.join(SECTIONS)})")
+    args.sections = secs
+    if args.repeats < 0 or args.intra_threads < 0 or args.inter_threads < 0:
+        raise ctio.CTDataError("--repeats, --intra-threads and --inter-threads must be >= 0")
+    args.train_batches = parse_ints(args.train_batches, "train-batches")
+    args.slice_batches = parse_ints(args.slice_batches, "slice-batches", allow_none=True)
+    args.infer_batches = parse_ints(args.infer_batches, "infer-batches")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise ctio.CTDataError(f"--data {args.data}: no such folder")
+    if args.json is not None:  # fail now, not after a long run (runs/ may not exist yet)
+        target = Path(args.json)
+        if target.is_dir():
+            raise ctio.CTDataError(f"--json {args.json}: is a folder")
+        try:
+            target.resolve().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ctio.CTDataError(f"--json {args.json}: cannot create its folder "
+                                   f"({e.strerror})") from None
+
+
+# --- FLOP counting (analytic, from the layers) ---------------------------------------------------
+def conv_flops(model, input_shape: tuple[int, ...]) -> tuple[int, list[dict]]:
+    """Forward FLOPs of ``model`` for ONE example of ``input_shape`` (without batch), by layer.
+
+    Walks the functional graph (nested functional models and Sequential included) with
+    concrete shapes, without running the model. Conv2D: ``2 * H_out * W_out * kh * kw *
+    C_in / groups * C_out``; Conv2DTranspose: ``2 * H_in * W_in * kh * kw * C_in * C_out``;
+    Dense: ``2 * C_in * C_out`` per position. Everything else counts 0.
+
+    Returns ``(total, rows)`` with one row ``{"layer", "kind", "in", "out", "flops"}`` per
+    counted layer (``layer`` is the path through nested models, e.g. ``content_unet/enc0_a_conv``).
+    """
+    import keras
+
+    rows: list[dict] = []
+
+    def count(layer, in_shape, out_shape, prefix):
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            kh, kw = layer.kernel_size
+            flops = 2 * in_shape[1] * in_shape[2] * kh * kw * in_shape[-1] * layer.filters
+            kind = "Conv2DTranspose"
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            groups = int(getattr(layer, "groups", 1) or 1)
+            flops = 2 * out_shape[1] * out_shape[2] * kh * kw * (in_shape[-1] // groups) \
+                * layer.filters
+            kind = "Conv2D"
+        elif isinstance(layer, keras.layers.Dense):
+            positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+            flops = 2 * positions * in_shape[-1] * layer.units
+            kind = "Dense"
+        else:
+            return
+        rows.append({"layer": prefix + layer.name, "kind": kind, "in": list(in_shape[1:]),
+                     "out": list(out_shape[1:]), "flops": int(flops)})
+
+    def walk(model, inputs, prefix):
+        if isinstance(model, keras.Sequential):
+            model = model._functional  # Sequential wraps a functional graph
+        if not hasattr(model, "_run_through_graph"):
+            raise ValueError(f"{model.name}: only functional / Sequential models can be counted")
+
+        def operation_fn(op):
+            if isinstance(op, keras.Model):
+                return lambda *a, **k: walk(op, a[0], prefix + op.name + "/")
+
+            def spec(*a, **k):
+                out = op.compute_output_spec(*a, **k)
+                x = a[0] if a else next(iter(k.values()))
+                if isinstance(op, (keras.layers.Conv2D, keras.layers.Conv2DTranspose,
+                                   keras.layers.Dense)):
+                    count(op, tuple(x.shape), tuple(out.shape), prefix)
+                return out
+
+            return spec
+
+        return model._run_through_graph(inputs, operation_fn=operation_fn)
+
+    x = keras.KerasTensor((1, *map(int, input_shape)), dtype="float32")
+    walk(model, [x], "")
+    return sum(r["flops"] for r in rows), rows
+
+
+def graph_conv_flops(fn: Callable, spec) -> int:
+    """Cross-check: FLOPs of the Conv2D ops in the TF graph of ``fn`` traced for ``spec``.
+
+    ``2 * prod(output) * kh * kw * C_in`` per Conv2D op (batch included), divided by the batch.
+    """
+    tf = ctio.import_tensorflow()
+    graph = tf.function(fn).get_concrete_function(spec).graph
+    total = 0
+    for op in graph.get_operations():
+        if op.type == "Conv2D":
+            out = op.outputs[0].shape.as_list()
+            kh, kw, cin, _ = op.inputs[1].shape.as_list()
+            total += 2 * int(np.prod(out)) * kh * kw * cin
+    return total // int(spec.shape[0])
+
+
+def train_step_flops(g_fwd: int, d_fwd: int, adversarial: bool = True) -> int:
+    """FLOPs of one ``CNCLGAN.train_step`` per example: ``3 G + 7 D`` (``3 G`` without D)."""
+    return 3 * g_fwd + (7 * d_fwd if adversarial else 0)
+
+
+def model_flops(cfg: dict, h: int, w: int) -> dict:
+    """Forward FLOPs per example of the generator and discriminator of ``cfg`` at ``h x w``."""
+    import Mymodel
+
+    gen, disc = Mymodel.build_models(cfg)
+    g, _ = conv_flops(gen, (h, w, 1))
+    d, _ = conv_flops(disc, (h, w, 3))
+    return {"g_fwd": g, "d_fwd": d, "train_step": train_step_flops(g, d)}
+
+
+# --- Timing helpers -------------------------------------------------------------------------------
+def _stats(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "repeats": len(times)}
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float, dict]:
+    """(seconds of the first call, stats of ``repeats`` timed calls after ``warmup`` more)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, _stats(times)
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _sync(out) -> None:
+    """Block until every output tensor is computed (numpy() of each)."""
+    import keras
+
+    keras.tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+
+
+# --- Sections -------------------------------------------------------------------------------------
+def bench_matmul(n: int, repeats: int) -> dict:
+    """float32 (and on a GPU bf16 / fp16) square matmul FLOP/s, tf.function, median."""
+    tf = ctio.import_tensorflow()
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    dtypes = [tf.float32] + ([tf.bfloat16, tf.float16] if on_gpu else [])
+    out = {"n": n, "device": "GPU" if on_gpu else "CPU", "onednn": onednn_enabled(),
+           "load_before": load()}
+
+    @tf.function
+    def mm(a, b):
+        return tf.matmul(a, b)
+
+    for dt in dtypes:
+        a = tf.cast(tf.random.normal([n, n]), dt)
+        b = tf.cast(tf.random.normal([n, n]), dt)
+        _, st = time_calls(lambda a=a, b=b: mm(a, b).numpy(), repeats, warmup=2)
+        st["gflops"] = 2 * n ** 3 / st["median_s"] / 1e9
+        st["gflops_best"] = 2 * n ** 3 / st["min_s"] / 1e9
+        out[dt.name] = st
+    out["gflops"] = out["float32"]["gflops"]
+    out["load_after"] = load()
+    return out
+
+
+def matmul_other_backend(n: int, repeats: int, timeout: float = 600) -> Optional[dict]:
+    """float32 matmul with TF's oneDNN setting flipped, measured in a fresh process (TF reads
+    TF_ENABLE_ONEDNN_OPTS once, at import). None if that process fails."""
+    flip = "0" if onednn_enabled() else "1"
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": flip, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = ("import json, Mybenchmark as B; "
+            f"print(json.dumps(B.bench_matmul({int(n)}, {int(repeats)})))")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, cwd=REPO, timeout=timeout)
+        return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
+        return None
+
+
+def _synthetic_batch(batch: int, h: int, w: int, seed: int = 0):
+    """Normalised CT-like (ld, fd) float32 [B, h, w, 1]: soft tissue with noise; values only."""
+    rng = np.random.default_rng(seed)
+    fd = ctio.normalize(rng.normal(40.0, 60.0, (batch, h, w, 1)))
+    ld = ctio.normalize(ctio.denormalize(fd) + rng.normal(0.0, 25.0, fd.shape))
+    return ld, fd
+
+
+def _new_gan(cfg: dict, jit: bool):
+    import keras
+
+    import Mymodel
+
+    gen, disc = Mymodel.build_models(cfg)
+    gan = Mymodel.CNCLGAN(gen, disc)
+    gan.compile(g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
+                d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5), jit_compile=jit)
+    return gan
+
+
+def bench_train(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
+                peak_gflops: float, trace_dir: Optional[str] = None) -> dict:
+    """One full GAN train step (Keras' own train_function, as fit() runs it) on fixed data."""
+    tf = ctio.import_tensorflow()
+    gan = _new_gan(cfg, jit)
+    ld, fd = _synthetic_batch(batch, size, size)
+    ds = tf.data.Dataset.from_tensors((tf.constant(ld), tf.constant(fd))).repeat()
+    it = iter(ds)
+    gan.make_train_function()
+    load0 = load()
+    first, st = time_calls(lambda: _sync(gan.train_function(it)), repeats, warmup)
+    breakdown = {}
+    if trace_dir:
+        t0 = time.time()
+        with _profiler(trace_dir):
+            for _ in range(2):
+                _sync(gan.train_function(it))
+        breakdown = op_breakdown(trace_dir, t0)
+    fl = model_flops(cfg, size, size)
+    step_flops = fl["train_step"] * batch
+    gflops = step_flops / st["median_s"] / 1e9
+    return {"batch": batch, "size": size, "first_call_s": first, **st,
+            "examples_per_s": batch / st["median_s"],
+            "flops_per_step": step_flops, "g_fwd_flops_per_example": fl["g_fwd"],
+            "d_fwd_flops_per_example": fl["d_fwd"], "gflops": gflops,
+            "mfu": gflops / peak_gflops, "load_before": load0, "load_after": load(),
+            **({"trace": breakdown} if breakdown else {})}
+
+
+def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
+                peak_gflops: float, trace_dir: Optional[str] = None) -> dict:
+    """Generator content output on whole slices (the network part of Mytest.py)."""
+    tf = ctio.import_tensorflow()
+    import Mymodel
+
+    gen = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
+
+    @tf.function(jit_compile=jit)
+    def content(x):
+        return gen(x, training=False)[0]
+
+    x = tf.constant(_synthetic_batch(batch, size, size)[0])
+    load0 = load()
+    first, st = time_calls(lambda: content(x).numpy(), repeats, warmup)
+    breakdown = {}
+    if trace_dir:
+        t0 = time.time()
+        with _profiler(trace_dir):
+            content(x).numpy()
+        breakdown = op_breakdown(trace_dir, t0)
+    g_fwd, _ = conv_flops(gen, (size, size, 1))
+    gflops = g_fwd * batch / st["median_s"] / 1e9
+    return {"batch": batch, "size": size, "first_call_s": first, **st,
+            "slices_per_s": batch / st["median_s"], "flops_per_slice": g_fwd,
+            "gflops": gflops, "mfu": gflops / peak_gflops, "load_before": load0,
+            "load_after": load(), **({"trace": breakdown} if breakdown else {})}
+
+
+@contextlib.contextmanager
+def _profiler(logdir: str):
+    tf = ctio.import_tensorflow()
+    tf.profiler.experimental.start(logdir)
+    try:
+        yield
+    finally:
+        tf.profiler.experimental.stop()
+
+
+def op_breakdown(logdir: str, since: float = 0.0) -> dict:
+    """Time per TF op type in the newest profiler trace under ``logdir`` written after ``since``.
+
+    Sums the durations of the executor's op events (``tf_Compute`` threads of the host plane;
+    ops of the two U-Nets may overlap in time, so this is a share of op time, not of wall time).
+    Returns ``{"conv_share", "ops": {type: ms}}`` with every Conv2D variant (forward, fused,
+    backprop input / filter, oneDNN) counted as convolution; ``{}`` if no trace is readable.
+    """
+    try:
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    except ImportError:
+        return {}
+    files = [p for p in Path(logdir).rglob("*.xplane.pb") if p.stat().st_mtime >= since]
+    if not files:
+        return {}
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(max(files, key=lambda p: p.stat().st_mtime).read_bytes())
+    ms: dict[str, float] = {}
+    for plane in space.planes:
+        meta = plane.event_metadata
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for ev in line.events:
+                name = meta[ev.metadata_id].name
+                if ":" not in name or "::" in name:  # executor wrappers, not ops
+                    continue  # (ExecutorState::Process, ParallelFor)
+                op = name.rsplit(":", 1)[1]
+                ms[op] = ms.get(op, 0.0) + ev.duration_ps / 1e9
+    total = sum(ms.values())
+    if not total:
+        return {}
+    conv = sum(v for k, v in ms.items() if "Conv2D" in k)
+    top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:15])
+    return {"conv_share": conv / total, "op_ms_total": total, "ops": top}
+
+
+def phantom(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A body-like ellipse of soft tissue with a few inserts and noise, in air (HU)."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    img = np.full(shape, -1000.0, np.float32)
+    body = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 < 1
+    img[body] = 40.0
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(2, 8)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.choice([-100.0, 80.0, 300.0])
+    img += rng.normal(0.0, 15.0, shape).astype(np.float32)
+    return np.maximum(img, -1024.0)
+
+
+def write_dicom_series(folder: Path, n: int, shape: tuple[int, int], seed: int = 0) -> Path:
+    """``n`` generated CT slices as one DICOM series in ``folder`` (written with ctio)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study, series = ctio.new_uid(), ctio.new_uid()
+    for i in range(n):
+        hdr = ctio.new_ct_header(patient_id="BENCH", study_uid=study, series_uid=series,
+                                 instance=i + 1, z_mm=1.0 * i, shape=shape,
+                                 description="benchmark phantom")
+        ctio.write_dicom(folder / f"{i + 1:04d}.dcm", phantom(shape, rng), hdr,
+                         series_uid=series, description="benchmark phantom", derived=False)
+    return folder
+
+
+def default_data() -> Optional[Path]:
+    root = Path(os.environ.get("CT_SAMPLE_DATA", REPO.parent / "shared" / "data"))
+    d = root / "L067_full_1mm"
+    return d if d.is_dir() else None
+
+
+def bench_loader(data: Path, described: str, batch: int, n_batches: int,
+                 simulate_dose: Optional[float]) -> dict:
+    """Decode rate of make_train_dataset's first pass and its steady (cached) patch rate."""
+    ctio.import_tensorflow()
+    import MyDataLoader_train as loader
+
+    ds_info = loader.find_training_data([str(data)], simulate_dose=simulate_dose)
+    records = ds_info.records
+    load0 = load()
+    # Serial decode of a few slices (numpy, one core): the cost of one slice.
+    k = min(2, len(records))
+    t0 = time.perf_counter()
+    for r in records[:k]:
+        loader.load_pair(r, simulate_dose, 0)
+    serial_s = (time.perf_counter() - t0) / k
+    # The real pipeline: the shuffle buffer holds every slice (<= 512), so the first batch
+    # arrives once the whole first pass is decoded (in parallel, AUTOTUNE) into the cache.
+    t0 = time.perf_counter()
+    ds = loader.make_train_dataset(records, patch=PATCH, batch=batch,
+                                   simulate_dose=simulate_dose)
+    it = iter(ds)
+    _sync(next(it))
+    first_pass = time.perf_counter() - t0
+    for _ in range(max(2, n_batches // 5)):  # warm the steady state
+        _sync(next(it))
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        _sync(next(it))
+    steady = time.perf_counter() - t0
+    del it, ds
+    pps = loader.PATCHES_PER_SLICE
+    return {"data": described, "slices": len(records), "shape": list(records[0].shape),
+            "simulate_dose": simulate_dose, "patch": PATCH, "batch": batch,
+            "patches_per_slice": pps,
+            "serial_decode_s_per_slice": serial_s,
+            "first_pass_s": first_pass,
+            "decode_slices_per_s": len(records) / first_pass,
+            "patches_per_s": n_batches * batch / steady,
+            "cold_patches_per_s": len(records) * pps / first_pass,
+            "load_before": load0, "load_after": load()}
+
+
+# Runs one command and reports its memory as JSON on stdout. It is started as a small fresh
+# process because Linux carries the RSS high-water mark of a process across execve: a child
+# exec'd straight from this (TensorFlow-sized) benchmark would report our peak, not its own.
+_RSS_PROBE = r"""
+import json, os, subprocess, sys, time
+def status(pid):
+    out = {}
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(val.split()[0])
+    except OSError:
+        pass
+    return out
+timeout = float(sys.argv[1])
+err = open(sys.argv[2], "wb")
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[3:], stdout=subprocess.DEVNULL, stderr=err)
+hwm, samples = 0, []
+while True:
+    pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+    if pid:
+        break
+    if time.perf_counter() - t0 > timeout:
+        proc.kill()
+        pid, st, ru = os.wait4(proc.pid, 0)
+        break
+    s = status(proc.pid)
+    hwm = max(hwm, s.get("VmHWM", 0))
+    if "VmRSS" in s:
+        samples.append(s["VmRSS"])
+    time.sleep(0.05)
+print(json.dumps({"maxrss": ru.ru_maxrss, "hwm_kb": hwm, "rss_kb": samples,
+                  "code": os.waitstatus_to_exitcode(st), "seconds": time.perf_counter() - t0}))
+"""
+
+
+def peak_rss_of(cmd: list[str], env: dict, timeout: float) -> dict:
+    """Run ``cmd`` to the end and measure its memory.
+
+    ``peak_rss_mb`` is ru_maxrss of that process (os.wait4 in a small probe process that starts
+    it); ``polled_hwm_mb`` and ``rss_samples_mb`` (10 evenly spaced moments) come from polling
+    /proc/PID/status every 50 ms: a cross-check, and RSS over time (a leak is a rising tail).
+    """
+    with tempfile.NamedTemporaryFile(suffix=".err") as err:
+        probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(timeout), err.name, *cmd],
+                               capture_output=True, text=True, env=env, cwd=REPO)
+        tail = Path(err.name).read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    if probe.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {probe.stderr.strip()[-300:]}")
+    r = json.loads(probe.stdout.strip().splitlines()[-1])
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    rss = r["rss_kb"]
+    picks = [rss[int(i * (len(rss) - 1) / 9)] / 1024 for i in range(10)] if rss else []
+    return {"peak_rss_mb": r["maxrss"] * scale / 2 ** 20,
+            "polled_hwm_mb": r["hwm_kb"] / 1024 or None,
+            "rss_samples_mb": [round(v, 1) for v in picks],
+            "seconds": r["seconds"], "exit_code": r["code"], "stderr_tail": tail[0][:300]}
+
+
+def bench_memory(counts: tuple[int, int], shape: tuple[int, int], batch: int,
+                 timeout: float) -> dict:
+    """Peak RSS of Mytest.py denoising a small and a large generated DICOM folder."""
+    mytest = REPO / "Mytest.py"
+    out: dict[str, Any] = {"shape": list(shape), "counts": list(counts), "batch": batch,
+                           "tool": "Mytest.py", "measure": "ru_maxrss of the Mytest.py process "
+                           "(os.wait4 in a small probe process; cross-checked by polling "
+                           "/proc/PID/status VmHWM)", "load_before": load()}
+    if not mytest.is_file():
+        return {**out, "status": "pending", "reason": "Mytest.py not found"}
+    import Mymodel
+
+    work = Path(tempfile.mkdtemp(prefix="cncl_bench_mem_"))
+    try:
+        run = work / "run"
+        run.mkdir()
+        cfg = Mymodel.model_config("small")
+        (run / "config.json").write_text(json.dumps({"model": cfg}))
+        gen, _ = Mymodel.build_models(cfg)
+        gen.save_weights(str(run / "generator_latest.weights.h5"))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        for n in counts:
+            data = write_dicom_series(work / f"data{n}", n, shape, seed=n)
+            cmd = [sys.executable, str(mytest), "--data", str(data), "--run", str(run),
+                   "--out", str(work / f"out{n}"), "--batch", str(batch), "--no-figures"]
+            r = peak_rss_of(cmd, env, timeout)
+            r["outputs"] = len(list((work / f"out{n}").rglob("*.npy")))
+            out[f"slices_{n}"] = r
+            if r["exit_code"] != 0 or r["outputs"] != n:
+                return {**out, "status": "pending",
+                        "reason": f"Mytest.py exit {r['exit_code']} on {n} slices "
+                                  f"({r['outputs']} outputs): {r['stderr_tail']}"}
+        lo, hi = (out[f"slices_{n}"]["peak_rss_mb"] for n in counts)
+        out.update(status="ok", mem_ratio=hi / lo,
+                   kb_per_extra_slice=(hi - lo) * 1024 / (counts[1] - counts[0]),
+                   load_after=load())
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- Machine description --------------------------------------------------------------------------
+def onednn_enabled() -> Optional[bool]:
+    """Whether TF's oneDNN CPU kernels are on in this process (None if TF cannot say)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
+def machine_info(tf, keras) -> dict:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return {
+        "onednn": onednn_enabled(),
+        "cpu_model": cpu, "cores": cores, "gpus": gpus, "platform": platform.platform(),
+        "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "numpy": np.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "env": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS",
+                                               "TF_XLA_FLAGS", "CUDA_VISIBLE_DEVICES")},
+        "load_start": list(np.round(os.getloadavg(), 2)),
+    }
+
+
+# --- Report ---------------------------------------------------------------------------------------
+def _fmt(v: Optional[float], nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{nd}f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
+
+
+def print_table(res: dict) -> None:
+    m = res["machine"]
+    print(f"\nCNCL benchmark  preset={res['preset']}  jit={res['jit']}"
+          f"{'  QUICK (smoke run, not representative)' if res['quick'] else ''}")
+    print(f"machine: {m['cpu_model']}, {m['cores']} cores, TF {m['tensorflow']}, "
+          f"Keras {m['keras']}; load average {m['load_start'][0]} at start, "
+          f"{m['load_end'][0]} at end")
+    rows = [("section", "case", "rate", "unit", "GFLOP/s", "MFU", "median s", "n")]
+
+    def add(sec, case, rate, unit, gf=None, mfu=None, med=None, n=None):
+        rows.append((sec, case, _fmt(rate), unit, _fmt(gf, 1), _fmt(mfu), _fmt(med, 3),
+                     "" if n is None else str(n)))
+
+    mm = res.get("matmul")
+    if mm:
+        def backend(on):
+            return "oneDNN" if on else ("Eigen" if on is not None else "?")
+
+        add("peak", f"matmul {mm['n']}^2 float32 ({backend(mm['onednn'])}, this run)",
+            mm["gflops"], "GFLOP/s", mm["gflops"], mm["gflops"] / mm["peak_gflops"],
+            mm["float32"]["median_s"], mm["float32"]["repeats"])
+        other = mm.get("other_backend")
+        if other:
+            add("peak", f"matmul {mm['n']}^2 float32 ({backend(other['onednn'])}, "
+                "fresh process)", other["gflops"], "GFLOP/s", other["gflops"],
+                other["gflops"] / mm["peak_gflops"], other["float32"]["median_s"],
+                other["float32"]["repeats"])
+        for dt in ("bfloat16", "float16"):
+            if dt in mm:
+                add("peak", f"matmul {mm['n']}^2 {dt}", mm[dt]["gflops"], "GFLOP/s",
+                    mm[dt]["gflops"], None, mm[dt]["median_s"], mm[dt]["repeats"])
+    for name, t in res.get("train", {}).items():
+        unit = "patches/s" if name.startswith("patch") else "slices/s"
+        add("train", f"{t['size']}^2 x batch {t['batch']}", t["examples_per_s"], unit,
+            t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+    for t in res.get("infer", {}).values():
+        add("infer", f"{t['size']}^2 x batch {t['batch']}", t["slices_per_s"], "slices/s",
+            t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+    ld = res.get("loader")
+    if ld:
+        add("data", f"decode ({ld['slices']} x {ld['shape'][0]}^2, first pass)",
+            ld["decode_slices_per_s"], "slices/s")
+        add("data", f"make_train_dataset {ld['patch']}^2 (cached)", ld["patches_per_s"],
+            "patches/s")
+        add("data", "loader_ratio (cached / train)", res.get("loader_ratio"), "x")
+        add("data", "loader_ratio_cold (first pass)", res.get("loader_ratio_cold"), "x")
+    mem = res.get("memory")
+    if mem:
+        if mem.get("status") == "ok":
+            for n in mem["counts"]:
+                s = mem[f"slices_{n}"]
+                add("memory", f"Mytest {n} x {mem['shape'][0]}^2 peak RSS", s["peak_rss_mb"],
+                    "MiB", med=s["seconds"])
+            add("memory", "mem_ratio (large / small)", mem["mem_ratio"], "x")
+        else:
+            rows.append(("memory", "PENDING: " + mem.get("reason", "")[:60], "-", "", "", "", "",
+                         ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) if j < 2 or j == 3 else c.rjust(w)
+                        for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("FLOPs: " + FLOPS_CONVENTION)
+    if mm:
+        print(f"peak: matmul_gflops = {mm['peak_gflops']:.1f} (the best float32 matmul above); "
+              f"MFU of every row is relative to it")
+    for sec in ("train", "infer"):
+        for t in res.get(sec, {}).values():
+            tr = t.get("trace")
+            if tr:
+                rest = {k: v for k, v in tr["ops"].items() if "Conv2D" not in k}
+                top = ", ".join(f"{k} {100 * v / tr['op_ms_total']:.1f}%"
+                                for k, v in list(rest.items())[:6])
+                print(f"trace {sec} {t['size']}^2 x {t['batch']}: convolutions "
+                      f"{100 * tr['conv_share']:.1f}% of op time; then {top}")
+    if ld:
+        print(f"data: {ld['data']}; loader_ratio = cached patches/s / train patches/s "
+              f"(64^2, batch {res['train_batch']}); cold = first-pass decode rate x "
+              f"{ld['patches_per_slice']} patches per slice / train patches/s")
+
+
+# --- Main -----------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    if args.onednn != "default":  # read once by TF at import
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if args.onednn == "on" else "0"
+    tf = ctio.import_tensorflow()
+    if args.intra_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_threads)
+    if args.inter_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_threads)
+    import keras
+
+    import Mymodel
+
+    keras.mixed_precision.set_global_policy("float32")
+    quick, paper = args.quick, args.preset == "paper"
+    cfg = Mymodel.model_config(args.preset)
+    jit = args.jit == "on"
+    rep = args.repeats
+
+    # Sizes and repeats: paper steps take seconds on a CPU, so fewer repeats there.
+    slice_size = 128 if quick else SLICE
+    train_batches = args.train_batches or ([TRAIN_BATCH] if quick else [TRAIN_BATCH, 32])
+    # --quick skips whole-slice training: each train graph costs a long trace (tens of s).
+    slice_batches = ([] if quick else [1]) if args.slice_batches is None else args.slice_batches
+    infer_batches = args.infer_batches or ([1, 2] if quick else
+                                           [1, 2, 4] if paper else [1, 2, 4, 8])
+    res: dict[str, Any] = {"preset": args.preset, "model": cfg, "quick": quick, "jit": args.jit,
+                           "machine": machine_info(tf, keras), "flops_convention":
+                           FLOPS_CONVENTION, "train_batch": train_batches[0]}
+    for k in REQUIRED_KEYS:
+        res[k] = None
+
+    def say(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} load {load():.2f}] {msg}", flush=True)
+
+    peak = None
+    if "matmul" in args.sections or any(s in args.sections for s in ("train", "infer")):
+        n = 1024 if quick else 4096
+        say(f"matmul {n}^2 float32 ...")
+        res["matmul"] = mm = bench_matmul(n, rep or (3 if quick else 10))
+        peak = mm["gflops"]
+        if not quick and mm["device"] == "CPU":
+            # TF's CPU matmul comes from Eigen or oneDNN: the machine peak is the better one.
+            say(f"matmul {n}^2 float32 with oneDNN {'off' if mm['onednn'] else 'on'} "
+                "(fresh process) ...")
+            other = matmul_other_backend(n, rep or 10)
+            if other:
+                mm["other_backend"] = other
+                peak = max(peak, other["gflops"])
+        mm["peak_gflops"] = peak
+        res["matmul_gflops"] = peak
+
+    if "train" in args.sections:
+        res["train"] = {}
+        for b in train_batches:
+            say(f"train step {PATCH}^2 x batch {b} ...")
+            res["train"][f"patch{PATCH}_b{b}"] = bench_train(
+                cfg, b, PATCH, rep or (3 if quick else 5), 1 if quick else 2, jit, peak,
+                args.trace if b == train_batches[0] else None)
+        for b in slice_batches:
+            say(f"train step {slice_size}^2 whole slices x batch {b} ...")
+            res["train"][f"slice{slice_size}_b{b}"] = bench_train(
+                cfg, b, slice_size, rep or (2 if quick or paper else 4), 1, jit, peak)
+        head = res["train"][f"patch{PATCH}_b{train_batches[0]}"]
+        res["train_patches_per_s"] = head["examples_per_s"]
+        res["train_mfu"] = head["mfu"]
+        res["train_best_mfu"] = max(t["mfu"] for t in res["train"].values())
+        if slice_batches:
+            sl = res["train"][f"slice{slice_size}_b{slice_batches[0]}"]
+            res["train_slices_per_s"] = sl["examples_per_s"]
+            res["train_slice_mfu"] = sl["mfu"]
+
+    if "infer" in args.sections:
+        res["infer"] = {}
+        for b in infer_batches:
+            say(f"inference {slice_size}^2 x batch {b} ...")
+            res["infer"][f"b{b}"] = bench_infer(
+                cfg, b, slice_size, rep or (2 if quick else 3), 1, jit, peak,
+                args.trace if b == infer_batches[0] else None)
+        best = max(res["infer"].values(), key=lambda t: t["slices_per_s"])
+        one = res["infer"].get("b1") or res["infer"][f"b{infer_batches[0]}"]
+        res["infer_slices_per_s"] = best["slices_per_s"]
+        res["infer_mfu"] = best["mfu"]
+        res["infer_best_batch"] = best["batch"]
+        res["infer_batch1_slices_per_s"] = one["slices_per_s"]
+        res["infer_batch1_mfu"] = one["mfu"]
+
+    if "data" in args.sections:
+        work = None
+        try:
+            data = Path(args.data) if args.data else (None if quick else default_data())
+            if data is None:
+                work = Path(tempfile.mkdtemp(prefix="cncl_bench_data_"))
+                n, shape = (6, (128, 128)) if quick else (56, (SLICE, SLICE))
+                data = write_dicom_series(work / "dicom", n, shape)
+                described = f"generated DICOM ({n} slices of {shape[0]}x{shape[1]}, ctio)"
+            else:
+                described = str(data)
+            described += ", full dose only: quarter dose simulated (--simulate-dose 0.25)"
+            say(f"data loader on {data} ...")
+            res["loader"] = bench_loader(data, described, train_batches[0],
+                                         20 if quick else 100, 0.25)
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+        if res["train_patches_per_s"]:
+            res["loader_ratio"] = res["loader"]["patches_per_s"] / res["train_patches_per_s"]
+            res["loader_ratio_cold"] = (res["loader"]["cold_patches_per_s"]
+                                        / res["train_patches_per_s"])
+        else:  # no training figure in this run: ratio to a fresh quick train measurement
+            say("train step for the loader ratio ...")
+            t = bench_train(cfg, train_batches[0], PATCH, 3, 1, jit, 1.0)
+            res["loader_ratio"] = res["loader"]["patches_per_s"] / t["examples_per_s"]
+            res["loader_ratio_cold"] = res["loader"]["cold_patches_per_s"] / t["examples_per_s"]
+
+    if "memory" in args.sections:
+        counts, shape = ((10, 40), (64, 64)) if quick else ((20, 200), (128, 128))
+        say(f"memory: Mytest.py on {counts[0]} and {counts[1]} generated slices ...")
+        res["memory"] = bench_memory(counts, shape, 4, timeout=900)
+        res["mem_ratio"] = res["memory"].get("mem_ratio")
+
+    res["machine"]["load_end"] = list(np.round(os.getloadavg(), 2))
+    print_table(res)
+    if args.json:
+        with ctio.atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    ctio.run_cli(main)
