@@ -7,7 +7,7 @@ CT_SAMPLE_DATA ?= $(abspath ../shared/data)
 export CT_SAMPLE_DATA
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv test test-fast lint demo train-mayo eval-mayo bench clean
+.PHONY: venv test test-fast lint demo train-mayo eval-mayo curve-mayo ablate-mayo bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -60,14 +60,54 @@ $(MAYO_SIM)/.done: | $(STAMP)
 		--out $(MAYO_SIM) --seed 0 --overwrite
 	touch $@
 
+MAYO_REAL = $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn $(CT_SAMPLE_DATA)/mayo_pairs/tif_cncl
+MAYO_SPLIT = --exclude L506:160 L506:200 --val-patients L067
+
 train-mayo: $(STAMP) $(MAYO_SIM)/.done
 	rm -rf $(MAYO_RUN)
-	$(BIN)/python Mytrain.py --data $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn \
-		$(CT_SAMPLE_DATA)/mayo_pairs/tif_cncl $(MAYO_SIM) --exclude L506:160 L506:200 \
-		--val-patients L067 --out $(MAYO_RUN) $(MAYO_FLAGS) --time-limit $(MAYO_MINUTES) --verbose 2
+	$(BIN)/python Mytrain.py --data $(MAYO_REAL) $(MAYO_SIM) $(MAYO_SPLIT) --out $(MAYO_RUN) \
+		$(MAYO_FLAGS) --time-limit $(MAYO_MINUTES) --snapshot-every 2 --verbose 2
 	$(MAKE) eval-mayo MAYO_RUN=$(MAYO_RUN)
 
+# Held-out test of a run: denoise L506 slices 160 and 200 (never trained on), score them.
 eval-mayo: $(STAMP)
 	$(BIN)/python Mytest.py --data $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn --slices L506:160 L506:200 \
-		--run $(MAYO_RUN) --out $(MAYO_RUN)/test --overwrite
+		--run $(MAYO_RUN) --out $(MAYO_RUN)/test --overwrite $(EVAL_FLAGS)
 	$(BIN)/python Myevaluation.py --pred $(MAYO_RUN)/test
+
+# Held-out PSNR against training minutes: every snapshot of train-mayo, one table row each.
+curve-mayo: $(STAMP)
+	@test -d $(MAYO_RUN)/snapshots || { echo "error: no $(MAYO_RUN)/snapshots (run make train-mayo)" >&2; exit 2; }
+	for w in $(MAYO_RUN)/snapshots/generator_epoch*.weights.h5; do \
+		e=$$(basename $$w .weights.h5); \
+		$(BIN)/python Mytest.py --data $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn --slices L506:160 \
+			L506:200 --run $(MAYO_RUN) --weights $$w --out $(MAYO_RUN)/curve/$$e --overwrite \
+			--no-figures && $(BIN)/python Myevaluation.py --pred $(MAYO_RUN)/curve/$$e > /dev/null \
+			|| exit 1; \
+	done
+	$(BIN)/python Myevaluation.py --compare $(MAYO_RUN)/curve/generator_epoch*
+
+# Ablation: each variant changes one choice of the recipe and trains a fixed number of steps (the
+# same for all, so the table does not depend on machine load; `make -j2 ablate-mayo` runs two at
+# a time), then the held-out test. Results: one row per variant (Myevaluation.py --compare).
+ABL_DIR ?= runs/ablate
+ABL_EPOCHS ?= 6
+ABL_STEPS ?= 100
+ABL_VARIANTS ?= recipe adv0 lr1e-3 lambda10 patch128 keep-air no-sim
+ABL_recipe :=
+ABL_adv0 := --adv-weight 0
+ABL_lr1e-3 := --lr 1e-3
+ABL_lambda10 := --lambda-l1 10
+ABL_patch128 := --patch 128 --batch 4
+ABL_keep-air := --keep-air
+ABL_no-sim :=
+
+ablate-mayo: $(foreach v,$(ABL_VARIANTS),$(ABL_DIR)/$(v)/test/metrics.json)
+	$(BIN)/python Myevaluation.py --compare $^
+
+$(ABL_DIR)/%/test/metrics.json: | $(STAMP) $(MAYO_SIM)/.done
+	rm -rf $(ABL_DIR)/$*
+	$(BIN)/python Mytrain.py --data $(MAYO_REAL) $(if $(filter no-sim,$*),,$(MAYO_SIM)) \
+		$(MAYO_SPLIT) --out $(ABL_DIR)/$* --preset small --epochs $(ABL_EPOCHS) \
+		--steps-per-epoch $(ABL_STEPS) --lr-decay cosine $(ABL_$*) --verbose 2
+	$(MAKE) eval-mayo MAYO_RUN=$(ABL_DIR)/$* EVAL_FLAGS=--no-figures

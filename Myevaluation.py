@@ -3,6 +3,8 @@
 Usage::
 
     python Myevaluation.py --pred OUT [--data PATH] [--layout ...] [--gaussian-sigma 0.7]
+    python Myevaluation.py --compare OUT [OUT ...]
+
 
 Reads ``OUT/manifest.csv`` (written by Mytest.py) and, for every slice with a full-dose
 reference, scores three methods against it:
@@ -20,6 +22,11 @@ markdown table followed by ``ctio.PROTOCOL``.
 References come from the manifest's ``fd_path``; with ``--data`` they are re-discovered there
 instead (matched by patient and slice id, as Mytest.py names them), e.g. when Mytest.py ran on
 low-dose-only data.
+
+``--compare`` reads the ``metrics.json`` of several evaluated folders (no TensorFlow, nothing
+recomputed) and prints one row per run, with its training steps and minutes from the run's
+``config.json`` / ``history.csv``: the ablation table. The folders must have scored the same
+slices, or the rows would not be comparable; a mismatch is an error naming the folder.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import argparse
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -278,6 +286,83 @@ def write_outputs(out: Path, results: list[dict], report: dict) -> None:
         tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
+# --- Comparing evaluated runs (no TensorFlow) ----------------------------------------------------
+def _read_report(out: Path) -> dict:
+    path = out / "metrics.json"
+    if not path.is_file():
+        raise ctio.CTDataError(f"no metrics.json in {out}; run Myevaluation.py --pred {out} first")
+    try:
+        report = json.loads(path.read_text())
+        report["overall"]["cncl"]["window"]["psnr"]["mean"]  # noqa: B018 - shape check
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ctio.CTDataError(f"{path}: not a Myevaluation.py report ({e})") from None
+    return report
+
+
+def _scored_slices(out: Path) -> list[tuple[str, str]]:
+    """The (patient, slice_id) pairs scored in ``out/metrics.csv``, sorted."""
+    try:
+        with open(out / "metrics.csv", newline="") as f:
+            return sorted({(r["patient"], r["slice_id"]) for r in csv.DictReader(f)})
+    except (OSError, KeyError, csv.Error) as e:
+        raise ctio.CTDataError(f"{out / 'metrics.csv'}: unreadable ({e})") from None
+
+
+def run_training_summary(run_dir: Optional[str], weights: Optional[str] = None) -> dict:
+    """Epochs, steps and training minutes behind the weights of a Mytrain.py run folder.
+
+    The epoch of a ``--snapshot-every`` snapshot (``generator_epochNNNN.weights.h5``), the best
+    validation epoch for ``generator_best``, else the last epoch of ``history.csv``; empty if
+    the run cannot be read."""
+    if not run_dir:
+        return {}
+    run = Path(run_dir)
+    snap = re.search(r"generator_epoch(\d+)\.weights\.h5$", weights or "")
+    try:
+        train = json.loads((run / "config.json").read_text()).get("train", {})
+        with open(run / "history.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        epoch = int(snap.group(1)) if snap else int(rows[-1]["epoch"])
+        if (weights or "").endswith("generator_best.weights.h5"):  # selected on validation
+            epoch = int(json.loads((run / "state" / "state.json").read_text())
+                        .get("best_epoch", epoch))
+        row = next(r for r in rows if int(r["epoch"]) == epoch)
+        return {"epochs": int(row["epoch"]), "minutes": float(row["minutes"]),
+                "steps": int(row["epoch"]) * int(train["steps_per_epoch"]),
+                "snapshot": bool(snap)}
+    except (OSError, ValueError, KeyError, IndexError, TypeError, StopIteration):
+        return {}
+
+
+def compare(outs: list[Path]) -> str:
+    """Markdown table: LDCT input once, then the CNCL result of every folder in ``outs``."""
+    reports = [_read_report(o) for o in outs]
+    slices = _scored_slices(outs[0])
+    for o in outs[1:]:
+        if _scored_slices(o) != slices:
+            raise ctio.CTDataError(f"{o}: scored other slices than {outs[0]}; "
+                                   "compare runs evaluated on the same slices")
+    lines = [f"{len(slices)} slices: " + ", ".join(f"{p}:{s}" for p, s in slices), "",
+             "| run | steps | train min | PSNR (dB) | SSIM | RMSE (HU) | gain vs input (dB) |",
+             "|---|---|---|---|---|---|---|"]
+    base = reports[0]["overall"]["ldct"]["window"]
+    lines.append(f"| LDCT (input) | | | {base['psnr']['mean']:.2f} | {base['ssim']['mean']:.4f} "
+                 f"| {base['rmse']['mean']:.2f} | |")
+    for o, rep in zip(outs, reports):
+        w = rep["overall"]["cncl"]["window"]
+        runs, weights = rep.get("runs") or [], rep.get("weights") or []
+        tr = run_training_summary(runs[0] if len(runs) == 1 else None,
+                                  weights[0] if len(weights) == 1 else None)
+        name = Path(runs[0]).name if len(runs) == 1 else str(o)
+        if tr:
+            name += f" (epoch {tr['epochs']})"
+        minutes = f"{tr['minutes']:.1f}" if "minutes" in tr else ""
+        lines.append(f"| {name} | {tr.get('steps', '')} | {minutes} | {w['psnr']['mean']:.2f} | "
+                     f"{w['ssim']['mean']:.4f} | {w['rmse']['mean']:.2f} | "
+                     f"{w['psnr']['mean'] - base['psnr']['mean']:+.2f} |")
+    return "\n".join(lines)
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except for required options and those described in the help (None)."""
@@ -293,8 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="PSNR / SSIM / RMSE of the LDCT input, a Gaussian-filter baseline and the "
         "CNCL output of Mytest.py against the full-dose references.",
         formatter_class=_HelpFormatter)
-    ap.add_argument("--pred", required=True, metavar="OUT",
-                    help="output folder of Mytest.py (has manifest.csv)")
+    ap.add_argument("--pred", default=None, metavar="OUT",
+                    help="output folder of Mytest.py (has manifest.csv); required unless "
+                    "--compare")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="OUT",
+                    help="instead of scoring: one table row per already evaluated folder "
+                    "(their metrics.json), e.g. an ablation")
     ap.add_argument("--data", default=None, metavar="PATH",
                     help="dataset folder to take the full-dose references from instead of the "
                     "manifest's fd_path (default: the manifest's references)")
@@ -307,7 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.pred is None) == (args.compare is None):
+        parser.error("give exactly one of --pred OUT or --compare OUT [OUT ...]")
+    if args.compare:
+        print(compare([Path(o) for o in args.compare]))
+        print()
+        print(ctio.PROTOCOL)
+        return 0
     data, layout = args.data, args.layout
     sigma = float(args.gaussian_sigma)
     if not (math.isfinite(sigma) and sigma > 0):

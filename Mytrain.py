@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "PATIENT or PATIENT:SLICE, e.g. L506:160 L506:200")
     ap.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
                     help="stop after the epoch that passes this much training time (0: none)")
+    ap.add_argument("--snapshot-every", type=int, default=0, metavar="EPOCHS",
+                    help="also keep the generator every this many epochs in RUN/snapshots/ "
+                    "(generator_epochNNNN.weights.h5; for a curve of test metrics against "
+                    "training time; 0: none)")
     ap.add_argument("--val-slices", type=int, default=8,
                     help="at most this many whole validation slices (evenly spaced)")
     ap.add_argument("--no-augment", action="store_true", help="no flips / rotations")
@@ -97,6 +101,8 @@ def check_args(args) -> None:
     for name in ("epochs", "steps_per_epoch", "batch", "patches_per_slice", "val_slices"):
         if getattr(args, name) < 1:
             raise ctio.CTDataError(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "snapshot_every", 0) < 0:
+        raise ctio.CTDataError("--snapshot-every must be 0 (none) or positive")
     if args.patch < 0:
         raise ctio.CTDataError("--patch must be 0 (whole slices) or positive")
     if args.lr <= 0 or args.lambda_l1 < 0 or args.adv_weight < 0:
@@ -335,8 +341,11 @@ def _optimizer_variables(model) -> list:
 
 # --- Callbacks ----------------------------------------------------------------------------------
 def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, keras, tf,
-                   time_limit: float = 0.0):
-    """The run's own checkpointing (atomic, resumable) and TensorBoard panels."""
+                   time_limit: float = 0.0, snapshot_every: int = 0):
+    """The run's own checkpointing (atomic, resumable) and TensorBoard panels.
+
+    ``snapshot_every`` > 0 also keeps the generator of every such epoch in
+    ``snapshots/generator_epochNNNN.weights.h5`` (history.csv gives its training minutes)."""
 
     class RunState(keras.callbacks.Callback):
         """After each epoch: latest/best generator, full state, history.csv; state.json last."""
@@ -355,6 +364,10 @@ def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, ker
                       "stopping after this epoch", flush=True)
             gen = gan.generator
             save_weights(gen, write_dir / "generator_latest.weights.h5")
+            if snapshot_every and (epoch + 1) % snapshot_every == 0:
+                (write_dir / "snapshots").mkdir(exist_ok=True)
+                save_weights(gen, write_dir / "snapshots" /
+                             f"generator_epoch{epoch + 1:04d}.weights.h5")
             score = logs.get("val_psnr")
             if score is not None and score > state.get("best_val_psnr", -1e9):
                 state["best_val_psnr"], state["best_epoch"] = score, epoch + 1
@@ -431,7 +444,8 @@ def main(argv=None) -> int:
             raise ctio.CTDataError("--resume needs --out RUN_DIR")
         out = Path(args.out)
         check_run_dir(out, resume=True)
-        ctio.remove_stale_temporaries([out, out / "state"])  # left by a save that was killed
+        # temporaries left by a save that was killed
+        ctio.remove_stale_temporaries([out, out / "state", out / "snapshots"])
         cfg = load_config(out)
         saved_model = cfg["model"]
         epochs = args.epochs
@@ -558,7 +572,8 @@ def main(argv=None) -> int:
           f"run folder {out}", flush=True)
     try:
         callbacks = make_callbacks(out, write_dir, gan, state, val_ds, keras, tf,
-                                   time_limit=getattr(args, "time_limit", 0.0))
+                                   time_limit=getattr(args, "time_limit", 0.0),
+                                   snapshot_every=getattr(args, "snapshot_every", 0))
         if n_workers > 1:
             # After RunState, so state/ is never behind the backup. --resume restores state/.
             if is_chief and args.resume:
@@ -608,7 +623,7 @@ def discard_unstarted_run(out: Path) -> None:
     for name in ("config.json", "history.csv", "generator_latest.weights.h5",
                  "generator_best.weights.h5"):
         (out / name).unlink(missing_ok=True)
-    for name in ("tensorboard", "state"):
+    for name in ("tensorboard", "state", "snapshots"):
         shutil.rmtree(out / name, ignore_errors=True)
 
 

@@ -174,3 +174,61 @@ def test_ld_only_fails_cleanly_then_references_from_data(run_dir, denoised, tmp_
     assert Myevaluation.main(["--pred", str(out), "--data", str(paired)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_slices"] == 5 and report["references"] == str(paired.resolve())
+
+
+def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_path, capsys):
+    """--compare: one row per evaluated folder, its numbers those of its metrics.json, with the
+    steps and minutes of the epoch behind the weights (best epoch from state.json)."""
+    import shutil
+
+    import Myevaluation
+
+    _, out = denoised
+    assert Myevaluation.main(["--pred", str(out)]) == 0
+    run = tmp_path / "runB"
+    (run / "state").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"steps_per_epoch": 50}}))
+    (run / "history.csv").write_text("epoch,minutes\n1,1.5\n2,3.25\n3,4.0\n")
+    (run / "state" / "state.json").write_text(json.dumps({"best_epoch": 2, "epoch": 3}))
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    report = json.loads((other / "metrics.json").read_text())
+    report["runs"] = [str(run)]
+    report["weights"] = [str(run / "generator_best.weights.h5")]
+    report["overall"]["cncl"]["window"]["psnr"]["mean"] += 1.25
+    (other / "metrics.json").write_text(json.dumps(report))
+
+    capsys.readouterr()
+    assert Myevaluation.main(["--compare", str(out), str(other)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| ")]
+    assert rows[0][0] == "run" and rows[1][0] == "LDCT (input)"
+    base = json.loads((out / "metrics.json").read_text())["overall"]
+    assert float(rows[1][3]) == pytest.approx(base["ldct"]["window"]["psnr"]["mean"], abs=0.006)
+    first, second = rows[2], rows[3]
+    assert float(second[3]) - float(first[3]) == pytest.approx(1.25, abs=0.011)
+    assert second[0] == "runB (epoch 2)" and second[1:3] == ["100", "3.2"]  # best epoch 2
+    assert float(first[6]) == pytest.approx(
+        base["cncl"]["window"]["psnr"]["mean"] - base["ldct"]["window"]["psnr"]["mean"],
+        abs=0.011)
+    assert ctio.PROTOCOL in lines
+
+    # A snapshot's epoch wins over the last one; folders that scored other slices are refused.
+    assert Myevaluation.run_training_summary(str(run), "x/generator_epoch0001.weights.h5") == \
+        {"epochs": 1, "minutes": 1.5, "steps": 50, "snapshot": True}
+    with open(other / "metrics.csv") as f:
+        head, *rows_csv = f.readlines()
+    first_slice = ",".join(rows_csv[0].split(",")[:2]) + ","
+    (other / "metrics.csv").write_text(head + "".join(r for r in rows_csv
+                                                      if not r.startswith(first_slice)))
+    with pytest.raises(ctio.CTDataError, match="scored other slices"):
+        Myevaluation.main(["--compare", str(out), str(other)])
+
+
+def test_compare_needs_evaluated_folders(tmp_path):
+    res = run_eval_cli("--compare", tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"error: no metrics.json in {tmp_path}; run "
+                                  f"Myevaluation.py --pred {tmp_path} first")
+    res = run_eval_cli("--compare", tmp_path, "--pred", tmp_path)
+    assert res.returncode == 2 and "exactly one of --pred" in res.stderr

@@ -35,7 +35,7 @@ def one_clean_error(proc, *needles):
 @pytest.mark.slow
 def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
     run = tmp_path / "run"
-    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", *TINY)
+    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--snapshot-every", "1", *TINY)
     assert p.returncode == 0, p.stderr
     for name in ("config.json", "generator_latest.weights.h5", "generator_best.weights.h5",
                  "history.csv", "state/state.json"):
@@ -55,6 +55,9 @@ def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "resuming" in p.stdout
     assert history_epochs(run) == [1, 2]
+    # --snapshot-every is part of the run's config: the resumed epoch is kept too
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
+        "generator_epoch0001.weights.h5", "generator_epoch0002.weights.h5"]
     assert json.loads((run / "state/state.json").read_text())["epoch"] == 2
     assert not list(run.rglob(".*tmp*")), "no temporary files left behind"
 
@@ -71,6 +74,7 @@ def test_resume_with_nothing_to_resume(tmp_path):
     (["--patch", "36"], "not divisible"),
     (["--patch", "128"], "larger than the slice"),
     (["--val-patients", "P01", "P02"], "empty training split"),
+    (["--snapshot-every", "-1"], "--snapshot-every"),
 ])
 def test_bad_training_flags(mayo_tree, tmp_path, flags, needle):
     args = ["--data", mayo_tree, "--out", tmp_path / "run", *TINY, *flags]
