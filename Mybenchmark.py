@@ -60,27 +60,10 @@ FLOPS_CONVENTION = (
     "MFU = counted FLOP/s / float32 matmul FLOP/s.")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for options whose default is decided at run time (None)."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line on stderr and exits 2."""
-
-    def error(self, message: str) -> None:  # noqa: D401 - argparse API
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(description="Benchmark CNCL training, inference, data loading and memory on "
-                 "this machine; prints a table and optionally writes JSON.",
-                 formatter_class=_HelpFormatter)
+    ap = ctio.ArgumentParser(
+        description="Benchmark CNCL training, inference, data loading and memory on this "
+        "machine; prints a table and optionally writes JSON.", formatter_class=ctio.HelpFormatter)
     ap.add_argument("--preset", default="paper", help="model preset: paper or small")
     ap.add_argument("--json", default=None, metavar="FILE", help="write the figures here")
     ap.add_argument("--quick", action="store_true",
@@ -99,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--infer-batches", default=None,
                     help="comma-separated inference batch sizes (default 1,2,4; small adds 8)")
     ap.add_argument("--onednn", default="default",
-                    help="TF_ENABLE_ONEDNN_OPTS for this run: default (leave the environment "
-                    "as it is; TF's default is off on CPUs without AVX-512 VNNI / AMX), on or off")
+                    help="TF_ENABLE_ONEDNN_OPTS for this run: default (the project's: on unless "
+                    "the environment sets it, see ctio.py), on or off")
     ap.add_argument("--intra-threads", type=int, default=0,
                     help="TF intra-op threads (0: TF default = cores)")
     ap.add_argument("--inter-threads", type=int, default=0,
@@ -452,22 +435,10 @@ def op_breakdown(logdir: str, since: float = 0.0) -> dict:
     return {"conv_share": conv / total, "op_ms_total": total, "ops": top}
 
 
-def phantom(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """A body-like ellipse of soft tissue with a few inserts and noise, in air (HU)."""
-    h, w = shape
-    yy, xx = np.mgrid[:h, :w]
-    img = np.full(shape, -1000.0, np.float32)
-    body = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 < 1
-    img[body] = 40.0
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(2, 8)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.choice([-100.0, 80.0, 300.0])
-    img += rng.normal(0.0, 15.0, shape).astype(np.float32)
-    return np.maximum(img, -1024.0)
-
-
 def write_dicom_series(folder: Path, n: int, shape: tuple[int, int], seed: int = 0) -> Path:
     """``n`` generated CT slices as one DICOM series in ``folder`` (written with ctio)."""
+    import Mysimulate
+
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     study, series = ctio.new_uid(), ctio.new_uid()
@@ -475,7 +446,8 @@ def write_dicom_series(folder: Path, n: int, shape: tuple[int, int], seed: int =
         hdr = ctio.new_ct_header(patient_id="BENCH", study_uid=study, series_uid=series,
                                  instance=i + 1, z_mm=1.0 * i, shape=shape,
                                  description="benchmark phantom")
-        ctio.write_dicom(folder / f"{i + 1:04d}.dcm", phantom(shape, rng), hdr,
+        ctio.write_dicom(folder / f"{i + 1:04d}.dcm",
+                         Mysimulate.ellipse_phantom(shape, rng, noise_hu=15.0), hdr,
                          series_uid=series, description="benchmark phantom", derived=False)
     return folder
 
@@ -875,7 +847,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             res["loader_ratio_cold"] = res["loader"]["cold_patches_per_s"] / t["examples_per_s"]
 
     if "memory" in args.sections:
-        counts, shape = ((10, 40), (64, 64)) if quick else ((20, 200), (128, 128))
+        counts, shape = ((10, 40), (64, 64)) if quick else ((20, 200), (SLICE, SLICE))
         say(f"memory: Mytest.py on {counts[0]} and {counts[1]} generated slices ...")
         res["memory"] = bench_memory(counts, shape, 4, timeout=900)
         res["mem_ratio"] = res["memory"].get("mem_ratio")

@@ -335,7 +335,9 @@ def run_training_summary(run_dir: Optional[str], weights: Optional[str] = None) 
 
 
 def compare(outs: list[Path]) -> str:
-    """Markdown table: LDCT input once, then the CNCL result of every folder in ``outs``."""
+    """Markdown table: LDCT input once, then the CNCL result of every folder in ``outs`` (a
+    folder's ``metrics.json`` may be given for the folder)."""
+    outs = [o.parent if o.name == "metrics.json" and o.is_file() else o for o in outs]
     reports = [_read_report(o) for o in outs]
     slices = _scored_slices(outs[0])
     for o in outs[1:]:
@@ -364,20 +366,11 @@ def compare(outs: list[Path]) -> str:
 
 
 # --- CLI ----------------------------------------------------------------------------------------
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for required options and those described in the help (None)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = ctio.ArgumentParser(
         description="PSNR / SSIM / RMSE of the LDCT input, a Gaussian-filter baseline and the "
         "CNCL output of Mytest.py against the full-dose references.",
-        formatter_class=_HelpFormatter)
+        formatter_class=ctio.HelpFormatter)
     ap.add_argument("--pred", default=None, metavar="OUT",
                     help="output folder of Mytest.py (has manifest.csv); required unless "
                     "--compare")

@@ -109,6 +109,26 @@ def demo_patient_names(patients: int = DEMO_PATIENTS) -> list[str]:
 DEMO_TEST_PATIENT = demo_patient_names()[-1]
 
 
+def ellipse_phantom(shape: tuple[int, int], rng: np.random.Generator,
+                    noise_hu: float = 0.0) -> np.ndarray:
+    """A quick body-like test image in HU: an ellipse of soft tissue (40 HU) in air with four
+    round inserts (fat, tissue or bone), plus white noise of ``noise_hu``; float32, >= -1024.
+
+    For tests and benchmarks that need CT-like slices of any ``shape`` fast; the demo data uses
+    the anatomical phantom below instead."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    img = np.full(shape, -1000.0, np.float32)
+    body = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 < 1
+    img[body] = 40.0
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(2, 8)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.choice([-100.0, 80.0, 300.0])
+    if noise_hu:
+        img += rng.normal(0.0, noise_hu, shape).astype(np.float32)
+    return np.maximum(img, ctio.HU_MIN)
+
+
 # --- Noise insertion ----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _circle_mask(n: int) -> np.ndarray:

@@ -60,15 +60,6 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 # --- Arguments and cheap validation (no TensorFlow) ---------------------------------------------
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for options whose default is computed at run time (None)."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_formats(text: str) -> list[str]:
     """'png,tiff' -> ['png', 'tiff'] (aliases tif/dcm accepted; order kept, duplicates dropped)."""
     out = []
@@ -91,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Denoise low-dose CT slices with a trained CNCL generator. Writes float32 HU "
         "predictions (.npy, always), the requested formats, comparison figures when a full-dose "
         "reference exists, and OUT/manifest.csv (read by Myevaluation.py).",
-        formatter_class=_HelpFormatter)
+        formatter_class=ctio.HelpFormatter)
     ap.add_argument("--data", default=None, metavar="PATH",
                     help="dataset folder (mayo, npy, tif or dicom layout; LD-only data is fine) "
                     "(default: data/demo, restricted to the demo test patient)")

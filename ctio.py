@@ -65,6 +65,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise CTDataError(f"{message} (see --help)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default, except for required options and options whose default is
+    decided at run time (None; their help text says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def normalize(hu):
     """HU -> [0, 1]: clip to [HU_MIN, HU_MAX], then (HU - HU_MIN) / HU_RANGE (numpy or tf)."""
     if isinstance(hu, np.ndarray) or np.isscalar(hu):

@@ -44,10 +44,14 @@ def tf_configs(n: int) -> list[str]:
 
 
 def start(cmd: list, log: Path, **env) -> subprocess.Popen:
-    """A process in its own group (so all of it can be killed), output to `log`."""
+    """A process in its own group (so all of it can be killed), output to `log`.
+
+    Without TF_ENABLE_ONEDNN_OPTS (`make train-mayo` sets it): TF 2.21's oneDNN Conv2D gives an
+    empty batch the wrong shape, and multi-worker validation hands workers such batches."""
+    base = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     with open(log, "w") as f:
         return subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
-                                cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+                                cwd=REPO, env={**base, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
                                 start_new_session=True)
 
 

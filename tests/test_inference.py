@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import ctio
+import Mysimulate
 
 REPO = Path(__file__).resolve().parents[1]
 BASE, DEPTH = 8, 3  # tiny generator; depth 3 -> slices are padded to multiples of 8
@@ -38,16 +39,7 @@ def make_run(root: Path, base: int = BASE, depth: int = DEPTH) -> Path:
 
 
 def phantom(shape, rng) -> np.ndarray:
-    """A body-like ellipse of soft tissue with a few inserts in air (HU)."""
-    h, w = shape
-    yy, xx = np.mgrid[:h, :w]
-    img = np.full(shape, -1000.0, np.float32)
-    body = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 < 1
-    img[body] = 40.0
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(2, 6)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.choice([-100.0, 80.0, 300.0])
-    return img
+    return Mysimulate.ellipse_phantom(shape, rng)
 
 
 def write_mayo(root: Path, patient: str, shape, n: int, with_fd: bool = True,
