@@ -53,7 +53,7 @@ clean:
 MAYO_RUN ?= runs/mayo
 # TF's oneDNN CPU kernels for the small preset's 64^2-patch training: 1.8x faster steps than TF's
 # default (Eigen) on the 2-core AMD EPYC used here. Not a global default: in TF 2.21 the paper
-# preset's whole 512^2 slices ran >50x slower under oneDNN (README "CPU speed").
+# preset's whole 512^2 slices ran >25x slower under oneDNN (README "CPU speed").
 SMALL_CPU_ENV = TF_ENABLE_ONEDNN_OPTS=$${TF_ENABLE_ONEDNN_OPTS:-1}
 MAYO_SIM := runs/mayo_sim/L067_sim
 MAYO_MINUTES ?= 26
