@@ -65,6 +65,17 @@ def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
     one_clean_error(train("--data", mayo_tree, "--out", run, *TINY), "already holds a run")
 
 
+@pytest.mark.slow
+def test_jit_flag_trains_with_xla_and_is_kept_for_resume(mayo_tree, tmp_path):
+    run = tmp_path / "run"
+    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--jit", *TINY)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((run / "config.json").read_text())["train"]["jit"] is True
+    with open(run / "history.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["l1_content"]) > 0 and float(row["val_psnr"]) > 0
+
+
 def test_resume_with_nothing_to_resume(tmp_path):
     one_clean_error(train("--out", tmp_path / "empty", "--resume"), "no training state")
 
