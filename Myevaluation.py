@@ -289,12 +289,11 @@ def write_outputs(out: Path, results: list[dict], report: dict) -> None:
 # --- Comparing evaluated runs (no TensorFlow) ----------------------------------------------------
 def _read_report(out: Path) -> dict:
     path = out / "metrics.json"
-    if not path.is_file():
-        raise ctio.CTDataError(f"no metrics.json in {out}; run Myevaluation.py --pred {out} first")
+    report = ctio.read_json(path, f"no metrics.json in {out}; run Myevaluation.py --pred {out} "
+                            "first")
     try:
-        report = json.loads(path.read_text())
         report["overall"]["cncl"]["window"]["psnr"]["mean"]  # noqa: B018 - shape check
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ctio.CTDataError(f"{path}: not a Myevaluation.py report ({e})") from None
     return report
 

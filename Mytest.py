@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -138,12 +137,7 @@ def find_latest_run(runs_dir: Optional[Path] = None) -> Path:
 def read_run_config(run_dir: Path) -> dict:
     """Model part of RUN/config.json, checked: {base_filters, depth, norm, preset?}."""
     path = run_dir / "config.json"
-    if not path.is_file():
-        raise ctio.CTDataError(f"{path}: no such file (is {run_dir} a training run folder?)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ctio.CTDataError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    cfg = ctio.read_json(path, f"{path}: no such file (is {run_dir} a training run folder?)")
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict):
         raise ctio.CTDataError(f"{path}: no \"model\" section")

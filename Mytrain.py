@@ -131,12 +131,10 @@ def check_run_dir(out: Path, resume: bool) -> None:
 
 def load_config(run_dir: Path) -> dict:
     path = run_dir / "config.json"
+    cfg = ctio.read_json(path, f"{path}: no config.json in the run folder")
     try:
-        cfg = json.loads(path.read_text())
         cfg["model"]["base_filters"], cfg["model"]["depth"]  # noqa: B018 (presence check)
-    except FileNotFoundError:
-        raise ctio.CTDataError(f"{path}: no config.json in the run folder") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ctio.CTDataError(f"{path}: not a valid run configuration ({e})") from None
     return cfg
 

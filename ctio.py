@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import sys
@@ -541,6 +542,20 @@ def discover(root, layout: Optional[str] = None, single_role: str = "ld") -> CTD
 
 
 # --- Writing outputs (never half-written) -------------------------------------------------------
+def read_json(path, missing: str):
+    """The parsed JSON in ``path`` (a run's config.json, a metrics.json, ...).
+
+    Raises CTDataError ``missing`` when there is no such file, and one line naming the file when
+    it is not readable JSON; checking the content's shape is the caller's part."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTDataError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise CTDataError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.

@@ -633,3 +633,17 @@ def test_select_slices_by_patient_and_slice_spec(tmp_path):
     assert [(r.patient, r.slice_id) for r in rest.records] == [("A", "0000"), ("A", "0002")]
     with pytest.raises(ctio.CTDataError, match="no slice matches A:9999"):
         ds.select(exclude=["A:9999"])
+
+
+def test_read_json_missing_corrupt_and_good(tmp_path):
+    path = tmp_path / "config.json"
+    with pytest.raises(ctio.CTDataError, match="^no config here$"):
+        ctio.read_json(path, "no config here")
+    path.write_text('{"model": ')
+    with pytest.raises(ctio.CTDataError, match=r"config\.json: not readable JSON \(JSONDecode"):
+        ctio.read_json(path, "unused")
+    path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ctio.CTDataError, match="not readable JSON"):
+        ctio.read_json(path, "unused")
+    path.write_text('{"model": {"depth": 4}}')
+    assert ctio.read_json(path, "unused") == {"model": {"depth": 4}}
