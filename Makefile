@@ -57,41 +57,41 @@ MAYO_RUN ?= runs/mayo
 SMALL_CPU_ENV = TF_ENABLE_ONEDNN_OPTS=$${TF_ENABLE_ONEDNN_OPTS:-1}
 MAYO_SIM := runs/mayo_sim/L067_sim
 MAYO_MINUTES ?= 26
+MAYO_DATA_CHECK = test -d $(CT_SAMPLE_DATA)/mayo_pairs || { echo "error: no Mayo sample data in $(CT_SAMPLE_DATA) (set CT_SAMPLE_DATA)" >&2; exit 2; }
 # e.g. MAYO_EXTRA="--adv-weight 0" MAYO_RUN=runs/mayo-noadv: the same recipe without the GAN term
 MAYO_EXTRA ?=
 MAYO_FLAGS ?= --preset small --epochs 70 --steps-per-epoch 100 --lr 1e-3 --lr-decay cosine
 
 $(MAYO_SIM)/.done: | $(STAMP)
-	@test -d $(CT_SAMPLE_DATA)/mayo_pairs || { echo "error: no Mayo sample data in $(CT_SAMPLE_DATA) (set CT_SAMPLE_DATA)" >&2; exit 2; }
+	@$(MAYO_DATA_CHECK)
 	$(BIN)/python Mysimulate.py --input $(CT_SAMPLE_DATA)/L067_full_1mm --dose 0.25 \
 		--out $(MAYO_SIM) --seed 0 --overwrite
 	touch $@
 
 MAYO_REAL = $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn $(CT_SAMPLE_DATA)/mayo_pairs/tif_cncl
-MAYO_SPLIT = --exclude L506:160 L506:200 --val-patients L067
+MAYO_TEST = L506:160 L506:200
+MAYO_SPLIT = --exclude $(MAYO_TEST) --val-patients L067
+EVAL_OUT ?= $(MAYO_RUN)/test
 
 train-mayo: $(STAMP)
-	@test -d $(CT_SAMPLE_DATA)/mayo_pairs || { echo "error: no Mayo sample data in $(CT_SAMPLE_DATA) (set CT_SAMPLE_DATA)" >&2; exit 2; }
+	@$(MAYO_DATA_CHECK)
 	rm -rf $(MAYO_RUN)
 	$(SMALL_CPU_ENV) $(BIN)/python Mytrain.py --data $(MAYO_REAL) $(MAYO_SPLIT) --out $(MAYO_RUN) \
 		$(MAYO_FLAGS) --time-limit $(MAYO_MINUTES) --snapshot-every 5 $(MAYO_EXTRA) --verbose 2
 	$(MAKE) eval-mayo MAYO_RUN=$(MAYO_RUN)
 
-# Held-out test of a run: denoise L506 slices 160 and 200 (never trained on), score them.
+# Held-out test of a run: denoise the L506 slices $(MAYO_TEST) (never trained on), score them.
 eval-mayo: $(STAMP)
-	$(BIN)/python Mytest.py --data $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn --slices L506:160 L506:200 \
-		--run $(MAYO_RUN) --out $(MAYO_RUN)/test --overwrite $(EVAL_FLAGS)
-	$(BIN)/python Myevaluation.py --pred $(MAYO_RUN)/test
+	$(BIN)/python Mytest.py --data $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn --slices $(MAYO_TEST) \
+		--run $(MAYO_RUN) --out $(EVAL_OUT) --overwrite $(EVAL_FLAGS)
+	$(BIN)/python Myevaluation.py --pred $(EVAL_OUT)
 
 # Held-out PSNR against training minutes: every snapshot of train-mayo, one table row each.
 curve-mayo: $(STAMP)
 	@test -d $(MAYO_RUN)/snapshots || { echo "error: no $(MAYO_RUN)/snapshots (run make train-mayo)" >&2; exit 2; }
 	for w in $(MAYO_RUN)/snapshots/generator_epoch*.weights.h5; do \
-		e=$$(basename $$w .weights.h5); \
-		$(BIN)/python Mytest.py --data $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn --slices L506:160 \
-			L506:200 --run $(MAYO_RUN) --weights $$w --out $(MAYO_RUN)/curve/$$e --overwrite \
-			--no-figures && $(BIN)/python Myevaluation.py --pred $(MAYO_RUN)/curve/$$e > /dev/null \
-			|| exit 1; \
+		$(MAKE) -s eval-mayo EVAL_OUT=$(MAYO_RUN)/curve/$$(basename $$w .weights.h5) \
+			EVAL_FLAGS="--weights $$w --no-figures" > /dev/null || exit 1; \
 	done
 	$(BIN)/python Myevaluation.py --compare $(MAYO_RUN)/curve/generator_epoch*
 
