@@ -147,8 +147,10 @@ def load_pair(rec, simulate_dose: Optional[float] = None, seed: int = 0):
     return ctio.normalize(ld_hu)[..., None], ctio.normalize(fd_hu)[..., None]
 
 
-def _decoded_slices(records, simulate_dose, seed, tf):
-    """Dataset of decoded (ld, fd) slices, decoded in parallel by numpy and cached."""
+def _decoded_slices(records, simulate_dose, seed, tf, order=None):
+    """Dataset of decoded (ld, fd) slices, decoded in parallel by numpy and cached.
+
+    ``order``: record indices to decode, in this order (default: every record once)."""
 
     def decode(i):
         return load_pair(records[int(i)], simulate_dose, seed)
@@ -159,9 +161,25 @@ def _decoded_slices(records, simulate_dose, seed, tf):
         fd.set_shape([None, None, 1])
         return ld, fd
 
-    return (tf.data.Dataset.range(len(records))
+    order = np.arange(len(records)) if order is None else np.asarray(order, np.int64)
+    return (tf.data.Dataset.from_tensor_slices(order)
             .map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .cache())
+
+
+def crop_to_multiple(ld, fd, multiple: int):
+    """Centre-crop ``[H, W, 1]`` LD and FD to the largest multiple of ``multiple`` in H and W."""
+    import tensorflow as tf
+
+    h, w = tf.shape(ld)[0], tf.shape(ld)[1]
+    hc, wc = (h // multiple) * multiple, (w // multiple) * multiple
+    oy, ox = (h - hc) // 2, (w - wc) // 2
+    return ld[oy:oy + hc, ox:ox + wc], fd[oy:oy + hc, ox:ox + wc]
+
+
+def cropped_shape(shape, multiple: int) -> list:
+    """The ``[H, W, 1]`` shape :func:`crop_to_multiple` gives a slice of ``shape``."""
+    return [shape[0] // multiple * multiple, shape[1] // multiple * multiple, 1]
 
 
 def random_patches(ld, fd, patch: int, k: int, skip_air: bool = True):
@@ -214,8 +232,11 @@ def augment_flips(ld, fd):
 def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
                        patches_per_slice: int = PATCHES_PER_SLICE,
                        simulate_dose: Optional[float] = None, seed: int = 0,
-                       augment_data: bool = True, skip_air: bool = True):
-    """Infinite, shuffled, batched ``(ld, fd)`` patches [B, P, P, 1] (P = 0: whole slices)."""
+                       augment_data: bool = True, skip_air: bool = True, multiple: int = 1):
+    """Infinite, shuffled, batched ``(ld, fd)`` patches [B, P, P, 1].
+
+    P = 0: whole slices (of one size), centre-cropped to a multiple of ``multiple`` (the
+    network's ``2**depth``), with a static shape so the training step is traced once."""
     tf = ctio.import_tensorflow()
     if not records:
         raise ctio.CTDataError("empty training split")
@@ -234,7 +255,12 @@ def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
         ds = ds.map(lambda a, b: random_patches(a, b, patch, patches_per_slice, skip_air),
                     num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        ds = ds.map(lambda a, b: (a[None], b[None]))  # one whole slice: [1, H, W, 1]
+        static = cropped_shape(records[0].shape, multiple)
+        if min(static[:2]) < 1:
+            raise ctio.CTDataError(f"--patch 0: slices of {records[0].shape[0]}x"
+                                   f"{records[0].shape[1]} are smaller than {multiple}")
+        ds = ds.map(lambda a, b: [tf.ensure_shape(x, static)[None]  # one slice: [1, H, W, 1]
+                                  for x in crop_to_multiple(a, b, multiple)])
     if augment_data:  # 90-degree rotations need square images; whole slices may not be
         square = bool(patch) or all(r.shape[0] == r.shape[1] for r in records)
         ds = ds.map(augment if square else augment_flips, num_parallel_calls=tf.data.AUTOTUNE)
@@ -244,30 +270,49 @@ def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
     return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def make_val_dataset(records, *, multiple: int, max_slices: int = 8,
-                     simulate_dose: Optional[float] = None, seed: int = 0):
-    """Whole validation slices, centre-cropped to a multiple of ``multiple``; batch 1, cached.
+def pick_val_slices(records, max_slices: int) -> list:
+    """At most ``max_slices`` validation records, evenly spaced (validation stays cheap)."""
+    if len(records) <= max_slices:
+        return list(records)
+    idx = np.linspace(0, len(records) - 1, max_slices).round().astype(int)
+    return [records[i] for i in idx]
 
-    At most ``max_slices`` slices, evenly spaced, keep validation cheap on a CPU.
+
+def replica_order(shapes, replicas: int) -> tuple[list[int], list[float]]:
+    """Order and weights of validation images so that no replica ever gets an empty batch.
+
+    Images are grouped by shape (a batch holds one shape); each group is padded with copies of
+    its first image at weight 0 to a multiple of ``replicas``. Batched by ``replicas``, every
+    global batch then gives each replica exactly one image, and the weight-0 copies count in no
+    metric. Returns ``(indices into shapes, weights)``.
     """
+    groups: dict = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    order, weights = [], []
+    for members in groups.values():
+        pad = -len(members) % replicas
+        order += members + [members[0]] * pad
+        weights += [1.0] * len(members) + [0.0] * pad
+    return order, weights
+
+
+def make_val_dataset(records, *, multiple: int, replicas: int = 1,
+                     simulate_dose: Optional[float] = None, seed: int = 0):
+    """Whole validation slices ``(ld, fd, weight)``, centre-cropped to a multiple of
+    ``multiple``, in global batches of ``replicas`` images of one shape (one per replica;
+    see :func:`replica_order`), cached. Slices of several sizes are fine."""
     tf = ctio.import_tensorflow()
-    if len(records) > max_slices:
-        idx = np.linspace(0, len(records) - 1, max_slices).round().astype(int)
-        records = [records[i] for i in idx]
-
-    def crop(ld, fd):
-        h, w = tf.shape(ld)[0], tf.shape(ld)[1]
-        hc, wc = (h // multiple) * multiple, (w // multiple) * multiple
-        oy, ox = (h - hc) // 2, (w - wc) // 2
-        return ld[oy:oy + hc, ox:ox + wc], fd[oy:oy + hc, ox:ox + wc]
-
-    ds = _decoded_slices(records, simulate_dose, seed, tf).map(crop)
-    shapes = {r.shape for r in records}
-    if len(shapes) == 1:  # a static shape: one trace of the validation step, not one per slice
-        h, w = shapes.pop()
-        static = [h // multiple * multiple, w // multiple * multiple, 1]
+    shapes = [tuple(cropped_shape(r.shape, multiple)) for r in records]
+    order, weights = replica_order(shapes, replicas)
+    ds = _decoded_slices(records, simulate_dose, seed, tf, order)
+    ds = ds.map(lambda a, b: crop_to_multiple(a, b, multiple))
+    if len(set(shapes)) == 1:  # a static shape: one trace of the validation step, not one per slice
+        static = list(shapes[0])
         ds = ds.map(lambda a, b: (tf.ensure_shape(a, static), tf.ensure_shape(b, static)))
-    return ds.batch(1).prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(np.float32(weights)))
+    ds = ds.map(lambda pair, w: (pair[0], pair[1], w))
+    return ds.batch(replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,9 @@ __all__ = [
     "build_unet",
     "hu_metrics",
     "model_config",
+    "saved_model_config",
+    "ARCH",
+    "BilinearUpsample2x",
 ]
 
 NORMS = ("batch", "instance", "none")
@@ -58,6 +61,12 @@ NORMS = ("batch", "instance", "none")
 # base 8 / depth 4 costs ~20% more than depth 3 but has 4x the parameters and one more 2x
 # down-sampling (larger receptive field; CT noise is spatially correlated), and is 20% faster
 # than base 16 / depth 3 with the same parameter count.
+# Version of the network definition. 2 = the official CNCL code layer for layer (linear finest
+# decoder level, bilinear up-sampling with aligned corners, [up, skip] concatenation, PatchGAN
+# with affine-free instance norm and the official asymmetric padding before a bias-free last conv).
+# Weights of version 1 (before 2026-12) have other shapes and are refused, not loaded wrongly.
+ARCH = 2
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"base_filters": 64, "depth": 4, "norm": "batch", "disc_filters": 64},
     "small": {"base_filters": 8, "depth": 4, "norm": "batch", "disc_filters": 16},
@@ -74,14 +83,22 @@ def model_config(preset: str, **overrides: Any) -> dict[str, Any]:
             options that default to ``None`` can be passed straight through.
 
     Returns:
-        ``{"preset", "base_filters", "depth", "norm", "disc_filters"}``.
+        ``{"preset", "arch", "base_filters", "depth", "norm", "disc_filters"}``.
 
     Raises:
-        ValueError: unknown preset, unknown override key or invalid value.
+        ValueError: unknown preset, unknown override key, invalid value, or a saved
+            configuration of another network version (``arch``; missing = version 1).
     """
+    arch = overrides.pop("arch", ARCH)
+    if arch != ARCH:
+        raise ValueError(
+            f"the model was made by an older version of this tool (network version {arch}); "
+            f"its weights do not fit the current network (version {ARCH}, the official CNCL "
+            "layer for layer): train it again"
+        )
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (choose from: {', '.join(PRESETS)})")
-    cfg: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    cfg: dict[str, Any] = {"preset": preset, "arch": ARCH, **PRESETS[preset]}
     for key, value in overrides.items():
         if key not in PRESETS[preset]:
             raise ValueError(
@@ -210,6 +227,63 @@ def _conv_norm_relu(x: keras.KerasTensor, filters: int, norm: str, name: str) ->
     return layers.ReLU(name=f"{name}_relu")(x)  # (B, H, W, filters)
 
 
+def saved_model_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """:func:`model_config` of a run's saved ``config.json`` model section.
+
+    A section without ``arch`` was written before network versions existed (version 1).
+
+    Raises:
+        ValueError: as :func:`model_config`, e.g. for a version-1 model.
+    """
+    saved = dict(saved)
+    return model_config(saved.pop("preset", "small"), **{"arch": 1, **saved})
+
+
+# --------------------------------------------------------------------------------------
+# Up-sampling
+# --------------------------------------------------------------------------------------
+
+
+def _interpolate_axis(x: Any, axis: int) -> Any:
+    """Double ``x`` along ``axis`` (1 or 2) by linear interpolation with aligned corners.
+
+    Output sample ``j`` of ``2n`` sits at input coordinate ``j (n - 1) / (2n - 1)`` (the first
+    and last samples coincide with the input's), as PyTorch's ``UpsamplingBilinear2d``.
+    Works with a dynamic size ``n`` (Keras ops only).
+    """
+    ops = keras.ops
+    n = ops.shape(x)[axis]
+    m = 2 * n
+    step = ops.cast(n - 1, "float32") / ops.cast(ops.maximum(m - 1, 1), "float32")
+    pos = ops.cast(ops.arange(m), "float32") * step  # (2n,) input coordinates
+    lo = ops.floor(pos)
+    frac = ops.cast(pos - lo, x.dtype)
+    lo = ops.cast(lo, "int32")
+    hi = ops.minimum(lo + 1, n - 1)
+    frac = ops.reshape(frac, (1, -1, 1, 1) if axis == 1 else (1, 1, -1, 1))
+    a = ops.take(x, lo, axis=axis)
+    b = ops.take(x, hi, axis=axis)
+    return a + (b - a) * frac
+
+
+@keras.saving.register_keras_serializable(package="cncl")
+class BilinearUpsample2x(layers.Layer):
+    """x2 bilinear up-sampling with aligned corners, for any (also unknown) H and W.
+
+    The official CNCL code up-samples with ``nn.UpsamplingBilinear2d(scale_factor=2)``
+    (``align_corners=True``). Keras' ``UpSampling2D(interpolation="bilinear")`` uses half-pixel
+    centres and needs H and W known when traced, so whole slices of several sizes could not
+    pass through it. Shape contract: ``(B, H, W, C) -> (B, 2H, 2W, C)``.
+    """
+
+    def call(self, x: Any) -> Any:
+        return _interpolate_axis(_interpolate_axis(x, 1), 2)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        b, h, w, c = input_shape
+        return (b, None if h is None else 2 * h, None if w is None else 2 * w, c)
+
+
 # --------------------------------------------------------------------------------------
 # Generator
 # --------------------------------------------------------------------------------------
@@ -222,15 +296,16 @@ def build_unet(
     zero_head: bool = False,
     name: str = "unet",
 ) -> keras.Model:
-    """One CNCL U-Net branch (shape-identical to the official CNCL code).
+    """One CNCL U-Net branch, layer for layer the official CNCL code (``code/model.py``).
 
     Encoder level ``i`` (``i = 0..depth-1``): ``[3x3 conv(base*2^i) -> norm -> ReLU] x2``
     then 2x2 max-pool. Bottleneck: ``3x3 conv(base*2^depth) -> norm -> ReLU -> 3x3
     conv(base*2^(depth-1)) -> norm -> ReLU``. Decoder level ``i`` (deep to shallow):
-    bilinear x2 up-sampling, concat with skip ``i``, ``3x3 conv(base*2^i) -> norm ->
-    ReLU -> 3x3 conv(base*2^(i-1)) -> norm -> ReLU``; at ``i = 0`` the second conv
-    goes to ``base//2`` channels and is linear, followed by a linear 3x3 conv head to
-    one channel. With ``base=64, depth=4`` this has 21.95M parameters.
+    bilinear x2 up-sampling (aligned corners), concat ``[up, skip i]``, then for ``i > 0``
+    ``3x3 conv(base*2^i) -> norm -> ReLU -> 3x3 conv(base*2^(i-1)) -> norm -> ReLU``; the
+    finest level ``i = 0`` is linear: ``3x3 conv(base/2)`` then the ``3x3 conv(1)`` head
+    (no norm, no ReLU). With ``base=64, depth=4``: 21,912,513 trainable parameters, as the
+    official branch.
 
     Args:
         base_filters: Channels of the first encoder level.
@@ -262,16 +337,15 @@ def build_unet(
     x = _conv_norm_relu(x, base_filters * 2**depth, norm, "mid_a")  # (..., base*2^depth)
     x = _conv_norm_relu(x, base_filters * 2 ** (depth - 1), norm, "mid_b")  # base*2^(d-1)
     for i in reversed(range(depth)):
-        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{i}_up")(x)
-        # (B, H/2^i, W/2^i, base*2^i)
-        x = layers.Concatenate(axis=-1, name=f"dec{i}_cat")([skips[i], x])
-        # (B, H/2^i, W/2^i, base*2^(i+1))
-        x = _conv_norm_relu(x, base_filters * 2**i, norm, f"dec{i}_a")  # (..., base*2^i)
+        x = BilinearUpsample2x(name=f"dec{i}_up")(x)  # (B, H/2^i, W/2^i, base*2^max(i-1,0))
+        x = layers.Concatenate(axis=-1, name=f"dec{i}_cat")([x, skips[i]])
+        # (B, H/2^i, W/2^i, base*2^i + base*2^max(i-1,0))
         if i > 0:
+            x = _conv_norm_relu(x, base_filters * 2**i, norm, f"dec{i}_a")  # (..., base*2^i)
             x = _conv_norm_relu(x, base_filters * 2 ** (i - 1), norm, f"dec{i}_b")
             # (B, H/2^i, W/2^i, base*2^(i-1))
         else:
-            x = _conv(x, base_filters // 2, "dec0_b_conv")  # (B, H, W, base/2), linear
+            x = _conv(x, base_filters // 2, "dec0_a_conv")  # (B, H, W, base/2), linear
     out = _conv(
         x,
         1,
@@ -341,11 +415,14 @@ def build_generator(
 
 
 def build_discriminator(base_filters: int = 64, name: str = "cncl_discriminator") -> keras.Model:
-    """Conditional PatchGAN discriminator of the official CNCL code.
+    """Conditional PatchGAN discriminator, layer for layer the official CNCL code.
 
-    Four 4x4 stride-2 'same' convs with ``base, 2*base, 4*base, 8*base`` filters
-    (64-128-256-512 in the paper), each followed by LeakyReLU(0.2); instance norm
-    on all but the first. A final 4x4 stride-1 conv gives one logit per patch.
+    Four 4x4 stride-2 convs (padding 1) with ``base, 2*base, 4*base, 8*base`` filters
+    (64-128-256-512 in the paper), each followed by LeakyReLU(0.2); instance norm without
+    affine parameters on all but the first. Then zero padding of 1 on the top and left only
+    and a bias-free 4x4 conv with padding 1 (official ``ZeroPad2d((1, 0, 1, 0))``): one logit
+    per patch. Receptive field of a logit: 94 x 94 pixels. With ``base=64``: 2,764,736
+    parameters, as the official discriminator.
 
     Shape contract: input ``(B, H, W, 3) = concat[content, noise, LD]`` with
     ``H % 16 == 0`` and ``W % 16 == 0``; output ``(B, H/16, W/16, 1)`` float32
@@ -364,9 +441,15 @@ def build_discriminator(base_filters: int = 64, name: str = "cncl_discriminator"
         x = _conv(x, base_filters * 2**i, f"d{i}_conv", kernel_size=4, strides=2)
         # (B, H/2^(i+1), W/2^(i+1), base*2^i)
         if i > 0:
-            x = layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"d{i}_norm")(x)
+            x = layers.GroupNormalization(
+                groups=-1, epsilon=1e-5, center=False, scale=False, name=f"d{i}_norm"
+            )(x)
         x = layers.LeakyReLU(negative_slope=0.2, name=f"d{i}_lrelu")(x)
-    out = _conv(x, 1, "patch_logits", kernel_size=4, dtype="float32")  # (B, H/16, W/16, 1)
+    # Official: ZeroPad2d((1, 0, 1, 0)) then Conv2d(k=4, padding=1): 2 before, 1 after.
+    x = layers.ZeroPadding2D(((2, 1), (2, 1)), name="patch_pad")(x)  # (B, H/16 + 3, ., 8*base)
+    out = layers.Conv2D(
+        1, 4, padding="valid", use_bias=False, dtype="float32", name="patch_logits"
+    )(x)  # (B, H/16, W/16, 1)
     return keras.Model(inp, out, name=name)
 
 
@@ -464,9 +547,12 @@ class CNCLGAN(keras.Model):
 
     * D (least squares): ``0.5 * (mean((D(fd, ld - fd, ld) - 1)^2) +
       mean(D(c, n, ld)^2))``.
-    * G: ``adv_weight * mean((D(c, n, ld) - 1)^2) + lambda_l1 * (|c - fd|_1 +
-      |n - (ld - fd)|_1)`` (L1 as mean absolute error). ``adv_weight = 0`` drops
-      the adversarial term; D is then neither evaluated nor updated.
+    * G: ``adv_weight * mean((D(c, n, ld) - 1)^2) + lambda_l1 * mean(|[c, n] - [fd, ld - fd]|)``
+      -- the official expression: the L1 mean runs over both outputs, i.e.
+      ``lambda_l1 * (l1_content + l1_noise) / 2``. ``adv_weight = 0`` drops the adversarial
+      term; D is then neither evaluated nor updated. The balance of the two terms depends on
+      the image units: see ``Mytrain.RECIPES`` for the official balance in this project's
+      normalisation.
 
     D and G are updated simultaneously from one generator forward pass (the G
     adversarial term uses D before its update, as in the TF pix2pix tutorial).
@@ -478,7 +564,9 @@ class CNCLGAN(keras.Model):
 
     Train logs: ``d_loss, g_adv, l1_content, l1_noise`` (``d_loss``/``g_adv`` stay 0
     when ``adv_weight = 0``). Test logs: ``psnr, ssim`` (:func:`hu_metrics`, default
-    window) and ``l1_content``.
+    window) and ``l1_content``. Test data may carry a third element, a per-image weight
+    (``(ld, fd, w)``): weight-0 images pad a validation batch so that every replica gets
+    one, and count in no metric.
 
     Args:
         generator: Model from :func:`build_generator`.
@@ -532,12 +620,22 @@ class CNCLGAN(keras.Model):
             **kwargs: Passed to ``keras.Model.compile`` (e.g. ``jit_compile``,
                 ``steps_per_execution``, ``run_eagerly``).
         """
-        super().compile(**kwargs)
         if keras.mixed_precision.global_policy().name == "mixed_float16":
+            if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+                # LossScaleOptimizer decides "all gradients finite" per replica, before the
+                # gradients are all-reduced: replicas could disagree and diverge.
+                raise ValueError(
+                    "mixed_float16 with several replicas is not supported (each replica "
+                    "would decide on its own whether to skip a step with overflowing "
+                    "gradients); train in float32 or on one device"
+                )
             if not isinstance(g_optimizer, keras.optimizers.LossScaleOptimizer):
                 g_optimizer = keras.optimizers.LossScaleOptimizer(g_optimizer)
             if not isinstance(d_optimizer, keras.optimizers.LossScaleOptimizer):
                 d_optimizer = keras.optimizers.LossScaleOptimizer(d_optimizer)
+        # model.optimizer is the generator's (TensorBoard counts steps with its iterations);
+        # no unused default optimizer is created or saved.
+        super().compile(optimizer=g_optimizer, **kwargs)
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.lambda_l1 = float(lambda_l1)
@@ -565,6 +663,13 @@ class CNCLGAN(keras.Model):
         ld, fd = data[0], data[1]
         return tf.cast(ld, tf.float32), tf.cast(fd, tf.float32)
 
+    @staticmethod
+    def _weights(data: Any, batch: tf.Tensor) -> tf.Tensor:
+        """Per-image weights ``(B,)``: the third element of ``data``, else ones."""
+        if isinstance(data, (tuple, list)) and len(data) > 2 and data[2] is not None:
+            return tf.reshape(tf.cast(data[2], tf.float32), [-1])
+        return tf.ones([tf.shape(batch)[0]], tf.float32)
+
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         ld, fd = self._unpack(data)  # (B, H, W, 1) each
         noise_ref = ld - fd
@@ -574,7 +679,7 @@ class CNCLGAN(keras.Model):
             content, noise = self.generator(ld, training=True)
             l1_c = _per_example_mean(tf.abs(content - fd))  # (B,)
             l1_n = _per_example_mean(tf.abs(noise - noise_ref))  # (B,)
-            g_per_example = self.lambda_l1 * (l1_c + l1_n)
+            g_per_example = self.lambda_l1 * 0.5 * (l1_c + l1_n)  # mean over both outputs
             if use_adv:
                 real = tf.concat([fd, noise_ref, ld], axis=-1)  # (B, H, W, 3)
                 fake = tf.concat([content, noise, ld], axis=-1)  # (B, H, W, 3)
@@ -612,11 +717,15 @@ class CNCLGAN(keras.Model):
 
     def test_step(self, data: Any) -> dict[str, tf.Tensor]:
         ld, fd = self._unpack(data)
+        w = self._weights(data, ld)  # (B,)
         content = self(ld, training=False)
         scores = hu_metrics(content, fd)
-        self.psnr_tracker.update_state(scores["psnr"])
-        self.ssim_tracker.update_state(scores["ssim"])
-        self.l1_content_tracker.update_state(_per_example_mean(tf.abs(content - fd)))
+        scores["l1"] = _per_example_mean(tf.abs(content - fd))
+        # weight 0 must not turn an infinite PSNR (identical images) into NaN
+        scores = {k: tf.where(w > 0, v, tf.zeros_like(v)) for k, v in scores.items()}
+        self.psnr_tracker.update_state(scores["psnr"], sample_weight=w)
+        self.ssim_tracker.update_state(scores["ssim"], sample_weight=w)
+        self.l1_content_tracker.update_state(scores["l1"], sample_weight=w)
         return {
             m.name: m.result()
             for m in (self.psnr_tracker, self.ssim_tracker, self.l1_content_tracker)

@@ -350,9 +350,9 @@ def load_generator(model_cfg: dict, weights: Path):
     import Mymodel
 
     try:
-        gen = Mymodel.build_generator(int(model_cfg["base_filters"]), int(model_cfg["depth"]),
-                                      str(model_cfg["norm"]))
-    except ValueError as e:
+        cfg = Mymodel.saved_model_config(model_cfg)  # refuses an older network version
+        gen = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
+    except (ValueError, TypeError) as e:
         raise ctio.CTDataError(f"config.json model section: {e}") from None
     try:
         with warnings.catch_warnings():

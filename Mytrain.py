@@ -37,6 +37,44 @@ DEMO_DIR = REPO / "data" / "demo"  # where the built-in demo dataset is created
 CONFIG_VERSION = 1
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
+# The official loss balance in this project's normalisation. The official code normalises each
+# image as (HU - mean_LD) / var_LD, so an L1 error there is 4096 / var_LD times the same error in
+# (HU + 1024) / 4096 units; its lambda 100 is therefore 100 * 4096 / var_LD here. var_LD measured
+# on the 7 real quarter-dose slices in ../shared/data (L506 x 6, L067 x 1): 213,000-251,000 HU^2
+# (std 462-501 HU), median 236,727 -> 1.73 (range 1.63-1.92).
+OFFICIAL_LAMBDA = 1.73
+
+# Training recipes: every flag below, filled in where the command line leaves it unset.
+RECIPES: dict[str, dict] = {
+    # The official code's training (code/train.py): the paper network, whole 512^2 slices,
+    # batch 2, Adam 2e-5 (0.5, 0.999), no augmentation, 300 passes over the data.
+    "paper": {"preset": "paper", "epochs": 300, "steps_per_epoch": 0, "batch": 2, "patch": 0,
+              "lr": 2e-5, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
+              "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": False},
+    # Fast CPU recipe: small network, 128^2 patches (larger than the discriminator's 94-pixel
+    # receptive field, so the adversarial term sees texture), augmentation.
+    "cpu": {"preset": "small", "epochs": 10, "steps_per_epoch": 100, "batch": 4, "patch": 128,
+            "lr": 2e-4, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
+            "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": True},
+}
+DEFAULT_RECIPE = "cpu"
+
+
+def _recipe_help() -> str:
+    lines = [f"{name}: " + ", ".join(f"{k.replace('_', '-')} {v:g}" if isinstance(v, float)
+                                     else f"{k.replace('_', '-')} {v}" for k, v in r.items())
+             for name, r in RECIPES.items()]
+    return ("training recipe: defaults for the flags it names; flags given explicitly win. "
+            + "; ".join(lines))
+
+
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every flag the command line left unset (None) from ``args.recipe``."""
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ctio.ArgumentParser(
@@ -51,21 +89,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="simulate this dose fraction for full-dose-only slices")
     ap.add_argument("--out", default=None,
                     help="run folder; default runs/<preset>-<data name>")
-    ap.add_argument("--preset", default="small", help="model preset: small or paper")
-    ap.add_argument("--epochs", type=int, default=10, help="total number of epochs")
-    ap.add_argument("--steps-per-epoch", type=int, default=100, help="batches per epoch")
-    ap.add_argument("--batch", type=int, default=16, help="global batch size (patches)")
-    ap.add_argument("--patch", type=int, default=64,
-                    help="patch size; 0 trains on whole slices")
+    ap.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                    help=_recipe_help())
+    ap.add_argument("--preset", default=None, help="model preset: small or paper (recipe)")
+    ap.add_argument("--epochs", type=int, default=None, help="total number of epochs (recipe)")
+    ap.add_argument("--steps-per-epoch", type=int, default=None,
+                    help="batches per epoch; 0: one pass over the training slices (recipe)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="global batch size (patches or slices) (recipe)")
+    ap.add_argument("--patch", type=int, default=None,
+                    help="patch size; 0 trains on whole slices (recipe)")
     ap.add_argument("--patches-per-slice", type=int, default=8,
                     help="random patches cut from each decoded slice")
-    ap.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (both networks)")
-    ap.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
-                    help="learning-rate schedule over the whole run")
-    ap.add_argument("--lambda-l1", type=float, default=100.0,
-                    help="weight of L1(content) + L1(noise) against the adversarial loss")
-    ap.add_argument("--adv-weight", type=float, default=1.0,
-                    help="weight of the adversarial term (0: L1 only, no discriminator updates)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="Adam learning rate, both networks (recipe)")
+    ap.add_argument("--beta-1", type=float, default=None, help="Adam beta_1 (recipe)")
+    ap.add_argument("--beta-2", type=float, default=None, help="Adam beta_2 (recipe)")
+    ap.add_argument("--lr-decay", choices=("none", "cosine"), default=None,
+                    help="learning-rate schedule over the whole run (recipe)")
+    ap.add_argument("--lambda-l1", type=float, default=None,
+                    help="weight of mean(|content - FD|, |noise - (LD - FD)|) against the "
+                    f"adversarial loss; {OFFICIAL_LAMBDA} is the official balance in this "
+                    "normalisation (recipe)")
+    ap.add_argument("--adv-weight", type=float, default=None,
+                    help="weight of the adversarial term (0: L1 only, no discriminator "
+                    "updates) (recipe)")
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients; default the last patient, 'none' for none")
     ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",
@@ -79,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "training time; 0: none)")
     ap.add_argument("--val-slices", type=int, default=8,
                     help="at most this many whole validation slices (evenly spaced)")
-    ap.add_argument("--no-augment", action="store_true", help="no flips / rotations")
+    ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                    help="random flips / 90-degree rotations (recipe)")
     ap.add_argument("--keep-air", action="store_true",
                     help="do not skip air-only patches")
     ap.add_argument("--seed", type=int, default=0, help="seed for Python, NumPy and TF")
@@ -101,9 +150,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- Checks that need no TensorFlow -------------------------------------------------------------
 def check_args(args) -> None:
     """Fail fast on bad flags, before the slow TensorFlow import."""
-    for name in ("epochs", "steps_per_epoch", "batch", "patches_per_slice", "val_slices"):
+    for name in ("epochs", "batch", "patches_per_slice", "val_slices"):
         if getattr(args, name) < 1:
             raise ctio.CTDataError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.steps_per_epoch < 0:
+        raise ctio.CTDataError("--steps-per-epoch must be 0 (one pass) or positive")
+    if args.time_limit < 0:
+        raise ctio.CTDataError("--time-limit must be 0 (none) or positive minutes")
+    if not (0 <= args.beta_1 < 1 and 0 <= args.beta_2 < 1):
+        raise ctio.CTDataError("--beta-1 and --beta-2 must be in [0, 1)")
     if getattr(args, "snapshot_every", 0) < 0:
         raise ctio.CTDataError("--snapshot-every must be 0 (none) or positive")
     if args.patch < 0:
@@ -250,8 +305,10 @@ def prepare_for_fit(gan, strategy, size: int, n_workers: int, tf) -> None:
     import numpy as np
 
     mwms = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    # Built here whatever the strategy: without validation nothing else builds the wrapper
+    # before the first checkpoint is saved.
+    gan(np.zeros((1, size, size, 1), np.float32))
     if mwms:
-        gan(np.zeros((1, size, size, 1), np.float32))
         gan._maybe_symbolic_build = lambda *args, **kwargs: None
     if strategy.num_replicas_in_sync == 1:
         return
@@ -390,7 +447,7 @@ def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, ker
 
         def __init__(self, batch):
             super().__init__()
-            self.ld, self.fd = batch
+            self.ld, self.fd = batch[0], batch[1]
             self.writer = tf.summary.create_file_writer(str(write_dir / "tensorboard" / "images"))
 
         def on_epoch_end(self, epoch, logs=None):
@@ -450,11 +507,12 @@ def main(argv=None) -> int:
         cfg = load_config(out)
         saved_model = cfg["model"]
         epochs = args.epochs
-        args = argparse.Namespace(**{**cfg["train"], "epochs": epochs, "resume": True,
-                                     "verbose": args.verbose, "strategy": args.strategy,
-                                     "out": str(out)})
+        args = argparse.Namespace(**{"recipe": DEFAULT_RECIPE, **cfg["train"], "epochs": epochs,
+                                     "resume": True, "verbose": args.verbose,
+                                     "strategy": args.strategy, "out": str(out)})
     else:
         saved_model = None
+    args = apply_recipe(args)  # a resumed run's config.json holds every value already
     check_args(args)
     if n_workers > 1 and getattr(args, "time_limit", 0.0):
         raise ctio.CTDataError("--time-limit is for single-machine runs: each worker would stop "
@@ -476,6 +534,10 @@ def main(argv=None) -> int:
     if exclude:
         dataset = dataset.for_patients([p for p in dataset.patients if p not in exclude])
     split = loader.split_patients(dataset, args.val_patients)
+    split.val = loader.pick_val_slices(split.val, args.val_slices)
+    if args.steps_per_epoch == 0:  # one pass over the training slices (or their patches)
+        per_slice = args.patches_per_slice if args.patch else 1
+        args.steps_per_epoch = max(1, -(-len(split.train) * per_slice // args.batch))
 
     tf = ctio.import_tensorflow()
     import keras
@@ -483,10 +545,11 @@ def main(argv=None) -> int:
     import Mymodel
 
     try:  # a resumed run rebuilds exactly the saved model, even if the preset changed since
-        model_cfg = (Mymodel.model_config(**saved_model) if saved_model
+        model_cfg = (Mymodel.saved_model_config(saved_model) if saved_model
                      else Mymodel.model_config(args.preset))
     except (ValueError, TypeError) as e:
-        raise ctio.CTDataError(f"--preset: {e}") from None
+        raise ctio.CTDataError(f"{out / 'config.json'}: {e}" if saved_model
+                               else f"--preset: {e}") from None
     multiple = 2 ** model_cfg["depth"]
     if args.patch % multiple:
         raise ctio.CTDataError(f"--patch {args.patch} is not divisible by 2^depth = {multiple} "
@@ -510,10 +573,12 @@ def main(argv=None) -> int:
     train_ds = loader.make_train_dataset(
         split.train, patch=args.patch, batch=args.batch,
         patches_per_slice=args.patches_per_slice, simulate_dose=args.simulate_dose,
-        seed=args.seed, augment_data=not args.no_augment, skip_air=not args.keep_air)
+        seed=args.seed, augment_data=args.augment, skip_air=not args.keep_air,
+        multiple=multiple)
     val_ds = None
-    if split.val:
-        val_ds = loader.make_val_dataset(split.val, multiple=multiple, max_slices=args.val_slices,
+    if split.val:  # one whole slice per replica and step, never an empty batch
+        val_ds = loader.make_val_dataset(split.val, multiple=multiple,
+                                         replicas=strategy.num_replicas_in_sync,
                                          simulate_dose=args.simulate_dose, seed=args.seed)
     if n_workers > 1:
         train_ds = shard_by_data(train_ds, tf)
@@ -530,10 +595,15 @@ def main(argv=None) -> int:
                 return keras.optimizers.schedules.CosineDecay(args.lr, total_steps, alpha=0.05)
             return args.lr
 
-        gan.compile(g_optimizer=keras.optimizers.Adam(lr(), beta_1=0.5),
-                    d_optimizer=keras.optimizers.Adam(lr(), beta_1=0.5),
-                    lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
-                    jit_compile=bool(getattr(args, "jit", False)))
+        def adam():
+            return keras.optimizers.Adam(lr(), beta_1=args.beta_1, beta_2=args.beta_2)
+
+        try:
+            gan.compile(g_optimizer=adam(), d_optimizer=adam(),
+                        lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
+                        jit_compile=bool(getattr(args, "jit", False)))
+        except ValueError as e:
+            raise ctio.CTDataError(f"--mixed-precision: {e}") from None
     prepare_for_fit(gan, strategy, multiple, n_workers, tf)
 
     state = {"epoch": 0, "history": []}

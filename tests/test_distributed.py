@@ -43,15 +43,17 @@ def tf_configs(n: int) -> list[str]:
             for i in range(n)]
 
 
-def start(cmd: list, log: Path, **env) -> subprocess.Popen:
+def start(cmd: list, log: Path, onednn: str = "1", **env) -> subprocess.Popen:
     """A process in its own group (so all of it can be killed), output to `log`.
 
-    Without TF_ENABLE_ONEDNN_OPTS (`make train-mayo` sets it): TF 2.21's oneDNN Conv2D gives an
-    empty batch the wrong shape, and multi-worker validation hands workers such batches."""
-    base = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    TF_ENABLE_ONEDNN_OPTS is always set explicitly: unset, TensorFlow decides by the CPU (on with
+    AVX-512 VNNI / AMX), so a test that leaves it unset tests a different path on each machine.
+    "1" is the default here because it is the path that used to fail (TF 2.21's oneDNN Conv2D
+    gives an empty batch the wrong shape; validation must never hand a replica one)."""
     with open(log, "w") as f:
         return subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
-                                cwd=REPO, env={**base, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+                                cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                               "TF_ENABLE_ONEDNN_OPTS": onednn, **env},
                                 start_new_session=True)
 
 
@@ -96,11 +98,12 @@ def history_epochs(run: Path) -> list[int]:
 # --- (1) Two workers: train, be interrupted, restart with the same command ------------------
 @pytest.mark.slow
 def test_two_workers_train_and_restart_after_interruption(mayo_tree, tmp_path):
-    """Two workers train 2 epochs; only the chief writes. Worker 1 is killed after epoch 1, the
-    chief stops with one error line, and the same two commands run again continue from the
+    """Two workers train 2 epochs with validation (3 slices of P02: one worker gets a weight-0
+    copy at the last step), oneDNN on; only the chief writes. Worker 1 is killed after epoch 1,
+    the chief stops with one error line, and the same two commands run again continue from the
     chief's BackupAndRestore backup; the finished run looks like any other."""
     outs = [tmp_path / "run", tmp_path / "run-worker1"]  # different --out: nothing may land in #1
-    args = ["--data", mayo_tree, *TRAIN, "--val-patients", "none", "--epochs", "2"]
+    args = ["--data", mayo_tree, *TRAIN, "--val-slices", "3", "--epochs", "2"]
     meta = outs[0] / "backup" / "training_metadata.json"
 
     procs, logs = start_workers(tmp_path, outs, args, "first", tf_configs(2))
@@ -130,6 +133,9 @@ def test_two_workers_train_and_restart_after_interruption(mayo_tree, tmp_path):
         assert "Epoch 1/2" not in t and "Epoch 2/2" in t, t
 
     assert history_epochs(outs[0]) == [1, 2]
+    with open(outs[0] / "history.csv") as f:
+        psnr = [float(r["val_psnr"]) for r in csv.DictReader(f)]
+    assert all(10 < p < 80 for p in psnr), psnr  # a mean over real slices, not halved by padding
     weights = [p for p in tmp_path.rglob("generator_latest.weights.h5")
                if not any(k in p.parents for k in killed)]
     assert weights == [outs[0] / "generator_latest.weights.h5"], weights
@@ -167,7 +173,13 @@ def one_step(out: Path) -> None:
     ld = (fd + rng.normal(0, 0.01, fd.shape)).astype(np.float32)
     fd[..., 0] += np.arange(4)[:, None, None] * 0.01  # sample id: round((mean - 0.25) * 100)
     train = tf.data.Dataset.from_tensor_slices((ld, fd)).batch(4, drop_remainder=True).repeat()
-    val = tf.data.Dataset.from_tensor_slices((ld[:3], fd[:3])).batch(1)  # 3 batches of 1
+    # 3 validation images, one per replica and step (as Mytrain's validation): padded with a
+    # weight-0 copy for two replicas, so no replica ever gets an empty batch
+    import MyDataLoader_train as loader
+
+    order, w = loader.replica_order([ld.shape[1:]] * 3, strategy.num_replicas_in_sync)
+    val = tf.data.Dataset.from_tensor_slices((ld[order], fd[order], np.float32(w)))
+    val = val.batch(strategy.num_replicas_in_sync)
     if n_workers > 1:
         train, val = Mytrain.shard_by_data(train, tf), Mytrain.shard_by_data(val, tf)
 
@@ -201,17 +213,29 @@ def one_step(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_one_worker_and_two_workers_take_the_same_step(tmp_path):
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_one_worker_and_two_workers_take_the_same_step(tmp_path, onednn):
+    """The same step and validation figures on one and on two workers, with TF's oneDNN
+    kernels forced off and on (unset, TF chooses by the CPU)."""
     helper = [sys.executable, Path(__file__).resolve(), "one-step", tmp_path]
-    procs = [start(helper, tmp_path / "single.log", TF_CONFIG="")]
-    procs += [start(helper, tmp_path / f"w{i}.log", TF_CONFIG=c)
+    other = tmp_path / "other"  # one worker with the other kernel library
+    other.mkdir()
+    procs = [start(helper, tmp_path / "single.log", onednn, TF_CONFIG="")]
+    procs += [start(helper, tmp_path / f"w{i}.log", onednn, TF_CONFIG=c)
               for i, c in enumerate(tf_configs(2))]
+    procs.append(start([*helper[:-1], other], tmp_path / "other.log",
+                       "1" if onednn == "0" else "0", TF_CONFIG=""))
     codes = wait_all(procs)
-    logs = {n: (tmp_path / f"{n}.log").read_text() for n in ("single", "w0", "w1")}
-    assert codes == [0, 0, 0], logs
+    logs = {n: (tmp_path / f"{n}.log").read_text() for n in ("single", "w0", "w1", "other")}
+    assert codes == [0, 0, 0, 0], logs
 
     res = {n: json.loads((tmp_path / f"{n}.json").read_text())
            for n in ("single", "worker0", "worker1")}
+    # oneDNN on and off: the same losses and validation figures (float32 summation order).
+    flipped = json.loads((other / "single.json").read_text())
+    for part in ("logs", "val"):
+        for k, v in res["single"][part].items():
+            assert flipped[part][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (part, k)
     # The global batch of 4 is split 2 + 2 over the workers, without overlap.
     assert res["single"]["local_batches"] == [4]
     assert res["worker0"]["replicas"] == 2

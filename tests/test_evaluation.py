@@ -27,8 +27,7 @@ def make_run(root: Path) -> Path:
 
     run = root / "tiny"
     run.mkdir(parents=True)
-    cfg = {"model": {"preset": "small", "base_filters": 8, "depth": 3, "norm": "batch",
-                     "disc_filters": 8},
+    cfg = {"model": Mymodel.model_config("small", base_filters=8, depth=3, disc_filters=8),
            "normalization": {"hu_min": -1024, "hu_max": 3072}}
     (run / "config.json").write_text(json.dumps(cfg))
     Mymodel.build_generator(8, 3, "batch").save_weights(str(run / "generator_best.weights.h5"))

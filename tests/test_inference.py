@@ -29,8 +29,8 @@ def make_run(root: Path, base: int = BASE, depth: int = DEPTH) -> Path:
 
     run = root / "tiny"
     run.mkdir(parents=True)
-    cfg = {"model": {"preset": "small", "base_filters": base, "depth": depth, "norm": "batch",
-                     "disc_filters": 8},
+    cfg = {"model": Mymodel.model_config("small", base_filters=base, depth=depth,
+                                         disc_filters=8),
            "normalization": {"hu_min": -1024, "hu_max": 3072}}
     (run / "config.json").write_text(json.dumps(cfg))
     Mymodel.build_generator(base, depth, "batch").save_weights(

@@ -10,6 +10,7 @@ import tensorflow as tf
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import Mymodel
+import Mytrain
 from ctio import EVAL_WINDOW, HU_MAX, HU_MIN, normalize, set_seed
 
 
@@ -50,7 +51,8 @@ def _gan(preset: str = "small", **overrides) -> Mymodel.CNCLGAN:
 def test_model_config_presets_and_errors():
     paper = Mymodel.model_config("paper")
     assert paper == {
-        "preset": "paper", "base_filters": 64, "depth": 4, "norm": "batch", "disc_filters": 64
+        "preset": "paper", "arch": Mymodel.ARCH, "base_filters": 64, "depth": 4, "norm": "batch",
+        "disc_filters": 64,
     }
     small = Mymodel.model_config("small", depth=4, norm=None)
     assert small["depth"] == 4 and small["norm"] == Mymodel.PRESETS["small"]["norm"]
@@ -61,6 +63,16 @@ def test_model_config_presets_and_errors():
         Mymodel.model_config("small", norm="layer")
     with pytest.raises(ValueError):
         Mymodel.model_config("small", width=3)
+
+
+def test_saved_config_of_the_previous_network_is_refused():
+    """A config.json model section written before network versions (no "arch") describes the
+    version-1 network, whose weights have other shapes: refused with one sentence."""
+    old = {"preset": "small", "base_filters": 8, "depth": 4, "norm": "batch", "disc_filters": 16}
+    with pytest.raises(ValueError, match="older version of this tool.*train it again"):
+        Mymodel.saved_model_config(old)
+    assert Mymodel.saved_model_config(Mymodel.model_config("small")) == \
+        Mymodel.model_config("small")
 
 
 # ------------------------------------------------------------------ architecture
@@ -85,12 +97,68 @@ def test_generator_shapes_dtype_and_identity_init(depth, h, w, norm):
     assert np.max(np.abs(g(x, training=True)[0].numpy() - x)) < 1e-5
 
 
-def test_paper_generator_param_count():
-    cfg = Mymodel.model_config("paper")
-    g = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
-    n = g.count_params()
-    assert abs(n - 44e6) / 44e6 < 0.05, n
-    assert g.get_layer("content_unet").count_params() == g.get_layer("noise_unet").count_params()
+def _trainable(model: keras.Model) -> int:
+    return int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+
+def test_paper_models_have_the_official_parameter_counts():
+    """Exact counts of the official code's modules (parameters its forward pass uses: its
+    generator also defines two BatchNorm layers per branch that forward never calls)."""
+    g, d = Mymodel.build_models(Mymodel.model_config("paper"))
+    assert _trainable(g) == 43_825_029
+    assert _trainable(g.get_layer("content_unet")) == _trainable(g.get_layer("noise_unet")) \
+        == 21_912_513
+    assert _trainable(d) == 2_764_736
+
+
+# One U-Net branch of the official code/model.py, in forward order: (conv in, conv out,
+# followed by BatchNorm + ReLU). Written from the official module, not from Mymodel.
+OFFICIAL_BRANCH = [
+    (1, 64, True), (64, 64, True), (64, 128, True), (128, 128, True),
+    (128, 256, True), (256, 256, True), (256, 512, True), (512, 512, True),
+    (512, 1024, True), (1024, 512, True),  # bottleneck conv5_1, conv5_2
+    (1024, 512, True), (512, 256, True), (512, 256, True), (256, 128, True),
+    (256, 128, True), (128, 64, True), (128, 32, False), (32, 1, False),  # linear finest level
+]
+
+
+def test_paper_branch_layer_sequence_matches_the_official_code():
+    branch = Mymodel.build_unet(64, 4, "batch")
+    convs = []
+    for i, layer in enumerate(branch.layers):
+        if isinstance(layer, keras.layers.Conv2D):
+            nxt = [type(x).__name__ for x in branch.layers[i + 1:i + 3]]
+            convs.append((layer.kernel.shape[2], layer.kernel.shape[3],
+                          nxt == ["BatchNormalization", "ReLU"]))
+            assert layer.kernel.shape[:2] == (3, 3) and layer.use_bias
+    assert convs == OFFICIAL_BRANCH
+    ups = [x for x in branch.layers if isinstance(x, Mymodel.BilinearUpsample2x)]
+    assert len(ups) == 4
+    # Official concatenation order is [up-sampled, skip]: the first 512 input channels of
+    # dec3_a come from the up-sampled bottleneck.
+    cat = branch.get_layer("dec3_cat")
+    assert cat.input[0] is ups[0].output
+
+
+def test_upsampling_matches_aligned_corner_bilinear_for_any_size():
+    """BilinearUpsample2x = PyTorch UpsamplingBilinear2d (align_corners=True), also traced
+    with unknown H and W (whole slices of several sizes)."""
+    x = np.random.default_rng(0).random((2, 5, 3, 2)).astype(np.float32)
+
+    def ref(a, axis):
+        n = a.shape[axis]
+        pos = np.arange(2 * n) * (n - 1) / (2 * n - 1)
+        lo = np.floor(pos).astype(int)
+        frac = (pos - lo).reshape([-1 if k == axis else 1 for k in range(4)])
+        return np.take(a, lo, axis) * (1 - frac) + np.take(a, np.minimum(lo + 1, n - 1),
+                                                              axis) * frac
+
+    layer = Mymodel.BilinearUpsample2x()
+    fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, None, 2])])
+    for arr in (x, x[:, :4, :2]):
+        out = fn(arr).numpy()
+        np.testing.assert_allclose(out, ref(ref(arr, 1), 2), atol=1e-6)
+        assert out[0, 0, 0, 0] == arr[0, 0, 0, 0] and out[0, -1, -1, 1] == arr[0, -1, -1, 1]
 
 
 def test_discriminator_patch_shape():
@@ -154,6 +222,43 @@ def test_training_lowers_l1_and_updates_both_branches():
     assert not np.allclose(gan.discriminator.get_layer("d0_conv").kernel.numpy(), d_before)
     denoised = gan.predict(ld, verbose=0)
     assert denoised.shape == ld.shape and denoised.dtype == np.float32
+
+
+def test_adversarial_step_moves_the_generator_differently_from_l1_only():
+    """One step on the same batch from the same weights: with the adversarial term the
+    generator update differs from the L1-only update (the term is not inert), and both share
+    the L1 part (loss = mean over both outputs, the official expression)."""
+    ld, fd = _synthetic_pairs(2, 32)
+    steps = {}
+    for adv in (0.0, 1.0):
+        set_seed(7)
+        gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+        gan.compile(keras.optimizers.SGD(1e-2), keras.optimizers.SGD(1e-2),
+                    lambda_l1=Mytrain.OFFICIAL_LAMBDA, adv_weight=adv, run_eagerly=True)
+        before = [w.numpy().copy() for w in gan.generator.trainable_weights]
+        logs = gan.train_on_batch(ld, fd, return_dict=True)
+        steps[adv] = np.concatenate([(w.numpy() - b).ravel() for w, b in
+                                     zip(gan.generator.trainable_weights, before)])
+        assert (logs["g_adv"] > 0) == (adv > 0), logs
+    diff = np.linalg.norm(steps[1.0] - steps[0.0]) / np.linalg.norm(steps[0.0])
+    assert diff > 0.05, diff  # the adversarial gradient is a sizeable part of the update
+
+
+def test_validation_weights_leave_padding_out_of_the_metrics():
+    """Weight-0 images (validation padding for several replicas) change no metric, even when
+    their PSNR is infinite."""
+    ld, fd = _synthetic_pairs(3, 32)
+    gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+    gan.compile(_adam(), _adam())
+    plain = gan.evaluate(tf.data.Dataset.from_tensor_slices((ld[:2], fd[:2])).batch(2),
+                         return_dict=True, verbose=0)
+    ident = gan.predict(ld[2:], verbose=0)  # a padding image scored against itself: PSNR inf
+    padded = tf.data.Dataset.from_tensor_slices(
+        (np.concatenate([ld[:2], ld[2:]]), np.concatenate([fd[:2], ident]),
+         np.float32([1, 1, 0]))).batch(3)
+    res = gan.evaluate(padded, return_dict=True, verbose=0)
+    for k in plain:
+        assert res[k] == pytest.approx(plain[k], rel=1e-6), k
 
 
 def test_adv_weight_zero_trains_l1_only_and_validates():

@@ -196,8 +196,8 @@ def make_run(run: Path, base: int = BASE, depth: int = DEPTH, model: dict = None
     import Mymodel
 
     run.mkdir(parents=True)
-    model = model or {"preset": "small", "base_filters": base, "depth": depth, "norm": "batch",
-                      "disc_filters": 8}
+    model = model or Mymodel.model_config("small", base_filters=base, depth=depth,
+                                          disc_filters=8)
     (run / "config.json").write_text(json.dumps(
         {"model": model, "normalization": {"hu_min": ctio.HU_MIN, "hu_max": ctio.HU_MAX}}))
     Mymodel.build_generator(base, depth, "batch").save_weights(

@@ -7,7 +7,7 @@ import sys
 
 import h5py
 import pytest
-from conftest import REPO
+from conftest import REPO, write_mayo_tree
 
 TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
         "--val-slices", "1", "--verbose", "2"]
@@ -86,8 +86,58 @@ def test_resume_with_nothing_to_resume(tmp_path):
     (["--patch", "128"], "larger than the slice"),
     (["--val-patients", "P01", "P02"], "empty training split"),
     (["--snapshot-every", "-1"], "--snapshot-every"),
+    (["--time-limit", "-5"], "--time-limit"),
+    (["--steps-per-epoch", "-1"], "--steps-per-epoch"),
+    (["--beta-2", "1"], "--beta-1 and --beta-2"),
+    (["--recipe", "fast"], "--recipe: invalid choice"),
 ])
 def test_bad_training_flags(mayo_tree, tmp_path, flags, needle):
     args = ["--data", mayo_tree, "--out", tmp_path / "run", *TINY, *flags]
     one_clean_error(train(*args), needle)
     assert not (tmp_path / "run" / "generator_latest.weights.h5").exists()
+
+
+@pytest.mark.slow
+def test_whole_slice_training_with_validation_slices_of_three_sizes(tmp_path):
+    """--patch 0 trains on whole slices; validation patients of 64^2, 48^2 and 32^2 slices go
+    through one validation pass (shapes unknown when traced); --val-slices caps what is
+    printed and recorded."""
+    root = tmp_path / "mixed"
+    for patient, size in (("P01", 64), ("P02", 48), ("P03", 32)):
+        write_mayo_tree(root, patients=(patient,), slices=3, size=size)
+    run = tmp_path / "run"
+    p = train("--data", root, "--out", run, "--preset", "small", "--patch", "0", "--batch", "2",
+              "--steps-per-epoch", "1", "--epochs", "1", "--val-patients", "P02", "P03",
+              "--val-slices", "4", "--verbose", "2")
+    assert p.returncode == 0, p.stderr
+    assert "4 validation slices" in p.stdout
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["val_slices"] == 4 and cfg["train"]["patch"] == 0
+    with open(run / "history.csv") as f:
+        row = next(csv.DictReader(f))
+    assert 10 < float(row["val_psnr"]) < 80 and float(row["l1_content"]) > 0
+
+
+@pytest.mark.slow
+def test_no_validation_trains_and_saves(mayo_tree, tmp_path):
+    """--val-patients none: every slice trains, the first checkpoint is written."""
+    run = tmp_path / "run"
+    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--val-patients", "none",
+              *TINY)
+    assert p.returncode == 0, p.stderr
+    assert (run / "generator_best.weights.h5").is_file() and history_epochs(run) == [1]
+    assert json.loads((run / "config.json").read_text())["data"]["val_slices"] == 0
+
+
+def test_recipes_fill_only_unset_flags():
+    sys.path.insert(0, str(REPO))
+    import Mytrain
+
+    args = Mytrain.apply_recipe(Mytrain.parse_args(["--recipe", "paper", "--epochs", "3"]))
+    official = Mytrain.RECIPES["paper"]
+    assert args.epochs == 3  # explicit flags win
+    assert (args.preset, args.batch, args.patch, args.lr, args.beta_1, args.beta_2,
+            args.augment) == ("paper", 2, 0, 2e-5, 0.5, 0.999, False)
+    assert args.lambda_l1 == official["lambda_l1"] == Mytrain.OFFICIAL_LAMBDA
+    cpu = Mytrain.apply_recipe(Mytrain.parse_args([]))
+    assert cpu.recipe == "cpu" and cpu.patch >= 96  # larger than D's 94-pixel receptive field
