@@ -381,6 +381,35 @@ def test_qd_fd_size_mismatch_is_an_error(tmp_path):
     assert str(qd) in msg and str(fd) in msg and "20x20" in without(msg, tmp_path)
 
 
+def test_qd_fd_pixel_spacing_mismatch_names_both_files(tmp_path):
+    """Issue 19 item 6: QD and FD of one matrix size but another field of view (pixel spacing)
+    are not paired silently (another matrix size: test_qd_fd_size_mismatch_is_an_error)."""
+    write_pair_series(tmp_path / "quarter_1mm", tmp_path / "full_1mm", [0.0, 1.0, 2.0],
+                      qd_order=[0, 1, 2], fd_order=[0, 1, 2],
+                      fd_kw=lambda k: {"PixelSpacing": [0.8, 0.8]} if k == 1 else {})
+    msg = error_of(ctio.discover, tmp_path)
+    assert str(tmp_path / "quarter_1mm" / "img_001.dcm") in msg
+    assert str(tmp_path / "full_1mm" / "img_001.dcm") in msg
+    assert re.search(r"pixel spacing mismatch: .* 0\.7x0\.7 mm .* 0\.8x0\.8 mm",
+                     without(msg, tmp_path)), msg
+
+
+def test_localizer_and_non_axial_images_are_skipped_with_a_note(tmp_path, capsys):
+    """Issue 19 item 4: a scout or a sagittal reformat in a plain DICOM folder is not a slice."""
+    _series(tmp_path / "P1", n=3)
+    write_ct(tmp_path / "P1" / "scout.dcm", np.zeros(SHAPE), z=0.0,
+             ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    write_ct(tmp_path / "P1" / "sag.dcm", np.zeros(SHAPE), z=5.0,
+             ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    write_ct(tmp_path / "P1" / "tilted.dcm", np.zeros(SHAPE), z=7.0,  # 20 degree gantry tilt
+             ImageOrientationPatient=[1, 0, 0, 0, float(np.cos(0.35)), float(-np.sin(0.35))])
+    ds = ctio.discover(tmp_path)
+    names = sorted(Path(r.ld_path).name for r in ds.records)
+    assert names == ["s0.dcm", "s1.dcm", "s2.dcm", "tilted.dcm"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "skipped 2 image(s)" in out[0], out
+
+
 def test_mr_slice_is_an_error(tmp_path):
     write_pair_series(tmp_path / "quarter_1mm", tmp_path / "full_1mm", [0.0, 1.0],
                       qd_order=[0, 1], fd_order=[0, 1],
