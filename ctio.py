@@ -629,6 +629,33 @@ def atomic_path(path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; when the block succeeds it becomes ``path``.
+
+    An existing ``path`` is replaced (the caller decides whether that is allowed): it is renamed
+    aside, the new folder renamed into place, then the old one deleted. If the block fails the
+    temporary folder is deleted; a killed process leaves only a hidden ``.name.tmp<pid>`` folder
+    (removed by :func:`remove_stale_temporaries`), never a partial ``path``.
+    """
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    old = path.with_name(f".{path.name}.tmp{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def window_to_uint8(hu: np.ndarray, window=EVAL_WINDOW) -> np.ndarray:
     """Map the HU window linearly to 0..255 (values outside are clipped)."""
     lo, hi = window
@@ -797,15 +824,17 @@ _TMP_NAME = re.compile(r"^\..+\.tmp(?P<pid>\d+)(\..*)?$")  # atomic_path tempora
 
 
 def remove_stale_temporaries(folders) -> int:
-    """Delete atomic_path temporaries (``.name.tmp<pid>.ext``) of processes that no longer run
-    (a killed writer leaves them); returns how many were removed."""
+    """Delete atomic_path / atomic_dir temporaries (``.name.tmp<pid>.ext`` files and folders) of
+    processes that no longer run (a killed writer leaves them); returns how many were removed."""
+    import shutil
+
     removed = 0
     for folder in map(Path, folders):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
             m = _TMP_NAME.match(p.name)
-            if not m or not p.is_file():
+            if not m or not (p.is_file() or p.is_dir()):
                 continue
             pid = int(m["pid"])
             if pid != os.getpid():
@@ -817,7 +846,10 @@ def remove_stale_temporaries(folders) -> int:
                 except PermissionError:
                     continue
             with contextlib.suppress(OSError):
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed += 1
     return removed
 
