@@ -163,16 +163,40 @@ def read_dicom_header(path, with_pixels: bool = False):
     return ds
 
 
+def _check_decodable(ds, path) -> None:
+    """CTDataError naming the file, its transfer syntax and the missing decoder package when
+    pydicom cannot decode the pixel data here (checked before decoding, so a missing plug-in is
+    not reported as a damaged file)."""
+    from pydicom.pixels import get_decoder
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        return
+    what = f"{path}: cannot decode transfer syntax {syntax.name} ({syntax})"
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise CTDataError(f"{what}: pydicom has no decoder for it; export the series "
+                          "uncompressed or in another transfer syntax") from None
+    if not decoder.is_available:
+        needs = [d.split(" - requires ", 1)[-1] for d in decoder.missing_dependencies]
+        raise CTDataError(f"{what}: no decoder package installed (needs one of: "
+                          f"{'; '.join(needs)}); pip install -r requirements.txt")
+
+
 def read_dicom(path) -> tuple[np.ndarray, object]:
     """DICOM slice -> (HU float32 [H, W], header without pixel data).
 
     HU = pixel * RescaleSlope + RescaleIntercept. Pixels equal to PixelPaddingValue and anything
-    below -1024 HU (out-of-field) become -1024 HU. Compressed transfer syntaxes (JPEG 2000, ...)
-    are decoded by pydicom's plug-ins (pylibjpeg-openjpeg is in requirements.txt).
+    below -1024 HU (out-of-field) become -1024 HU. Compressed transfer syntaxes are decoded by
+    pydicom (RLE) and its plug-ins in requirements.txt: pylibjpeg-openjpeg (JPEG 2000),
+    pylibjpeg-libjpeg (JPEG Lossless process 14, JPEG baseline/extended, JPEG-LS), pyjpegls
+    (JPEG-LS). A syntax without an installed decoder is a CTDataError naming the package.
     """
     ds = read_dicom_header(path, with_pixels=True)
     if "PixelData" not in ds:
         raise CTDataError(f"{path}: DICOM without pixel data")
+    _check_decodable(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
