@@ -223,7 +223,8 @@ def test_demo_dataset(tmp_path):
 def test_calibration_against_real_pairs():
     if not (SAMPLE_DATA / "mayo_pairs").is_dir() or not (SAMPLE_DATA / "L067_full_1mm").is_dir():
         pytest.skip(f"real sample data not found at {SAMPLE_DATA} (set CT_SAMPLE_DATA)")
-    fig = Mysimulate.calibration_report(SAMPLE_DATA, n_slices=4, print_fn=None)
+    fig = Mysimulate.calibration_report(SAMPLE_DATA, n_slices=4, print_fn=None,
+                                        headerless=False)
     assert 15 < fig["real_mean"] < 40, fig["real_mean"]
     assert 0.75 <= fig["ratio"] <= 1.25, (fig["sim_mean"], fig["real_mean"])
 
@@ -293,3 +294,14 @@ def test_sigkill_leaves_no_dataset_that_looks_complete(tmp_path):
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
     assert len(ctio.discover(out).records) == 12
     assert not tmp.exists(), "the killed run's temporary folder is removed"
+
+
+def test_headerless_calibration_on_real_pairs(real_data):
+    """Issue 19 item 7: .npy/.tif input (no header) gets real-QD-like noise: simulated dose 0.25
+    from the 7 real pairs' FD vs their real QD - FD, body noise std, within 15 % on average."""
+    pairs = Mysimulate.headerless_calibration(real_data)
+    assert len(pairs) == 7
+    real = np.mean([r for r, _ in pairs.values()])
+    sim = np.mean([s for _, s in pairs.values()])
+    assert 0.85 <= sim / real <= 1.15, pairs
+    assert all(0.6 <= s / r <= 1.5 for r, s in pairs.values()), pairs  # no slice far off
