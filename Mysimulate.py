@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import shutil
 import sys
 import time
@@ -86,6 +87,14 @@ N_VIEWS = 180  # parallel-beam views over 180 degrees (measured: see module docs
 FBP_FILTER = "cosine"  # matches the real QD - FD noise power spectrum (see module docstring)
 CALIB_PIXEL_MM = 0.664  # pixel size of the L067 slices I0_DEFAULT was calibrated on
 ASSUMED_FOV_MM = 340.0  # field of view assumed for .npy/.tif input (Mayo's 340 mm recon FOV)
+# I0 factor for slices without a header (.npy/.tif: no tube current, no pixel spacing; pixels
+# assumed ASSUMED_FOV_MM / width). Fitted on the 7 real Mayo QD/FD pairs (6 L506 .npy, 1 L067
+# .tif) so that simulated dose 0.25 from their FD matches their real QD - FD body noise on
+# average: at factor 1 they came out at 0.58x (14.5 vs 24.9 HU), at 0.38 1.00x (per slice
+# 0.72-1.31x; README "Calibration"). I0_DEFAULT holds at the median tube current of the L067
+# series; these slices behave as if scanned at ~0.4x of it. The assumed FOV is not the knob:
+# the noise rises steeply with the assumed body size (400 mm: 1.07x, 460 mm: 2.4x).
+HEADERLESS_I0_FACTOR = 0.38
 MIN_COUNTS = 1.0  # noisy counts are clamped here before the log (photon starvation)
 BODY_HU = -500.0  # body mask threshold for noise figures
 BODY_ERODE_PX = 5  # erosion of the body mask (keeps the skin edge out of the noise figure)
@@ -269,12 +278,15 @@ def _series_factors(records: Sequence[ctio.SliceRecord]) -> dict[str, float]:
 # --- Calibration --------------------------------------------------------------------------------
 def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: float = I0_DEFAULT,
                        sigma_e: float = SIGMA_E_DEFAULT, seed: int = 0,
-                       print_fn: Optional[Callable[[str], None]] = print) -> dict:
+                       print_fn: Optional[Callable[[str], None]] = print,
+                       headerless: bool = True) -> dict:
     """Body noise std of the real Mayo QD - FD pairs vs simulated dose ``dose`` on L067 slices.
 
     ``data_dir`` is the shared sample-data folder (``mayo_pairs/npy_redcnn``,
     ``mayo_pairs/tif_cncl``, ``L067_full_1mm``). ``n_slices`` L067 slices, evenly spread over the
-    stack, are simulated. Returns the figures as a dict; prints a table unless ``print_fn`` is None.
+    stack, are simulated. With ``headerless``, also the .npy/.tif path on the real pairs
+    (:func:`headerless_calibration`). Returns the figures as a dict; prints a table unless
+    ``print_fn`` is None.
     """
     data = Path(data_dir)
     figures: dict = {}
@@ -316,7 +328,36 @@ def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: f
                  f"mA / median mA, sigma_e {sigma_e:g}): {fmt(sim)}  "
                  f"mean {figures['sim_mean']:.1f} HU")
         print_fn(f"simulated / real: {figures['ratio']:.2f}")
+    if headerless:
+        pairs = headerless_calibration(data, dose=dose, i0=i0, sigma_e=sigma_e, seed=seed)
+        figures["headerless"] = pairs
+        figures["headerless_ratio"] = (float(np.mean([s for _, s in pairs.values()]))
+                                       / float(np.mean([r for r, _ in pairs.values()])))
+        if print_fn is not None:
+            print_fn(f"header-less path (.npy/.tif, I0 x {HEADERLESS_I0_FACTOR:g}), simulated "
+                     "from the real pairs' FD, real / simulated: "
+                     + ", ".join(f"{k} {r:.1f}/{s:.1f}" for k, (r, s) in pairs.items()))
+            print_fn(f"header-less simulated / real: {figures['headerless_ratio']:.2f}")
     return figures
+
+
+def headerless_calibration(data_dir, *, dose: float = 0.25, i0: float = I0_DEFAULT,
+                           sigma_e: float = SIGMA_E_DEFAULT, seed: int = 0) -> dict:
+    """{slice: (real, simulated)} body noise std of the real Mayo pairs (``mayo_pairs/npy_redcnn``
+    and ``mayo_pairs/tif_cncl``), simulated from their FD through the header-less path (pixel
+    size :func:`pixel_size_mm`, I0 :func:`slice_i0`), as :func:`simulate_dataset` does."""
+    data = Path(data_dir)
+    out = {}
+    for sub in ("mayo_pairs/npy_redcnn", "mayo_pairs/tif_cncl"):
+        for r in ctio.discover(data / sub).records:
+            fd, header = ctio.read_slice(r.fd_path)
+            ld = simulate_pair_from_fd(fd, dose, pixel_size_mm(header, fd.shape, None),
+                                       _slice_seed(seed, r.patient, r.slice_id),
+                                       i0=slice_i0(header, i0), sigma_e=sigma_e)
+            np.maximum(ld, ctio.HU_MIN, out=ld)
+            real = noise_std_in_body(ctio.read_slice(r.ld_path)[0], fd)
+            out[f"{r.patient}_{r.slice_id}"] = (real, noise_std_in_body(ld, fd))
+    return out
 
 
 # --- Simulating a dataset from full-dose input --------------------------------------------------
@@ -349,8 +390,12 @@ def pixel_size_mm(header, shape, override: Optional[float]) -> float:
     return ASSUMED_FOV_MM / max(shape)
 
 
+MARKER = "SIMULATION.json"  # written last into every dataset this module makes
+
+
 def _check_out(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
-    """OUT must not overlap an input and must be empty (or absent) unless ``overwrite``."""
+    """OUT must not overlap an input and must be empty (or absent), or with ``overwrite`` a
+    dataset that this module wrote (it is replaced as a whole)."""
     res = out.resolve()
     for inp in inputs:
         inp = inp.resolve()
@@ -360,14 +405,31 @@ def _check_out(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
     if out.exists():
         if not out.is_dir():
             raise ctio.CTDataError(f"{out}: exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise ctio.CTDataError(f"{out}: folder exists and is not empty (use --overwrite to "
-                                   "write into it)")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise ctio.CTDataError(f"{out}: folder exists and is not empty (use --overwrite "
+                                       "to replace a simulated dataset)")
+            if not (out / MARKER).is_file():
+                raise ctio.CTDataError(f"{out}: --overwrite replaces the whole folder, but it "
+                                       f"holds no {MARKER} (not written by Mysimulate.py); "
+                                       "choose another --out")
+
+
+def _write_marker(folder: Path, info: dict) -> None:
+    with ctio.atomic_path(folder / MARKER) as tmp:
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
 
 
 def _copy_file(src, dst: Path) -> None:
     with ctio.atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def slice_i0(header, i0: float = I0_DEFAULT, factor: float = 1.0) -> float:
+    """Full-dose I0 of one slice: ``i0`` times its tube-current factor (:func:`exposure_factors`)
+    for DICOM, ``i0 * HEADERLESS_I0_FACTOR`` for .npy/.tif slices (no header; calibrated on the
+    real Mayo pairs, see HEADERLESS_I0_FACTOR)."""
+    return i0 * (factor if header is not None else HEADERLESS_I0_FACTOR)
 
 
 def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Optional[str] = None,
@@ -382,9 +444,11 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
     * npy: ``<patient>_<idx>_input.npy`` (simulated) + copied ``_target.npy``.
     * tif: ``noisy/<name>`` (simulated) + copied ``clean/<name>``.
 
-    The full-dose side is read from the input's FD files only; the input is never modified. Slice
-    noise is seeded from (seed, patient, slice id); DICOM slices get the tube-current factor of
-    :func:`exposure_factors`. Simulated HU below -1024 are clipped (as in real data).
+    The dataset is built in a hidden sibling folder and renamed to OUT when complete (OUT also
+    gets ``SIMULATION.json``): a failed or killed run leaves no OUT, and a rerun needs no
+    --overwrite. The full-dose side is read from the input's FD files only; the input is never
+    modified. Slice noise is seeded from (seed, patient, slice id); I0 per slice is
+    :func:`slice_i0`. Simulated HU below -1024 are clipped (as in real data).
     Returns a summary dict (layout, patients, slices, seconds).
     """
     input_dir, out = Path(input_dir), Path(out)
@@ -399,46 +463,56 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
     factors = _series_factors(records) if ds.layout in ("mayo", "dicom") else {}
     start = time.time()
     bar = _Progress(len(records), f"simulating dose {dose:g}") if progress else None
-    series_uid: dict[Path, str] = {}
-    counters: dict[Path, int] = {}
-    for done, rec in enumerate(records, 1):
-        fd, header = ctio.read_slice(rec.fd_path)
-        px = pixel_size_mm(header, fd.shape, pixel_mm)
-        ld = simulate_pair_from_fd(fd, dose, px, _slice_seed(seed, rec.patient, rec.slice_id),
-                                   i0=i0 * factors.get(rec.fd_path, 1.0), sigma_e=sigma_e)
-        np.maximum(ld, ctio.HU_MIN, out=ld)  # air noise below -1024 HU: clipped like real data
-        src = Path(rec.fd_path)
-        if ds.layout in ("mayo", "dicom"):
-            if header is None:
-                raise ctio.CTDataError(f"{src}: expected a DICOM slice")
-            suffix = "sim"
-            if ds.layout == "mayo" and src.parent.name.lower().startswith("full_"):
-                suffix = f"sim_{src.parent.name[len('full_'):]}"
-            qdir = out / rec.patient / f"quarter_{suffix}"
-            fdir = out / rec.patient / f"full_{suffix}"
-            for d in (qdir, fdir):
-                d.mkdir(parents=True, exist_ok=True)
-            k = counters[qdir] = counters.get(qdir, -1) + 1
-            uid = series_uid.setdefault(qdir, ctio.new_uid())
-            old = str(header.get("SeriesDescription", "") or "").strip()
-            desc = f"simulated dose {dose:g} from {old}" if old else f"simulated dose {dose:g}"
-            ctio.write_dicom(qdir / f"{k:04d}.dcm", ld, header, series_uid=uid, description=desc,
-                             derived=True)
-            _copy_file(src, fdir / f"{k:04d}.dcm")
-        elif ds.layout == "npy":
-            out.mkdir(parents=True, exist_ok=True)
-            stem = src.name[: -len("_target.npy")]
-            ctio.write_npy_redcnn(out / f"{stem}_input.npy", ld)
-            _copy_file(src, out / src.name)
-        else:  # tif
-            for d in ("noisy", "clean"):
-                (out / d).mkdir(parents=True, exist_ok=True)
-            ctio.write_tiff(out / "noisy" / src.name, ld)
-            _copy_file(src, out / "clean" / src.name)
-        if bar:
-            bar.update(done)
+    ctio.remove_stale_temporaries([out.parent])  # folders of killed earlier runs
+    with ctio.atomic_dir(out) as dest:
+        counters: dict[Path, int] = {}
+        for done, rec in enumerate(records, 1):
+            fd, header = ctio.read_slice(rec.fd_path)
+            px = pixel_size_mm(header, fd.shape, pixel_mm)
+            ld = simulate_pair_from_fd(fd, dose, px, _slice_seed(seed, rec.patient, rec.slice_id),
+                                       i0=slice_i0(header, i0, factors.get(rec.fd_path, 1.0)),
+                                       sigma_e=sigma_e)
+            np.maximum(ld, ctio.HU_MIN, out=ld)  # air noise below -1024 HU: clipped like real data
+            _write_simulated(dest, ds.layout, rec, ld, header, dose, seed, counters)
+            if bar:
+                bar.update(done)
+        _write_marker(dest, {"tool": "Mysimulate.py --input", "input": str(input_dir.resolve()),
+                             "layout": ds.layout, "dose": dose, "seed": seed, "i0": i0,
+                             "sigma_e": sigma_e, "pixel_mm": pixel_mm, "slices": len(records)})
     return {"layout": ds.layout, "patients": sorted({r.patient for r in records}),
             "slices": len(records), "seconds": time.time() - start}
+
+
+def _write_simulated(dest: Path, layout: str, rec: ctio.SliceRecord, ld: np.ndarray, header,
+                     dose: float, seed: int, counters: dict[Path, int]) -> None:
+    """Write one simulated slice and a copy of its full-dose source into ``dest``."""
+    src = Path(rec.fd_path)
+    if layout in ("mayo", "dicom"):
+        if header is None:
+            raise ctio.CTDataError(f"{src}: expected a DICOM slice")
+        suffix = "sim"
+        if layout == "mayo" and src.parent.name.lower().startswith("full_"):
+            suffix = f"sim_{src.parent.name[len('full_'):]}"
+        qdir = dest / rec.patient / f"quarter_{suffix}"
+        fdir = dest / rec.patient / f"full_{suffix}"
+        for d in (qdir, fdir):
+            d.mkdir(parents=True, exist_ok=True)
+        k = counters[qdir] = counters.get(qdir, -1) + 1
+        uid = ctio.derived_series_uid(header, src, f"simulated dose {dose:g} seed {seed}")
+        old = str(header.get("SeriesDescription", "") or "").strip()
+        desc = f"simulated dose {dose:g} from {old}" if old else f"simulated dose {dose:g}"
+        ctio.write_dicom(qdir / f"{k:04d}.dcm", ld, header, series_uid=uid, description=desc,
+                         derived=True)
+        _copy_file(src, fdir / f"{k:04d}.dcm")
+    elif layout == "npy":
+        stem = src.name[: -len("_target.npy")]
+        ctio.write_npy_redcnn(dest / f"{stem}_input.npy", ld)
+        _copy_file(src, dest / src.name)
+    else:  # tif
+        for d in ("noisy", "clean"):
+            (dest / d).mkdir(parents=True, exist_ok=True)
+        ctio.write_tiff(dest / "noisy" / src.name, ld)
+        _copy_file(src, dest / "clean" / src.name)
 
 
 # --- Procedural demo phantom --------------------------------------------------------------------
@@ -667,7 +741,17 @@ def make_demo(out, patients: int = DEMO_PATIENTS, slices: int = DEMO_SLICES,
     if patients < 1 or slices < 1 or size < 32:
         raise ctio.CTDataError("demo needs --patients >= 1, --slices >= 1 and --size >= 32")
     _check_out(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    ctio.remove_stale_temporaries([out.parent])  # folders of killed earlier runs
+    with ctio.atomic_dir(out) as dest:  # a killed run leaves no demo folder that looks complete
+        _write_demo(dest, patients, slices, size, seed, dose, progress)
+        _write_marker(dest, {"tool": "Mysimulate.py --demo", "patients": patients,
+                             "slices": slices, "size": size, "seed": seed, "dose": dose})
+    return out
+
+
+def _write_demo(out: Path, patients: int, slices: int, size: int, seed: int, dose: float,
+                progress: bool) -> None:
+    """The body of :func:`make_demo`, writing into the (temporary) folder ``out``."""
     start = time.time()
     pixel_mm = DEMO_FOV_MM / size
     names = demo_patient_names(patients)
@@ -718,7 +802,6 @@ scaled for the pixel size so the noise level is like the real Mayo quarter-dose 
 """
     with ctio.atomic_path(out / "README.txt") as tmp:
         tmp.write_text(readme)
-    return out
 
 
 # --- Command line -------------------------------------------------------------------------------
@@ -754,7 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sigma-e", type=float, default=SIGMA_E_DEFAULT,
                     help="electronic noise std in counts (--input, --calibrate)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="write into a non-empty --out (files of the same name are replaced)")
+                    help="replace an existing --out that an earlier Mysimulate.py run wrote "
+                         f"(it holds {MARKER}); the new dataset is built beside it first")
     ap.add_argument("--patients", type=int, default=DEMO_PATIENTS, help="demo: phantom patients")
     ap.add_argument("--slices", type=int, default=DEMO_SLICES, help="demo: slices per patient")
     ap.add_argument("--size", type=int, default=DEMO_SIZE, help="demo: image size (pixels)")

@@ -14,7 +14,9 @@ Output layout (``OUT`` defaults to ``RUN_DIR/test``)::
                                            reads it; 'npy' in --format is implicit)
     OUT/<patient>/<slice_id>.png           8-bit image of the --window          (--format png)
     OUT/<patient>/<slice_id>.tif           float32 HU TIFF                       (--format tiff)
-    OUT/<patient>/dicom/<slice_id>.dcm     derived DICOM series, one per patient (--format dicom)
+    OUT/<patient>/dicom/<slice_id>.dcm     derived DICOM, one series per source series (--format
+                                           dicom; its UID derives from the source series and the
+                                           weights, so reruns and --overwrite keep it)
     OUT/figures/<patient>_<slice_id>.png   LD | denoised | FD | |denoised - FD|  (slices with FD)
 
 Every file is written atomically (``ctio.atomic_path``) and the manifest is rewritten atomically
@@ -504,15 +506,23 @@ def make_figure(ld: np.ndarray, pred: np.ndarray, fd: np.ndarray, window) -> np.
 class Writer:
     """Writes the outputs of denoised slices and keeps the manifest current."""
 
-    def __init__(self, plan: Plan, rows: dict, sha: str, series_uids: dict[str, str]):
-        self.plan, self.rows, self.sha, self.series_uids = plan, rows, sha, series_uids
-
-    def _series_uid(self, patient: str) -> str:
-        if patient not in self.series_uids:
-            self.series_uids[patient] = ctio.new_uid()
-        return self.series_uids[patient]
+    def __init__(self, plan: Plan, rows: dict, sha: str):
+        self.plan, self.rows, self.sha = plan, rows, sha
 
     def write(self, s: TestSlice, pred: np.ndarray) -> None:
+        """Write every requested output of one slice and add its manifest row; if any writer
+        fails, the files already written for this slice are removed (no output without a row)
+        and the error is raised."""
+        written: list[Path] = []
+        try:
+            self._write(s, pred, written)
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            self.rows.pop((s.patient, s.slice_id), None)
+            raise
+
+    def _write(self, s: TestSlice, pred: np.ndarray, written: list[Path]) -> None:
         plan, out = self.plan, self.plan.out
         pdir = out / s.patient
         pdir.mkdir(parents=True, exist_ok=True)
@@ -525,19 +535,22 @@ class Writer:
                    window=_window_str(plan.window), run=str(plan.run_dir),
                    weights=str(plan.weights), weights_sha256=self.sha)
         ctio.write_npy(out / f"{rel}.npy", pred)
+        written.append(out / f"{rel}.npy")
         row["pred_npy"] = f"{rel}.npy"
         if "png" in plan.formats:
             ctio.write_png(out / f"{rel}.png", ctio.window_to_uint8(pred, plan.window))
+            written.append(out / f"{rel}.png")
             row["png"] = f"{rel}.png"
         if "tiff" in plan.formats:
             ctio.write_tiff(out / f"{rel}.tif", pred)
+            written.append(out / f"{rel}.tif")
             row["tiff"] = f"{rel}.tif"
         if "dicom" in plan.formats:
             if s.header is None:
                 raise ctio.CTDataError(f"{s.ld_path}: no DICOM header for --format dicom")
             (pdir / "dicom").mkdir(exist_ok=True)
-            uid = self._series_uid(s.patient)
             header = s.header
+            uid = ctio.derived_series_uid(header, s.ld_path, f"CNCL weights {self.sha}")
             orig = str(header.get("SeriesDescription", "") or "").strip()
             header.DerivationDescription = "CNCL deep-learning denoising of low-dose CT"
             number = header.get("SeriesNumber")
@@ -580,12 +593,6 @@ def run(plan: Plan) -> dict:
     records = plan.dataset.records
     todo = [r for r in records
             if plan.overwrite or not is_done(rows.get((r.patient, r.slice_id)), r, plan, sha)]
-    todo_patients = {r.patient for r in todo}
-    series_uids = {}
-    if not plan.overwrite:  # keep one series per patient across resumed runs
-        for r in rows.values():
-            if r["series_uid"] and r["patient"] in todo_patients:
-                series_uids.setdefault(r["patient"], r["series_uid"])
 
     n_pat = len(plan.dataset.patients)
     print(f"run:     {plan.run_dir}")
@@ -607,7 +614,7 @@ def run(plan: Plan) -> dict:
     clean_stale_tmp(plan.out, plan.dataset.patients)
     generator = load_generator(plan.model, plan.weights)
     denoiser = Denoiser(generator, plan.model["depth"], plan.batch, plan.max_side, plan.tile)
-    writer = Writer(plan, rows, sha, series_uids)
+    writer = Writer(plan, rows, sha)
 
     import keras
 
@@ -621,9 +628,11 @@ def run(plan: Plan) -> dict:
         if not buffer:
             return
         preds = denoiser([s.ld_hu for s in buffer])
-        for s, pred in zip(buffer, preds):
-            writer.write(s, pred)
-        writer.save_manifest()
+        try:
+            for s, pred in zip(buffer, preds):
+                writer.write(s, pred)
+        finally:  # slices written before a failure keep their rows
+            writer.save_manifest()
         done += len(buffer)
         bar.update(done)
         buffer.clear()

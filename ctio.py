@@ -31,7 +31,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -52,6 +52,8 @@ LAYOUTS = ("mayo", "npy", "tif", "dicom")
 _NOT_SLICES = {".txt", ".md", ".json", ".csv", ".xml", ".pdf", ".jpg", ".jpeg", ".png", ".zip",
                ".log", ".ini", ".html", ".py"}
 _POSITION_TOL_MM = 0.01  # QD and FD slices of one position agree to well below this
+_SPACING_TOL_MM = 1e-3  # QD and FD pixel spacings of one position agree to well below this
+_AXIAL_MIN_COS = 0.9  # |slice normal . table axis| below this (tilt > ~25 deg): not axial
 _NPY_NAME = re.compile(r"^(?P<patient>.+)_(?P<idx>\d+)_(?P<kind>input|target)\.npy$")
 
 
@@ -161,16 +163,40 @@ def read_dicom_header(path, with_pixels: bool = False):
     return ds
 
 
+def _check_decodable(ds, path) -> None:
+    """CTDataError naming the file, its transfer syntax and the missing decoder package when
+    pydicom cannot decode the pixel data here (checked before decoding, so a missing plug-in is
+    not reported as a damaged file)."""
+    from pydicom.pixels import get_decoder
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        return
+    what = f"{path}: cannot decode transfer syntax {syntax.name} ({syntax})"
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise CTDataError(f"{what}: pydicom has no decoder for it; export the series "
+                          "uncompressed or in another transfer syntax") from None
+    if not decoder.is_available:
+        needs = [d.split(" - requires ", 1)[-1] for d in decoder.missing_dependencies]
+        raise CTDataError(f"{what}: no decoder package installed (needs one of: "
+                          f"{'; '.join(needs)}); pip install -r requirements.txt")
+
+
 def read_dicom(path) -> tuple[np.ndarray, object]:
     """DICOM slice -> (HU float32 [H, W], header without pixel data).
 
     HU = pixel * RescaleSlope + RescaleIntercept. Pixels equal to PixelPaddingValue and anything
-    below -1024 HU (out-of-field) become -1024 HU. Compressed transfer syntaxes (JPEG 2000, ...)
-    are decoded by pydicom's plug-ins (pylibjpeg-openjpeg is in requirements.txt).
+    below -1024 HU (out-of-field) become -1024 HU. Compressed transfer syntaxes are decoded by
+    pydicom (RLE) and its plug-ins in requirements.txt: pylibjpeg-openjpeg (JPEG 2000),
+    pylibjpeg-libjpeg (JPEG Lossless process 14, JPEG baseline/extended, JPEG-LS), pyjpegls
+    (JPEG-LS). A syntax without an installed decoder is a CTDataError naming the package.
     """
     ds = read_dicom_header(path, with_pixels=True)
     if "PixelData" not in ds:
         raise CTDataError(f"{path}: DICOM without pixel data")
+    _check_decodable(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -360,20 +386,63 @@ def _dose_dirs(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return qd, fd
 
 
-def _dicom_series(folder: Path) -> list[tuple[float, Path, tuple[int, int]]]:
-    """(position, file, shape) of every DICOM slice in ``folder``, sorted by position."""
-    items = []
+class _DicomSlice(NamedTuple):
+    """Header facts of one DICOM slice that discovery and pairing need (no pixels decoded)."""
+
+    position: float
+    path: Path
+    shape: tuple[int, int]
+    spacing: Optional[tuple[float, float]]  # PixelSpacing (row, column) in mm, if present
+
+
+def pixel_spacing(ds) -> Optional[tuple[float, float]]:
+    """PixelSpacing (row, column) in mm, or None when absent or unreadable."""
+    try:
+        row, col = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return row, col
+
+
+def not_an_axial_slice(ds) -> Optional[str]:
+    """Why a CT image is not an axial slice (a LOCALIZER / scout, or an ImageOrientationPatient
+    whose normal is more than ~25 degrees off the table axis), or None for an axial slice."""
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "a LOCALIZER image"
+    try:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None  # no orientation: nothing says it is not axial
+    if iop.size != 6:
+        return None
+    normal = np.cross(iop[:3], iop[3:])
+    if abs(normal[2]) < _AXIAL_MIN_COS * max(float(np.linalg.norm(normal)), 1e-9):
+        return f"not axial (ImageOrientationPatient {'/'.join(f'{v:g}' for v in iop)})"
+    return None
+
+
+def _dicom_series(folder: Path) -> list[_DicomSlice]:
+    """Every axial DICOM slice in ``folder``, sorted by position. Localizers and non-axial
+    images are skipped with one printed line per folder."""
+    items, skipped = [], []
     for f in _slice_files(folder):
         ds = read_dicom_header(f)
-        items.append((slice_position(ds), f, (int(ds.Rows), int(ds.Columns))))
-    items.sort(key=lambda t: t[0])
-    positions = [t[0] for t in items]
+        why = not_an_axial_slice(ds)
+        if why:
+            skipped.append((f, why))
+            continue
+        items.append(_DicomSlice(slice_position(ds), f, (int(ds.Rows), int(ds.Columns)),
+                                 pixel_spacing(ds)))
+    if skipped:
+        print(f"note: skipped {len(skipped)} image(s) that are not axial slices in {folder} "
+              f"(first: {skipped[0][0].name}, {skipped[0][1]})")
+    items.sort(key=lambda t: t.position)
     for a, b in zip(items, items[1:]):
-        if abs(a[0] - b[0]) < _POSITION_TOL_MM:
-            raise CTDataError(f"{b[1]}: same slice position {b[0]:g} as {a[1]} "
+        if abs(a.position - b.position) < _POSITION_TOL_MM:
+            raise CTDataError(f"{b.path}: same slice position {b.position:g} as {a.path} "
                               "(two series mixed in one folder?)")
-    del positions
-    _check_one_size([(f, s) for _, f, s in items], folder)
+    _check_one_size([(t.path, t.shape) for t in items], folder)
     return items
 
 
@@ -387,6 +456,22 @@ def _check_one_size(files_shapes, where) -> None:
                               f"{f} is {s[0]}x{s[1]}")
 
 
+def _check_same_grid(q: _DicomSlice, f: _DicomSlice) -> None:
+    """QD and FD of one position must share the table position, size and pixel spacing."""
+    if abs(q.position - f.position) > _POSITION_TOL_MM:
+        raise CTDataError(f"slice position mismatch: {q.path} at {q.position:g} mm vs {f.path} "
+                          f"at {f.position:g} mm")
+    if q.shape != f.shape:
+        raise CTDataError(f"size mismatch: {q.path} is {q.shape[0]}x{q.shape[1]} but {f.path} "
+                          f"is {f.shape[0]}x{f.shape[1]}")
+    if (q.spacing is None) != (f.spacing is None) or (
+            q.spacing and not np.allclose(q.spacing, f.spacing, rtol=0, atol=_SPACING_TOL_MM)):
+        def mm(s):
+            return "no PixelSpacing" if s is None else f"{s[0]:g}x{s[1]:g} mm pixels"
+        raise CTDataError(f"pixel spacing mismatch: {q.path} has {mm(q.spacing)} but {f.path} "
+                          f"has {mm(f.spacing)} (another field of view)")
+
+
 def _pair_by_position(patient: str, qd_dir: Optional[Path], fd_dir: Optional[Path],
                       prefix: str = "") -> list[SliceRecord]:
     qd = _dicom_series(qd_dir) if qd_dir else []
@@ -396,24 +481,19 @@ def _pair_by_position(patient: str, qd_dir: Optional[Path], fd_dir: Optional[Pat
             empty = qd_dir if not qd else fd_dir
             raise CTDataError(f"{empty}: no DICOM slices, but its counterpart has some")
         if len(qd) != len(fd):
-            qpos = {round(p, 2) for p, _, _ in qd}
-            fpos = {round(p, 2) for p, _, _ in fd}
-            odd = ([f for p, f, _ in qd if round(p, 2) not in fpos]
-                   + [f for p, f, _ in fd if round(p, 2) not in qpos])
+            qpos = {round(t.position, 2) for t in qd}
+            fpos = {round(t.position, 2) for t in fd}
+            odd = ([t.path for t in qd if round(t.position, 2) not in fpos]
+                   + [t.path for t in fd if round(t.position, 2) not in qpos])
             first = f"; first unmatched: {odd[0]}" if odd else ""
             raise CTDataError(f"{qd_dir} has {len(qd)} slices but {fd_dir} has {len(fd)}{first}")
-        for (pq, fq, sq), (pf, ff, sf) in zip(qd, fd):
-            if abs(pq - pf) > _POSITION_TOL_MM:
-                raise CTDataError(f"slice position mismatch: {fq} at {pq:g} mm vs {ff} "
-                                  f"at {pf:g} mm")
-            if sq != sf:
-                raise CTDataError(f"size mismatch: {fq} is {sq[0]}x{sq[1]} but {ff} is "
-                                  f"{sf[0]}x{sf[1]}")
-        return [SliceRecord(patient, f"{prefix}{i:04d}", pq, str(fq), str(ff), sq)
-                for i, ((pq, fq, sq), (_, ff, _)) in enumerate(zip(qd, fd))]
+        for q, f in zip(qd, fd):
+            _check_same_grid(q, f)
+        return [SliceRecord(patient, f"{prefix}{i:04d}", q.position, str(q.path), str(f.path),
+                            q.shape) for i, (q, f) in enumerate(zip(qd, fd))]
     side = qd or fd
-    return [SliceRecord(patient, f"{prefix}{i:04d}", p, str(f) if qd else None,
-                        str(f) if fd else None, s) for i, (p, f, s) in enumerate(side)]
+    return [SliceRecord(patient, f"{prefix}{i:04d}", t.position, str(t.path) if qd else None,
+                        str(t.path) if fd else None, t.shape) for i, t in enumerate(side)]
 
 
 def _discover_mayo(root: Path) -> list[SliceRecord]:
@@ -481,10 +561,9 @@ def _discover_dicom(root: Path, role: str) -> list[SliceRecord]:
     folders = [root] if _slice_files(root) else _subdirs(root)
     records = []
     for folder in folders:
-        series = _dicom_series(folder)
-        for i, (p, f, s) in enumerate(series):
-            ld, fd = (str(f), None) if role == "ld" else (None, str(f))
-            records.append(SliceRecord(folder.name, f"{i:04d}", p, ld, fd, s))
+        for i, t in enumerate(_dicom_series(folder)):
+            ld, fd = (str(t.path), None) if role == "ld" else (None, str(t.path))
+            records.append(SliceRecord(folder.name, f"{i:04d}", t.position, ld, fd, t.shape))
     return records
 
 
@@ -574,6 +653,33 @@ def atomic_path(path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; when the block succeeds it becomes ``path``.
+
+    An existing ``path`` is replaced (the caller decides whether that is allowed): it is renamed
+    aside, the new folder renamed into place, then the old one deleted. If the block fails the
+    temporary folder is deleted; a killed process leaves only a hidden ``.name.tmp<pid>`` folder
+    (removed by :func:`remove_stale_temporaries`), never a partial ``path``.
+    """
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    old = path.with_name(f".{path.name}.tmp{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def window_to_uint8(hu: np.ndarray, window=EVAL_WINDOW) -> np.ndarray:
     """Map the HU window linearly to 0..255 (values outside are clipped)."""
     lo, hi = window
@@ -615,6 +721,19 @@ def new_uid() -> str:
     return pydicom.uid.generate_uid()
 
 
+def derived_series_uid(header, source_path, derivation: str) -> str:
+    """SeriesInstanceUID of a series derived from ``header``'s series by ``derivation`` (e.g.
+    the denoising weights' hash): the same source series and derivation always give the same
+    UID, so reruns and partial reruns add to one series, and each source series gets its own.
+    A source without SeriesInstanceUID (anonymised) is identified by its folder."""
+    import pydicom.uid
+
+    source = str(header.get("SeriesInstanceUID", "") or "").strip()
+    if not source:
+        source = f"folder:{Path(source_path).resolve().parent}"
+    return pydicom.uid.generate_uid(entropy_srcs=[source, derivation])
+
+
 def hu_to_stored(hu: np.ndarray, ds) -> np.ndarray:
     """HU -> stored pixel values with the header's rescale and pixel representation."""
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
@@ -624,6 +743,18 @@ def hu_to_stored(hu: np.ndarray, ds) -> np.ndarray:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
     raw = np.clip(np.round((np.asarray(hu, np.float64) - intercept) / slope), lo, hi)
     return raw.astype(np.int16 if signed else np.uint16)
+
+
+def sop_class_uid(ds) -> str:
+    """The header's SOPClassUID; anonymised files may leave it empty, then the file meta's
+    MediaStorageSOPClassUID, else CT Image Storage (only CT is read here)."""
+    import pydicom.uid
+
+    meta = getattr(ds, "file_meta", None)
+    for uid in (ds.get("SOPClassUID"), meta and meta.get("MediaStorageSOPClassUID")):
+        if uid and str(uid).strip():
+            return str(uid).strip()
+    return pydicom.uid.CTImageStorage
 
 
 def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: str,
@@ -666,7 +797,8 @@ def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: s
     if derived:
         ds.ImageType = ["DERIVED", "SECONDARY"]
     meta = pydicom.dataset.FileMetaDataset(getattr(ds, "file_meta", pydicom.dataset.Dataset()))
-    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", pydicom.uid.CTImageStorage)
+    ds.SOPClassUID = sop_class_uid(ds)
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
@@ -716,15 +848,17 @@ _TMP_NAME = re.compile(r"^\..+\.tmp(?P<pid>\d+)(\..*)?$")  # atomic_path tempora
 
 
 def remove_stale_temporaries(folders) -> int:
-    """Delete atomic_path temporaries (``.name.tmp<pid>.ext``) of processes that no longer run
-    (a killed writer leaves them); returns how many were removed."""
+    """Delete atomic_path / atomic_dir temporaries (``.name.tmp<pid>.ext`` files and folders) of
+    processes that no longer run (a killed writer leaves them); returns how many were removed."""
+    import shutil
+
     removed = 0
     for folder in map(Path, folders):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
             m = _TMP_NAME.match(p.name)
-            if not m or not p.is_file():
+            if not m or not (p.is_file() or p.is_dir()):
                 continue
             pid = int(m["pid"])
             if pid != os.getpid():
@@ -736,7 +870,10 @@ def remove_stale_temporaries(folders) -> int:
                 except PermissionError:
                     continue
             with contextlib.suppress(OSError):
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed += 1
     return removed
 

@@ -196,6 +196,72 @@ def test_jpeg2000_compressed_slice_decodes_exactly(tmp_path):
     np.testing.assert_array_equal(ctio.read_dicom(path)[0], hu)
 
 
+# Every compressed transfer syntax pydicom 3 can write (with the encoders installed here), and
+# the largest HU error its options allow (0: lossless; lossy JPEG 2000 asked for 80 dB PSNR of
+# the 16-bit range, i.e. RMSE ~6.6 HU: checked as RMSE <= 10 HU).
+COMPRESSED = [
+    ("RLELossless", {}, 0.0),
+    ("JPEGLSLossless", {}, 0.0),
+    ("JPEGLSNearLossless", {"jls_error": 3}, 3.0),
+    ("JPEG2000Lossless", {}, 0.0),
+    ("JPEG2000", {"j2k_psnr": [80]}, None),
+]
+
+
+@pytest.mark.parametrize("name, options, max_err", COMPRESSED, ids=[c[0] for c in COMPRESSED])
+def test_every_writable_compressed_transfer_syntax_decodes(tmp_path, name, options, max_err):
+    """Issue 19 item 5: archives use RLE, JPEG-LS and JPEG 2000; all decode to the same HU."""
+    from pydicom.pixels import get_encoder
+
+    syntax = getattr(pydicom.uid, name)
+    encoder = get_encoder(syntax)
+    if not encoder.is_available:
+        pytest.skip(f"no {syntax.name} encoder here ({'; '.join(encoder.missing_dependencies)})")
+    yy, xx = np.mgrid[:32, :32]
+    hu = np.round(300 * np.sin(xx / 4.0) * np.cos(yy / 5.0) + 40).astype(np.float32)
+    hu[8:12, 20:26] = 1500.0
+    path = write_ct(tmp_path / "c.dcm", hu)
+    ds = pydicom.dcmread(path)
+    ds.compress(syntax, **options)
+    ds.save_as(path)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    out = ctio.read_dicom(path)[0]
+    if max_err is None:
+        assert 0 < np.sqrt(np.mean((out - hu) ** 2)) <= 10
+    else:
+        assert np.abs(out - hu).max() <= max_err
+
+
+def test_missing_decoder_is_one_line_naming_file_syntax_and_package(tmp_path):
+    """Issue 19 item 5: with the JPEG-LS plug-ins absent, the CLI says which package is missing
+    (not that the file is truncated)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    hu = np.full((32, 32), 40.0, np.float32)
+    path = write_ct(tmp_path / "P1" / "a.dcm", hu)
+    ds = pydicom.dcmread(path)
+    try:
+        ds.compress(pydicom.uid.JPEGLSLossless)
+    except RuntimeError:
+        pytest.skip("no JPEG-LS encoder (pyjpegls) to write the test file")
+    ds.save_as(path)
+    # Hide the JPEG-LS plug-ins (pylibjpeg itself too: it loads its plug-ins by entry point).
+    hide = "; ".join(f"sys.modules[{m!r}] = None"
+                     for m in ("pylibjpeg", "libjpeg", "jpeg_ls", "gdcm"))
+    code = (f"import sys, runpy; {hide}; sys.argv = ['MyDataLoader_test.py', '--data', "
+            f"{str(tmp_path)!r}]; runpy.run_path('MyDataLoader_test.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {path}: cannot decode transfer syntax JPEG-LS Lossless")
+    assert "pylibjpeg-libjpeg" in lines[0] and "pyjpegls" in lines[0]
+    assert not re.search("truncat|corrupt", without(lines[0], tmp_path), re.I)
+
+
 def test_npy_is_redcnn_normalised(tmp_path):
     v = np.random.default_rng(2).uniform(0, 1, (12, 10))
     np.save(tmp_path / "P_0_input.npy", v)
@@ -379,6 +445,35 @@ def test_qd_fd_size_mismatch_is_an_error(tmp_path):
     fd = write_ct(tmp_path / "full_1mm" / "a.dcm", np.zeros((20, 20)), z=0.0)
     msg = error_of(ctio.discover, tmp_path)
     assert str(qd) in msg and str(fd) in msg and "20x20" in without(msg, tmp_path)
+
+
+def test_qd_fd_pixel_spacing_mismatch_names_both_files(tmp_path):
+    """Issue 19 item 6: QD and FD of one matrix size but another field of view (pixel spacing)
+    are not paired silently (another matrix size: test_qd_fd_size_mismatch_is_an_error)."""
+    write_pair_series(tmp_path / "quarter_1mm", tmp_path / "full_1mm", [0.0, 1.0, 2.0],
+                      qd_order=[0, 1, 2], fd_order=[0, 1, 2],
+                      fd_kw=lambda k: {"PixelSpacing": [0.8, 0.8]} if k == 1 else {})
+    msg = error_of(ctio.discover, tmp_path)
+    assert str(tmp_path / "quarter_1mm" / "img_001.dcm") in msg
+    assert str(tmp_path / "full_1mm" / "img_001.dcm") in msg
+    assert re.search(r"pixel spacing mismatch: .* 0\.7x0\.7 mm .* 0\.8x0\.8 mm",
+                     without(msg, tmp_path)), msg
+
+
+def test_localizer_and_non_axial_images_are_skipped_with_a_note(tmp_path, capsys):
+    """Issue 19 item 4: a scout or a sagittal reformat in a plain DICOM folder is not a slice."""
+    _series(tmp_path / "P1", n=3)
+    write_ct(tmp_path / "P1" / "scout.dcm", np.zeros(SHAPE), z=0.0,
+             ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    write_ct(tmp_path / "P1" / "sag.dcm", np.zeros(SHAPE), z=5.0,
+             ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    write_ct(tmp_path / "P1" / "tilted.dcm", np.zeros(SHAPE), z=7.0,  # 20 degree gantry tilt
+             ImageOrientationPatient=[1, 0, 0, 0, float(np.cos(0.35)), float(-np.sin(0.35))])
+    ds = ctio.discover(tmp_path)
+    names = sorted(Path(r.ld_path).name for r in ds.records)
+    assert names == ["s0.dcm", "s1.dcm", "s2.dcm", "tilted.dcm"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "skipped 2 image(s)" in out[0], out
 
 
 def test_mr_slice_is_an_error(tmp_path):

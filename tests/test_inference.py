@@ -317,3 +317,83 @@ def test_real_sample_data(tiny_run, real_data, tmp_path):
         assert list(dcm.ImagePositionPatient) == list(src.ImagePositionPatient)
         hu = dcm.pixel_array * float(dcm.RescaleSlope) + float(dcm.RescaleIntercept)
         assert np.abs(hu - np.load(out / r["pred_npy"])).max() <= 1.0
+
+
+def _anonymise(folder: Path) -> None:
+    """Empty SOPClassUID / SOPInstanceUID / SeriesInstanceUID in the dataset, as some
+    anonymisers leave them (the file meta keeps MediaStorageSOPClassUID)."""
+    import pydicom
+
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = ds.SOPInstanceUID = ds.SeriesInstanceUID = ""
+        ds.save_as(f)
+
+
+def test_empty_sop_class_uid_and_derived_series_per_source_series(tiny_run, tmp_path):
+    """Issue 19 items 3 and 4: anonymised headers are written; one derived series per SOURCE
+    series, stable across reruns and a one-slice --overwrite."""
+    import pydicom
+    from pydicom.uid import CTImageStorage
+
+    import Mytest
+
+    data = tmp_path / "data"
+    write_mayo(data / "a", "P1", (32, 32), 2, seed=2)
+    write_mayo(data / "b", "P1", (32, 32), 2, seed=3)
+    p1 = data / "P1"
+    p1.mkdir()
+    for src, suffix in ((data / "a" / "P1", "1mm"), (data / "b" / "P1", "3mm")):
+        for side in ("quarter", "full"):
+            (src / f"{side}_3mm").rename(p1 / f"{side}_{suffix}")
+    _anonymise(p1 / "quarter_1mm")
+    out = tmp_path / "out"
+    args = ["--data", str(p1), "--run", str(tiny_run), "--out", str(out), "--format", "dicom",
+            "--no-figures"]
+    assert Mytest.main(args) == 0
+    rows = {r["slice_id"]: r for r in read_rows(out)}
+    assert sorted(rows) == ["1mm_0000", "1mm_0001", "3mm_0000", "3mm_0001"]
+    series = {}
+    for sid, r in rows.items():
+        dcm = pydicom.dcmread(out / r["dicom"])
+        assert dcm.SOPClassUID == dcm.file_meta.MediaStorageSOPClassUID == CTImageStorage
+        assert dcm.SeriesInstanceUID == r["series_uid"]
+        series.setdefault(sid[:3], set()).add(dcm.SeriesInstanceUID)
+    assert all(len(u) == 1 for u in series.values()) and series["1mm"] != series["3mm"]
+    # Redoing one slice keeps it in its series (the UID is derived, not random).
+    first = rows["1mm_0001"]["series_uid"]
+    assert Mytest.main([*args, "--slices", "P1:1mm_0001", "--overwrite"]) == 0
+    again = {r["slice_id"]: r for r in read_rows(out)}
+    assert pydicom.dcmread(out / again["1mm_0001"]["dicom"]).SeriesInstanceUID == first
+    assert {r["series_uid"] for r in again.values()} == {r["series_uid"] for r in rows.values()}
+
+
+def test_failed_slice_leaves_no_output_without_a_manifest_row(tiny_run, mayo, tmp_path,
+                                                             monkeypatch):
+    """A writer failing mid-slice (here the DICOM writer) removes that slice's other outputs;
+    slices finished before it keep their rows."""
+    import Mytest
+
+    real = ctio.write_dicom
+    calls = []
+
+    def failing(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise ctio.CTDataError(f"{path}: simulated write failure")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ctio, "write_dicom", failing)
+    out = tmp_path / "out"
+    with pytest.raises(ctio.CTDataError, match="simulated write failure"):
+        Mytest.main(["--data", str(mayo), "--run", str(tiny_run), "--out", str(out),
+                     "--format", "png,dicom", "--batch", "3"])
+    rows = read_rows(out)
+    assert [r["slice_id"] for r in rows] == ["0000"]
+    listed = {out / p for r in rows for p in Mytest.row_outputs(r)}
+    files = {p for p in out.rglob("*") if p.is_file() and p.name != "manifest.csv"}
+    assert files == listed, files ^ listed
+    monkeypatch.setattr(ctio, "write_dicom", real)
+    assert Mytest.main(["--data", str(mayo), "--run", str(tiny_run), "--out", str(out),
+                        "--format", "png,dicom", "--batch", "3"]) == 0
+    assert len(read_rows(out)) == 3

@@ -223,6 +223,85 @@ def test_demo_dataset(tmp_path):
 def test_calibration_against_real_pairs():
     if not (SAMPLE_DATA / "mayo_pairs").is_dir() or not (SAMPLE_DATA / "L067_full_1mm").is_dir():
         pytest.skip(f"real sample data not found at {SAMPLE_DATA} (set CT_SAMPLE_DATA)")
-    fig = Mysimulate.calibration_report(SAMPLE_DATA, n_slices=4, print_fn=None)
+    fig = Mysimulate.calibration_report(SAMPLE_DATA, n_slices=4, print_fn=None,
+                                        headerless=False)
     assert 15 < fig["real_mean"] < 40, fig["real_mean"]
     assert 0.75 <= fig["ratio"] <= 1.25, (fig["sim_mean"], fig["real_mean"])
+
+
+# --- Atomic output (issue 19 items 3 and 8) -----------------------------------------------------
+def _anonymise(folder: Path) -> None:
+    """Empty SOPClassUID / SOPInstanceUID / SeriesInstanceUID, as some anonymisers leave them."""
+    import pydicom
+
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = ds.SOPInstanceUID = ds.SeriesInstanceUID = ""
+        ds.save_as(f)
+
+
+def test_failure_midway_leaves_nothing_and_rerun_needs_no_overwrite(tmp_path, monkeypatch):
+    write_fd_series(tmp_path / "fd" / "P1", n=3, size=48)
+    _anonymise(tmp_path / "fd" / "P1")
+    out = tmp_path / "sims" / "out"
+    real, calls = ctio.write_dicom, []
+
+    def failing(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ctio, "write_dicom", failing)
+    with pytest.raises(OSError, match="disk full"):
+        Mysimulate.main(["--input", tmp_path / "fd", "--out", out])
+    assert not out.exists() and list((tmp_path / "sims").iterdir()) == []
+    monkeypatch.setattr(ctio, "write_dicom", real)
+    # The anonymised input (empty SOPClassUID) is written; no --overwrite needed after a failure.
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
+    ds = ctio.discover(out)
+    assert ds.paired and len(ds.records) == 3 and (out / Mysimulate.MARKER).is_file()
+    # --overwrite replaces a simulated dataset, but never a folder Mysimulate did not write.
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out, "--overwrite",
+                            "--seed", "5"]) == 0
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ctio.CTDataError, match="not written by Mysimulate"):
+        Mysimulate.main(["--input", tmp_path / "fd", "--out", other, "--overwrite"])
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_sigkill_leaves_no_dataset_that_looks_complete(tmp_path):
+    import signal
+    import time
+
+    write_fd_series(tmp_path / "fd" / "P1", n=12, size=192, pixel_mm=1.6)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "Mysimulate.py"), "--input",
+                             str(tmp_path / "fd"), "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = tmp_path / f".out.tmp{proc.pid}"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp.glob("P1/quarter_sim/*.dcm")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp.glob("P1/quarter_sim/*.dcm")), "the run was killed before writing a slice"
+    assert not out.exists()
+    with pytest.raises(ctio.CTDataError):
+        ctio.discover(out)
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
+    assert len(ctio.discover(out).records) == 12
+    assert not tmp.exists(), "the killed run's temporary folder is removed"
+
+
+def test_headerless_calibration_on_real_pairs(real_data):
+    """Issue 19 item 7: .npy/.tif input (no header) gets real-QD-like noise: simulated dose 0.25
+    from the 7 real pairs' FD vs their real QD - FD, body noise std, within 15 % on average."""
+    pairs = Mysimulate.headerless_calibration(real_data)
+    assert len(pairs) == 7
+    real = np.mean([r for r, _ in pairs.values()])
+    sim = np.mean([s for _, s in pairs.values()])
+    assert 0.85 <= sim / real <= 1.15, pairs
+    assert all(0.6 <= s / r <= 1.5 for r, s in pairs.values()), pairs  # no slice far off
