@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -125,11 +124,6 @@ def split_patients(dataset: ctio.CTDataset, val_patients: Optional[Sequence[str]
     return Split(train, val, how)
 
 
-def _slice_seed(seed: int, rec) -> int:
-    """A stable per-slice seed, independent of order and parallelism."""
-    return zlib.crc32(f"{seed}/{rec.patient}/{rec.slice_id}".encode()) & 0x7FFFFFFF
-
-
 def load_pair(rec, simulate_dose: Optional[float] = None, seed: int = 0):
     """Decode one record to normalised float32 ``(ld, fd)`` of shape [H, W, 1]."""
     fd_hu, header = ctio.read_slice(rec.fd_path)
@@ -141,9 +135,12 @@ def load_pair(rec, simulate_dose: Optional[float] = None, seed: int = 0):
     else:
         import Mysimulate
 
+        # The same noise as Mysimulate.py --input for the same seed (one seed rule, one I0
+        # rule; the per-series tube-current factor needs the whole series: pre-simulate).
         pixel_mm = Mysimulate.pixel_size_mm(header, fd_hu.shape, None)
-        ld_hu = Mysimulate.simulate_pair_from_fd(fd_hu, simulate_dose, pixel_mm,
-                                                 (_slice_seed(seed, rec),))
+        ld_hu = Mysimulate.simulate_pair_from_fd(
+            fd_hu, simulate_dose, pixel_mm, Mysimulate.slice_seed(seed, rec.patient, rec.slice_id),
+            i0=Mysimulate.slice_i0(header))
     return ctio.normalize(ld_hu)[..., None], ctio.normalize(fd_hu)[..., None]
 
 

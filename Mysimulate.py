@@ -235,7 +235,7 @@ def noise_std_in_body(ld_hu: np.ndarray, fd_hu: np.ndarray) -> float:
     return float(np.std((np.asarray(ld_hu, np.float64) - fd_hu)[mask]))
 
 
-def _slice_seed(seed: int, patient: str, slice_id: str) -> tuple[int, int]:
+def slice_seed(seed: int, patient: str, slice_id: str) -> tuple[int, int]:
     """Per-slice seed: independent of processing order and of which other slices exist."""
     return int(seed), zlib.crc32(f"{patient}/{slice_id}".encode())
 
@@ -307,7 +307,7 @@ def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: f
         rec = ds.records[int(k)]
         fd, header = ctio.read_slice(rec.fd_path)
         ld = simulate_pair_from_fd(fd, dose, pixel_size_mm(header, fd.shape, None),
-                                   _slice_seed(seed, rec.patient, rec.slice_id),
+                                   slice_seed(seed, rec.patient, rec.slice_id),
                                    i0=i0 * factors[rec.fd_path], sigma_e=sigma_e)
         sim[f"{rec.patient}_{rec.slice_id}"] = noise_std_in_body(ld, fd)
     figures["sim_l067"] = sim
@@ -352,7 +352,7 @@ def headerless_calibration(data_dir, *, dose: float = 0.25, i0: float = I0_DEFAU
         for r in ctio.discover(data / sub).records:
             fd, header = ctio.read_slice(r.fd_path)
             ld = simulate_pair_from_fd(fd, dose, pixel_size_mm(header, fd.shape, None),
-                                       _slice_seed(seed, r.patient, r.slice_id),
+                                       slice_seed(seed, r.patient, r.slice_id),
                                        i0=slice_i0(header, i0), sigma_e=sigma_e)
             np.maximum(ld, ctio.HU_MIN, out=ld)
             real = noise_std_in_body(ctio.read_slice(r.ld_path)[0], fd)
@@ -469,7 +469,7 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
         for done, rec in enumerate(records, 1):
             fd, header = ctio.read_slice(rec.fd_path)
             px = pixel_size_mm(header, fd.shape, pixel_mm)
-            ld = simulate_pair_from_fd(fd, dose, px, _slice_seed(seed, rec.patient, rec.slice_id),
+            ld = simulate_pair_from_fd(fd, dose, px, slice_seed(seed, rec.patient, rec.slice_id),
                                        i0=slice_i0(header, i0, factors.get(rec.fd_path, 1.0)),
                                        sigma_e=sigma_e)
             np.maximum(ld, ctio.HU_MIN, out=ld)  # air noise below -1024 HU: clipped like real data
@@ -692,7 +692,7 @@ def _ctsmall_pair(dose: float, seed: int, i0: float, sigma_e: float):
     h, w = fd.shape
     top, left = (n - h) // 2, (n - w) // 2
     canvas[top:top + h, left:left + w] = fd
-    ld = simulate_pair_from_fd(canvas, dose, px, _slice_seed(seed, CTSMALL, "0000"), i0=i0,
+    ld = simulate_pair_from_fd(canvas, dose, px, slice_seed(seed, CTSMALL, "0000"), i0=i0,
                                sigma_e=sigma_e)[top:top + h, left:left + w]
     header.PatientID = header.PatientName = CTSMALL
     return fd, ld, header
@@ -722,7 +722,7 @@ def demo_patient_slices(index: int, slices: int = DEMO_SLICES, size: int = DEMO_
         zk = k * DEMO_SLICE_MM
         fd = _store_round(_phantom_slice(size, pixel_mm, zk, prm, texture[k], mix[k]))
         ld = _store_round(simulate_pair_from_fd(
-            fd, dose, pixel_mm, _slice_seed(seed, name, f"{k:04d}"), i0=i0))
+            fd, dose, pixel_mm, slice_seed(seed, name, f"{k:04d}"), i0=i0))
         yield k, -(prm["zc0"] + zk), fd, ld  # table position decreases caudally, as in Mayo
 
 

@@ -156,6 +156,27 @@ def test_training_needs_full_dose(tmp_path):
         train_loader.find_training_data(str(tmp_path / "fd"))
 
 
+def test_on_the_fly_simulation_equals_mysimulate_for_the_same_seed(tmp_path):
+    """--simulate-dose and Mysimulate.py --input give the same quarter dose for the same seed:
+    one seed rule and one I0 rule (Mysimulate.slice_seed, Mysimulate.slice_i0)."""
+    import Mysimulate
+
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        hu = Mysimulate.ellipse_phantom((64, 64), rng)
+        write_ct(tmp_path / "fd" / f"{k}.dcm", hu, z=3.0 * k)
+    Mysimulate.simulate_dataset(tmp_path / "fd", tmp_path / "sim", 0.25, seed=3, progress=False)
+    fly = train_loader.find_training_data(str(tmp_path / "fd"), simulate_dose=0.25)
+    sim = train_loader.find_training_data(str(tmp_path / "sim"))
+    assert len(fly.records) == len(sim.records) == 2
+    for a, b in zip(fly.records, sim.records):  # both in table-position order
+        ld_fly = ctio.denormalize(train_loader.load_pair(a, 0.25, seed=3)[0])
+        ld_sim = ctio.denormalize(train_loader.load_pair(b)[0])
+        noise = ld_sim - ctio.denormalize(train_loader.load_pair(b)[1])
+        assert noise.std() > 1  # the comparison is about inserted noise, not two copies
+        np.testing.assert_allclose(ld_fly, ld_sim, atol=0.51)  # DICOM stores whole HU
+
+
 def test_training_data_from_two_folders_and_duplicates(tmp_path):
     make_npy(tmp_path / "a", {("A", 0): np.zeros(SHAPE)})
     make_npy(tmp_path / "b", {("B", 0): np.zeros(SHAPE), ("B", 1): np.zeros(SHAPE)})
