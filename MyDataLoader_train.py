@@ -2,14 +2,15 @@
 
 Pipeline (``make_train_dataset``)::
 
-    slice index -> decode pair to normalised [H, W, 1] (parallel, numpy) -> cache decoded slices
-      -> repeat -> shuffle slices -> K random patches per slice (air-only patches skipped)
-      -> same flip / 90-degree rotation on LD and FD -> unbatch -> shuffle patches
-      -> batch -> prefetch
+    slice index, a new permutation of all slices every pass -> decoded pair [H, W, 1], read
+      memory-mapped from the on-disk slice cache (decoded in parallel by numpy and cached on
+      first use) -> K random patches per slice (air-only patches skipped) -> same flip /
+      90-degree rotation on LD and FD -> unbatch -> shuffle patches -> batch -> prefetch
 
 Elements are ``(ld, fd)``, float32 ``[P, P, 1]`` normalised with ``ctio.normalize`` (P = 0: whole
 slices). Full-dose-only data can be trained on with ``simulate_dose`` (quarter dose simulated per
-slice by ``Mysimulate``, deterministically, once, then cached).
+slice by ``Mysimulate``, deterministically, once, then cached). RAM does not grow with the number
+of slices: decoded slices live in files (``SliceCache``), shuffling works on indices.
 
 As a script it checks a dataset before training::
 
@@ -19,8 +20,12 @@ As a script it checks a dataset before training::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -144,6 +149,74 @@ def load_pair(rec, simulate_dose: Optional[float] = None, seed: int = 0):
     return ctio.normalize(ld_hu)[..., None], ctio.normalize(fd_hu)[..., None]
 
 
+CACHE_VERSION = 1  # bump when what a cache file holds changes
+
+
+class SliceCache:
+    """Decoded, normalised (LD, FD) pairs on disk: one ``[H, W, 2]`` float32 ``.npy`` per slice,
+    read back memory-mapped, so RAM does not grow with the data set.
+
+    A file's name is a hash of everything its content depends on (both source files' paths,
+    sizes and modification times, the simulated dose and seed, the normalisation), so a
+    changed source file gets a new entry and a folder can be shared by several runs (training
+    on the same data reuses it). Files are written under a temporary name and renamed: a
+    killed run leaves no partial entry (its temporaries are removed at the next start).
+    """
+
+    def __init__(self, root, simulate_dose: Optional[float] = None, seed: int = 0) -> None:
+        self.root = Path(root)  # created by the first write (a failed start writes none)
+        ctio.remove_stale_temporaries([self.root])
+        self.simulate_dose, self.seed = simulate_dose, seed
+
+    def path(self, rec) -> Path:
+        def stat(p):
+            if not p:
+                return None
+            st = os.stat(p)
+            return [os.path.abspath(p), st.st_size, st.st_mtime_ns]
+
+        sim = None if rec.ld_path else [self.simulate_dose, self.seed]
+        key = json.dumps([CACHE_VERSION, stat(rec.fd_path), stat(rec.ld_path), sim,
+                          ctio.HU_MIN, ctio.HU_MAX])
+        return self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
+
+    def load(self, rec) -> tuple[np.ndarray, np.ndarray]:
+        """``(ld, fd)`` ``[H, W, 1]`` float32, from the cache or decoded (and then cached)."""
+        path = self.path(rec)
+        try:
+            pair = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):  # absent (or unreadable: decoded again and replaced)
+            ld, fd = load_pair(rec, self.simulate_dose, self.seed)
+            self.root.mkdir(parents=True, exist_ok=True)
+            with ctio.atomic_path(path) as tmp:
+                np.save(tmp, np.concatenate([ld, fd], axis=-1))
+            return ld, fd
+        return np.array(pair[..., :1]), np.array(pair[..., 1:])
+
+
+def epoch_order(n: int, seed: int):
+    """Endless slice indices: every pass over the data is a new random permutation of all ``n``
+    slices (a shuffle over the whole set, not a window of file order; indices are cheap)."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+
+
+def _cached_slices(records, cache: SliceCache, seed: int, tf):
+    """Endless ``(ld, fd)`` slices in :func:`epoch_order`, read through ``cache``."""
+
+    def read(i):
+        return cache.load(records[int(i)])
+
+    def tf_read(i):
+        ld, fd = tf.numpy_function(read, [i], [tf.float32, tf.float32], stateful=False)
+        ld.set_shape([None, None, 1])
+        fd.set_shape([None, None, 1])
+        return ld, fd
+
+    return epoch_order(len(records), seed).map(tf_read, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _decoded_slices(records, simulate_dose, seed, tf, order=None):
     """Dataset of decoded (ld, fd) slices, decoded in parallel by numpy and cached.
 
@@ -229,11 +302,15 @@ def augment_flips(ld, fd):
 def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
                        patches_per_slice: int = PATCHES_PER_SLICE,
                        simulate_dose: Optional[float] = None, seed: int = 0,
-                       augment_data: bool = True, skip_air: bool = True, multiple: int = 1):
+                       augment_data: bool = True, skip_air: bool = True, multiple: int = 1,
+                       cache_dir=None):
     """Infinite, shuffled, batched ``(ld, fd)`` patches [B, P, P, 1].
 
     P = 0: whole slices (of one size), centre-cropped to a multiple of ``multiple`` (the
-    network's ``2**depth``), with a static shape so the training step is traced once."""
+    network's ``2**depth``), with a static shape so the training step is traced once.
+    Decoded slices are kept in a :class:`SliceCache` in ``cache_dir`` (memory-mapped files;
+    default: a temporary folder removed at exit), never all in RAM; every pass over the data
+    visits the slices in a new random order."""
     tf = ctio.import_tensorflow()
     if not records:
         raise ctio.CTDataError("empty training split")
@@ -246,8 +323,14 @@ def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
         raise ctio.CTDataError("--patch 0 (whole slices) needs slices of one size; found "
                                + ", ".join(sorted({f'{a}x{b}' for a, b in
                                                    {r.shape for r in records}})))
-    ds = _decoded_slices(records, simulate_dose, seed, tf).repeat()
-    ds = ds.shuffle(min(len(records), 512), seed=seed)
+    if cache_dir is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        cache_dir = tempfile.mkdtemp(prefix="cncl-slices-")
+        atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+    ds = _cached_slices(records, SliceCache(cache_dir, simulate_dose, seed), seed, tf)
     if patch:
         ds = ds.map(lambda a, b: random_patches(a, b, patch, patches_per_slice, skip_air),
                     num_parallel_calls=tf.data.AUTOTUNE)

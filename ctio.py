@@ -642,9 +642,12 @@ def atomic_path(path) -> Iterator[Path]:
     The temporary name keeps the suffix, so writers that choose the format from it still work.
     A killed process leaves at most a hidden ``.*.tmp*`` file, never a partial ``path``.
     """
+    import threading
+
     path = Path(path)
     base, dot, rest = path.name.partition(".")  # keep every suffix: Keras wants ".weights.h5"
-    tmp = path.with_name(f".{base}.tmp{os.getpid()}{dot}{rest}")
+    # pid and thread: tf.data may write the same file from two threads of one process
+    tmp = path.with_name(f".{base}.tmp{os.getpid()}.t{threading.get_ident()}{dot}{rest}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -521,3 +521,52 @@ def test_scripts_on_real_data(real_data, sub, layout, patient, slices, pairs):
         assert_summary(proc.stdout, layout, (f"{patient} ({slices})",), pairs)
         if sub == "dicom_misc/gehc_ct_3slice":
             assert re.search(r"HU .*\[-1024,", proc.stdout)  # padding -2000 masked, not -3024
+
+
+# --- Slice cache and whole-set shuffle (bounded memory at Mayo scale) ----------------------------
+def test_slice_cache_built_once_reused_and_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
+    data = make_npy(tmp_path / "d", {("A", i): np.full(SHAPE, 10.0 * i) for i in range(3)})
+    recs = train_loader.find_training_data(str(data)).records
+    decoded = []
+    real = train_loader.load_pair
+    monkeypatch.setattr(train_loader, "load_pair",
+                        lambda rec, *a, **k: decoded.append(rec.slice_id) or real(rec, *a, **k))
+    cache = train_loader.SliceCache(tmp_path / "cache")
+    first = [cache.load(r) for r in recs]
+    assert len(decoded) == 3 and len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    again = train_loader.SliceCache(tmp_path / "cache")  # a later run on the same data
+    for r, (ld, fd) in zip(recs, first):
+        ld2, fd2 = again.load(r)
+        assert np.array_equal(ld, ld2) and np.array_equal(fd, fd2) and ld2.shape == (*SHAPE, 1)
+    assert len(decoded) == 3, "a cached slice was decoded again"
+    write_npy(data, "A_1_target.npy", np.full(SHAPE, 500.0))  # the source changes
+    os.utime(data / "A_1_target.npy", ns=(1, 1))  # even with an old time stamp
+    ld, fd = again.load(recs[1])
+    assert len(decoded) == 4 and np.allclose(ctio.denormalize(fd), 500.0, atol=1e-3)
+
+
+def test_slice_cache_is_never_half_written(tmp_path, monkeypatch):
+    data = make_npy(tmp_path / "d", {("A", 0): np.zeros(SHAPE)})
+    rec = train_loader.find_training_data(str(data)).records[0]
+    cache = train_loader.SliceCache(tmp_path / "cache")
+
+    def broken_save(path, arr):  # a kill in the middle of writing
+        Path(path).write_bytes(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_loader.np, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.load(rec)
+    assert not list((tmp_path / "cache").iterdir()), "a partial cache file was left"
+    monkeypatch.undo()
+    ld, _ = train_loader.SliceCache(tmp_path / "cache").load(rec)
+    assert ld.shape == (*SHAPE, 1)
+
+
+def test_every_pass_visits_all_slices_in_a_new_order(tf):
+    n = 50
+    order = [int(i) for i in train_loader.epoch_order(n, seed=0).take(3 * n)]
+    passes = [order[k * n:(k + 1) * n] for k in range(3)]
+    for p in passes:
+        assert sorted(p) == list(range(n)), "a pass must see every slice once"
+    assert passes[0] != passes[1] != passes[2] and passes[0] != list(range(n))
