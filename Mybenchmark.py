@@ -20,7 +20,12 @@ as a lower MFU. One training step (``CNCLGAN.train_step``, LSGAN + L1, ``adv_wei
 * D: forward on the real and the fake triplet (2), backward of both for D's update (2 x 2), and
   the input-gradient pass through D(fake) that carries the adversarial loss back to G (1) -> 7.
 
-MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same process (float32).
+MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same process (float32;
+bfloat16 rows: the bfloat16 matmul). Beside the measured peak it states the FMA hardware peak,
+physical cores x clock x float32 FLOP/cycle of the widest FMA the CPU flags show
+(:func:`hardware_peak`), and which kernel library (oneDNN or Eigen) ran. bfloat16 rows are
+measured only on CPUs with native bfloat16 (``ctio.native_bfloat16``) unless
+``--precision-rows all``.
 """
 
 from __future__ import annotations
@@ -449,11 +454,11 @@ def op_breakdown(logdir: str, since: float = 0.0, jit: bool = False) -> dict:
                 op = name.rsplit(":", 1)[1]
                 ms[op] = ms.get(op, 0.0) + ev.duration_ps / 1e9
     total = sum(ms.values())
-    if not total:
-        return {}
-    if jit:
+    if jit:  # also when the compiled program left no executor op events at all
         top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:5])
         return {"xla": True, "op_ms_total": total, "ops": top}
+    if not total:
+        return {}
     conv = sum(v for k, v in ms.items() if "Conv2D" in k)
     top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:15])
     return {"conv_share": conv / total, "op_ms_total": total, "ops": top}
