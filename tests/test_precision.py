@@ -134,3 +134,19 @@ def test_bfloat16_training_step_keeps_float32_losses_without_loss_scaling():
     assert logs and all(np.isfinite(float(v)) for v in logs.values()), logs
     content, noise = gen(ld)
     assert content.dtype == noise.dtype == "float32"
+
+
+@pytest.mark.slow
+def test_mytrain_bfloat16_trains_and_records_precision(mayo_tree, tmp_path):
+    import csv
+
+    out = tmp_path / "run"
+    r = run_cli("Mytrain.py", "--data", mayo_tree, "--out", out, "--precision", "bfloat16",
+                "--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
+                "--epochs", "1", "--val-slices", "1", "--verbose", "2", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert train["precision"] == "bfloat16" and train["mixed_precision"] is False
+    with open(out / "history.csv") as f:
+        row = next(csv.DictReader(f))
+    assert all(np.isfinite(float(row[k])) for k in ("l1_content", "l1_noise", "val_psnr"))
