@@ -20,7 +20,12 @@ as a lower MFU. One training step (``CNCLGAN.train_step``, LSGAN + L1, ``adv_wei
 * D: forward on the real and the fake triplet (2), backward of both for D's update (2 x 2), and
   the input-gradient pass through D(fake) that carries the adversarial loss back to G (1) -> 7.
 
-MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same process (float32).
+MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same process (float32;
+bfloat16 rows: the bfloat16 matmul). Beside the measured peak it states the FMA hardware peak,
+physical cores x clock x float32 FLOP/cycle of the widest FMA the CPU flags show
+(:func:`hardware_peak`), and which kernel library (oneDNN or Eigen) ran. bfloat16 rows are
+measured only on CPUs with native bfloat16 (``ctio.native_bfloat16``) unless
+``--precision-rows all``.
 """
 
 from __future__ import annotations
@@ -46,11 +51,15 @@ import ctio
 REPO = Path(__file__).resolve().parent
 PRESETS = ("paper", "small")  # Mymodel.PRESETS, named here to validate before importing TF
 SECTIONS = ("matmul", "train", "infer", "data", "memory")
+PRECISION_ROWS = ("auto", "all", "float32")  # --precision-rows
 SLICE = 512  # whole-slice size of the Mayo data
 PATCH = 64  # training patch size (MyDataLoader_train.PATCH_SIZE)
 TRAIN_BATCH = 16  # Mytrain.py's default batch
 REQUIRED_KEYS = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
                  "infer_mfu", "loader_ratio", "mem_ratio")
+BF16_KEYS = ("matmul_gflops_bf16", "train_patches_per_s_bf16", "train_mfu_bf16",
+             "train_bf16_speedup", "infer_slices_per_s_bf16", "infer_mfu_bf16",
+             "infer_bf16_speedup")  # None when the bfloat16 rows are skipped
 FLOPS_CONVENTION = (
     "FLOPs = 2*H_out*W_out*kh*kw*C_in/groups*C_out per Conv2D (2*C_in*C_out per position for "
     "Dense), forward, per example, from the layer shapes; bias, norm, activations, pooling, "
@@ -82,8 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--infer-batches", default=None,
                     help="comma-separated inference batch sizes (default 1,2,4; small adds 8)")
     ap.add_argument("--onednn", default="default",
-                    help="TF_ENABLE_ONEDNN_OPTS for this run: default (the project's: on unless "
-                    "the environment sets it, see ctio.py), on or off")
+                    help="TF_ENABLE_ONEDNN_OPTS for this run: on, off, or default = leave TF's "
+                    "own choice (TF turns oneDNN on by itself on CPUs with AVX-512 VNNI or AMX, "
+                    "else uses Eigen; a TF_ENABLE_ONEDNN_OPTS already in the environment wins)")
+    ap.add_argument("--precision-rows", default="auto", choices=PRECISION_ROWS,
+                    help="bfloat16 rows beside the float32 ones (matmul, training, inference): "
+                    "auto = only on CPUs with native bfloat16 (" + " or ".join(ctio.BF16_FLAGS)
+                    + "; elsewhere TF emulates it, slowly, and the figure means nothing); all = "
+                    "measure them anyway; float32 = none")
     ap.add_argument("--intra-threads", type=int, default=0,
                     help="TF intra-op threads (0: TF default = cores)")
     ap.add_argument("--inter-threads", type=int, default=0,
@@ -271,11 +286,13 @@ def _sync(out) -> None:
 
 
 # --- Sections -------------------------------------------------------------------------------------
-def bench_matmul(n: int, repeats: int) -> dict:
-    """float32 (and on a GPU bf16 / fp16) square matmul FLOP/s, tf.function, median."""
+def bench_matmul(n: int, repeats: int, bf16: bool = False) -> dict:
+    """float32 (on a GPU also bf16 / fp16; with ``bf16`` also bfloat16 on a CPU) square matmul
+    FLOP/s, tf.function, median."""
     tf = ctio.import_tensorflow()
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    dtypes = [tf.float32] + ([tf.bfloat16, tf.float16] if on_gpu else [])
+    dtypes = [tf.float32] + ([tf.bfloat16, tf.float16] if on_gpu else
+                             [tf.bfloat16] if bf16 else [])
     out = {"n": n, "device": "GPU" if on_gpu else "CPU", "onednn": onednn_enabled(),
            "load_before": load()}
 
@@ -318,23 +335,26 @@ def _synthetic_batch(batch: int, h: int, w: int, seed: int = 0):
     return ld, fd
 
 
-def _new_gan(cfg: dict, jit: bool):
+def _new_gan(cfg: dict, jit: bool, precision: str = "float32"):
     import keras
 
     import Mymodel
 
-    gen, disc = Mymodel.build_models(cfg)
-    gan = Mymodel.CNCLGAN(gen, disc)
-    gan.compile(g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
-                d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5), jit_compile=jit)
+    with ctio.precision_policy(precision):
+        gen, disc = Mymodel.build_models(cfg)
+        gan = Mymodel.CNCLGAN(gen, disc)
+        gan.compile(g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
+                    d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5), jit_compile=jit)
     return gan
 
 
 def bench_train(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
-                peak_gflops: float, trace_dir: Optional[str] = None) -> dict:
-    """One full GAN train step (Keras' own train_function, as fit() runs it) on fixed data."""
+                peak_gflops: float, trace_dir: Optional[str] = None,
+                precision: str = "float32") -> dict:
+    """One full GAN train step (Keras' own train_function, as fit() runs it) on fixed data,
+    computed in ``precision`` (Mytrain.py --precision)."""
     tf = ctio.import_tensorflow()
-    gan = _new_gan(cfg, jit)
+    gan = _new_gan(cfg, jit, precision)
     ld, fd = _synthetic_batch(batch, size, size)
     ds = tf.data.Dataset.from_tensors((tf.constant(ld), tf.constant(fd))).repeat()
     it = iter(ds)
@@ -347,11 +367,11 @@ def bench_train(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit
         with _profiler(trace_dir):
             for _ in range(2):
                 _sync(gan.train_function(it))
-        breakdown = op_breakdown(trace_dir, t0)
+        breakdown = op_breakdown(trace_dir, t0, jit)
     fl = model_flops(cfg, size, size)
     step_flops = fl["train_step"] * batch
     gflops = step_flops / st["median_s"] / 1e9
-    return {"batch": batch, "size": size, "first_call_s": first, **st,
+    return {"batch": batch, "size": size, "precision": precision, "first_call_s": first, **st,
             "examples_per_s": batch / st["median_s"],
             "flops_per_step": step_flops, "g_fwd_flops_per_example": fl["g_fwd"],
             "d_fwd_flops_per_example": fl["d_fwd"], "gflops": gflops,
@@ -360,12 +380,15 @@ def bench_train(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit
 
 
 def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
-                peak_gflops: float, trace_dir: Optional[str] = None) -> dict:
-    """Generator content output on whole slices (the network part of Mytest.py)."""
+                peak_gflops: float, trace_dir: Optional[str] = None,
+                precision: str = "float32") -> dict:
+    """Generator content output on whole slices (the network part of Mytest.py), computed in
+    ``precision`` (Mytest.py --precision)."""
     tf = ctio.import_tensorflow()
     import Mymodel
 
-    gen = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
+    with ctio.precision_policy(precision):
+        gen = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
 
     @tf.function(jit_compile=jit)
     def content(x):
@@ -379,10 +402,10 @@ def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit
         t0 = time.time()
         with _profiler(trace_dir):
             content(x).numpy()
-        breakdown = op_breakdown(trace_dir, t0)
+        breakdown = op_breakdown(trace_dir, t0, jit)
     g_fwd, _ = conv_flops(gen, (size, size, 1))
     gflops = g_fwd * batch / st["median_s"] / 1e9
-    return {"batch": batch, "size": size, "first_call_s": first, **st,
+    return {"batch": batch, "size": size, "precision": precision, "first_call_s": first, **st,
             "slices_per_s": batch / st["median_s"], "flops_per_slice": g_fwd,
             "gflops": gflops, "mfu": gflops / peak_gflops, "load_before": load0,
             "load_after": load(), **({"trace": breakdown} if breakdown else {})}
@@ -398,8 +421,11 @@ def _profiler(logdir: str):
         tf.profiler.experimental.stop()
 
 
-def op_breakdown(logdir: str, since: float = 0.0) -> dict:
+def op_breakdown(logdir: str, since: float = 0.0, jit: bool = False) -> dict:
     """Time per TF op type in the newest profiler trace under ``logdir`` written after ``since``.
+
+    With ``jit`` (XLA) the executor runs one compiled cluster op per call, so the trace has no
+    per-op breakdown: ``{"xla": True, "ops": ...}`` without ``conv_share``.
 
     Sums the durations of the executor's op events (``tf_Compute`` threads of the host plane;
     ops of the two U-Nets may overlap in time, so this is a share of op time, not of wall time).
@@ -428,6 +454,9 @@ def op_breakdown(logdir: str, since: float = 0.0) -> dict:
                 op = name.rsplit(":", 1)[1]
                 ms[op] = ms.get(op, 0.0) + ev.duration_ps / 1e9
     total = sum(ms.values())
+    if jit:  # also when the compiled program left no executor op events at all
+        top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:5])
+        return {"xla": True, "op_ms_total": total, "ops": top}
     if not total:
         return {}
     conv = sum(v for k, v in ms.items() if "Conv2D" in k)
@@ -458,14 +487,29 @@ def default_data() -> Optional[Path]:
     return d if d.is_dir() else None
 
 
-def bench_loader(data: Path, described: str, batch: int, n_batches: int,
+def data_label(records: list, source: str, simulate_dose: Optional[float]) -> str:
+    """What the loader section really read: real QD/FD pairs, simulated quarter dose, or both
+    (the loader simulates only slices without a low-dose partner)."""
+    paired = sum(bool(r.ld_path) for r in records)
+    simulated = len(records) - paired
+    sim = f"quarter dose simulated (--simulate-dose {simulate_dose:g})" if simulated else ""
+    if not simulated:
+        return f"{source}, {paired} real QD/FD pairs (nothing simulated)"
+    if not paired:
+        return f"{source}, full dose only: {sim}"
+    return f"{source}, {paired} real QD/FD pairs + {simulated} full-dose-only slices with {sim}"
+
+
+def bench_loader(data: Path, source: str, batch: int, n_batches: int,
                  simulate_dose: Optional[float]) -> dict:
-    """Decode rate of make_train_dataset's first pass and its steady (cached) patch rate."""
+    """Decode rate of make_train_dataset's first pass and its steady (cached) patch rate.
+    ``simulate_dose`` applies to full-dose-only slices; real pairs are read as they are."""
     ctio.import_tensorflow()
     import MyDataLoader_train as loader
 
     ds_info = loader.find_training_data([str(data)], simulate_dose=simulate_dose)
     records = ds_info.records
+    described = data_label(records, source, simulate_dose)
     load0 = load()
     # Serial decode of a few slices (numpy, one core): the cost of one slice.
     k = min(2, len(records))
@@ -490,7 +534,8 @@ def bench_loader(data: Path, described: str, batch: int, n_batches: int,
     del it, ds
     pps = loader.PATCHES_PER_SLICE
     return {"data": described, "slices": len(records), "shape": list(records[0].shape),
-            "simulate_dose": simulate_dose, "patch": PATCH, "batch": batch,
+            "simulate_dose": simulate_dose,
+            "simulated_slices": sum(not r.ld_path for r in records), "patch": PATCH, "batch": batch,
             "patches_per_slice": pps,
             "serial_decode_s_per_slice": serial_s,
             "first_pass_s": first_pass,
@@ -613,6 +658,67 @@ def onednn_enabled() -> Optional[bool]:
         return None
 
 
+def kernel_library(onednn: Optional[bool]) -> str:
+    """The CPU kernel library TF ran: oneDNN, Eigen, or unknown."""
+    return "oneDNN" if onednn else ("Eigen" if onednn is not None else "unknown")
+
+
+def _text_fields(text: str) -> dict[str, str]:
+    """``key: value`` lines (/proc/cpuinfo, lscpu) -> {key: value}, the first of each key."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out.setdefault(key.strip(), value.strip())
+    return out
+
+
+def flop_per_cycle(features: frozenset[str], vendor: str, family: int) -> tuple[int, str]:
+    """float32 FLOP per cycle per core of the widest FMA in ``features`` (ctio.cpu_features),
+    with the assumption it rests on."""
+    if "avx512f" in features:
+        if vendor == "AuthenticAMD" and family == 25:
+            return 32, ("AVX-512 on AMD Zen 4, which splits each 512-bit FMA into two 256-bit "
+                        "halves: 2 x 256-bit FMA units x 8 lanes x 2")
+        return 64, ("AVX-512: 2 FMA units x 16 lanes x 2, assuming two 512-bit FMA units "
+                    "(Xeon Gold/Platinum, Sapphire Rapids, Zen 5; parts with one unit reach 32)")
+    if {"avx2", "fma"} <= features:
+        return 32, "AVX2 + FMA: 2 FMA units x 8 lanes x 2 (assumed two 256-bit FMA units)"
+    return 16, "no FMA flag: AVX/SSE add + multiply, 16 at most (assumed)"
+
+
+def hardware_peak(features: frozenset[str], cpuinfo: Optional[str] = None,
+                  lscpu: Optional[str] = None, cpus: Optional[int] = None) -> dict:
+    """FMA peak of this CPU: physical cores x clock x float32 FLOP/cycle/core, and how it was
+    derived. Clock: lscpu "CPU max MHz" when it reports one, else /proc/cpuinfo "cpu MHz"."""
+    if cpuinfo is None:
+        with contextlib.suppress(OSError):
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    if lscpu is None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                                   env={**os.environ, "LC_ALL": "C"}).stdout
+    info, ls = _text_fields(cpuinfo or ""), _text_fields(lscpu or "")
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+    threads = int(ls.get("Thread(s) per core", "1") or 1)
+    cores = max(1, cpus // max(1, threads))
+    if ls.get("CPU max MHz"):
+        mhz, clock = float(ls["CPU max MHz"]), "lscpu CPU max MHz"
+    elif info.get("cpu MHz"):
+        mhz, clock = float(info["cpu MHz"]), "/proc/cpuinfo cpu MHz (current clock; no max MHz)"
+    else:
+        return {"gflops": None, "derivation": "no clock found (no lscpu max MHz, no cpu MHz)"}
+    fpc, assumption = flop_per_cycle(features, info.get("vendor_id", ""),
+                                     int(info.get("cpu family", "0") or 0))
+    gflops = cores * mhz / 1e3 * fpc
+    return {"gflops": gflops, "cores": cores, "threads_per_core": threads, "mhz": mhz,
+            "flop_per_cycle": fpc, "clock_source": clock, "assumption": assumption,
+            "derivation": f"{cores} cores x {mhz / 1e3:.2f} GHz ({clock}) x {fpc} float32 "
+                          f"FLOP/cycle ({assumption}) = {gflops:.0f} GFLOP/s"}
+
+
 def machine_info(tf, keras) -> dict:
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):
@@ -625,8 +731,11 @@ def machine_info(tf, keras) -> dict:
     except AttributeError:
         cores = os.cpu_count() or 0
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    features = ctio.cpu_features()
     return {
-        "onednn": onednn_enabled(),
+        "onednn": onednn_enabled(), "kernels": kernel_library(onednn_enabled()),
+        "cpu_features": sorted(features), "native_bfloat16": ctio.native_bfloat16(features),
+        "hardware_peak": hardware_peak(features),
         "cpu_model": cpu, "cores": cores, "gpus": gpus, "platform": platform.platform(),
         "python": platform.python_version(), "tensorflow": tf.__version__,
         "keras": keras.__version__, "numpy": np.__version__,
@@ -654,6 +763,8 @@ def print_table(res: dict) -> None:
     print(f"machine: {m['cpu_model']}, {m['cores']} cores, TF {m['tensorflow']}, "
           f"Keras {m['keras']}; load average {m['load_start'][0]} at start, "
           f"{m['load_end'][0]} at end")
+    print(f"kernels: {m['kernels']}; CPU flags: {', '.join(m['cpu_features']) or 'none found'} "
+          f"(native bfloat16: {'yes' if m['native_bfloat16'] else 'no'})")
     rows = [("section", "case", "rate", "unit", "GFLOP/s", "MFU", "median s", "n")]
 
     def add(sec, case, rate, unit, gf=None, mfu=None, med=None, n=None):
@@ -662,9 +773,7 @@ def print_table(res: dict) -> None:
 
     mm = res.get("matmul")
     if mm:
-        def backend(on):
-            return "oneDNN" if on else ("Eigen" if on is not None else "?")
-
+        backend = kernel_library
         add("peak", f"matmul {mm['n']}^2 float32 ({backend(mm['onednn'])}, this run)",
             mm["gflops"], "GFLOP/s", mm["gflops"], mm["gflops"] / mm["peak_gflops"],
             mm["float32"]["median_s"], mm["float32"]["repeats"])
@@ -678,13 +787,19 @@ def print_table(res: dict) -> None:
             if dt in mm:
                 add("peak", f"matmul {mm['n']}^2 {dt}", mm[dt]["gflops"], "GFLOP/s",
                     mm[dt]["gflops"], None, mm[dt]["median_s"], mm[dt]["repeats"])
-    for name, t in res.get("train", {}).items():
-        unit = "patches/s" if name.startswith("patch") else "slices/s"
-        add("train", f"{t['size']}^2 x batch {t['batch']}", t["examples_per_s"], unit,
-            t["gflops"], t["mfu"], t["median_s"], t["repeats"])
-    for t in res.get("infer", {}).values():
-        add("infer", f"{t['size']}^2 x batch {t['batch']}", t["slices_per_s"], "slices/s",
-            t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+    hw = m["hardware_peak"]
+    if hw.get("gflops"):
+        add("peak", f"FMA hardware {hw['cores']} x {hw['mhz'] / 1e3:.2f} GHz x "
+            f"{hw['flop_per_cycle']}", hw["gflops"], "GFLOP/s", hw["gflops"])
+    for sec in ("train", "train_bf16"):
+        for name, t in res.get(sec, {}).items():
+            unit = "patches/s" if name.startswith("patch") else "slices/s"
+            add(sec.replace("_", " "), f"{t['size']}^2 x batch {t['batch']}",
+                t["examples_per_s"], unit, t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+    for sec in ("infer", "infer_bf16"):
+        for t in res.get(sec, {}).values():
+            add(sec.replace("_", " "), f"{t['size']}^2 x batch {t['batch']}", t["slices_per_s"],
+                "slices/s", t["gflops"], t["mfu"], t["median_s"], t["repeats"])
     ld = res.get("loader")
     if ld:
         add("data", f"decode ({ld['slices']} x {ld['shape'][0]}^2, first pass)",
@@ -713,20 +828,50 @@ def print_table(res: dict) -> None:
     print("FLOPs: " + FLOPS_CONVENTION)
     if mm:
         print(f"peak: matmul_gflops = {mm['peak_gflops']:.1f} (the best float32 matmul above); "
-              f"MFU of every row is relative to it")
+              "MFU of every float32 row is relative to it"
+              + ("; bf16 rows: to the bfloat16 matmul" if "bfloat16" in mm else ""))
+    print(f"hardware peak: {hw['derivation']}"
+          + (f"; the measured matmul peak is {mm['peak_gflops'] / hw['gflops']:.0%} of it"
+             if mm and hw.get("gflops") else ""))
+    bf = res.get("bf16")
+    if bf:
+        print(f"bfloat16 rows: {'measured' if bf['measured'] else 'skipped'} ({bf['reason']})")
     for sec in ("train", "infer"):
         for t in res.get(sec, {}).values():
-            tr = t.get("trace")
-            if tr:
-                rest = {k: v for k, v in tr["ops"].items() if "Conv2D" not in k}
-                top = ", ".join(f"{k} {100 * v / tr['op_ms_total']:.1f}%"
-                                for k, v in list(rest.items())[:6])
-                print(f"trace {sec} {t['size']}^2 x {t['batch']}: convolutions "
-                      f"{100 * tr['conv_share']:.1f}% of op time; then {top}")
+            if t.get("trace"):
+                print(trace_line(sec, t))
     if ld:
         print(f"data: {ld['data']}; loader_ratio = cached patches/s / train patches/s "
               f"(64^2, batch {res['train_batch']}); cold = first-pass decode rate x "
               f"{ld['patches_per_slice']} patches per slice / train patches/s")
+
+
+def trace_line(section: str, t: dict) -> str:
+    """One line on the profiler trace of a train / infer row (``t["trace"]``, op_breakdown)."""
+    tr = t["trace"]
+    head = f"trace {section} {t['size']}^2 x {t['batch']}: "
+    if tr.get("xla"):
+        return (head + "XLA-compiled (--jit on): the executor runs one compiled program per "
+                f"call ({', '.join(tr['ops']) or 'no op events'}), so the trace has no per-op "
+                "breakdown; open the trace folder in TensorBoard's profiler for XLA's own ops")
+    rest = {k: v for k, v in tr["ops"].items() if "Conv2D" not in k}
+    top = ", ".join(f"{k} {100 * v / tr['op_ms_total']:.1f}%" for k, v in list(rest.items())[:6])
+    return head + f"convolutions {100 * tr['conv_share']:.1f}% of op time; then {top}"
+
+
+def bf16_decision(choice: str, features: frozenset[str]) -> tuple[bool, str]:
+    """Whether to measure the bfloat16 rows for ``--precision-rows choice``, and why."""
+    precision, why = ctio.auto_precision(features)
+    native = precision == "bfloat16"
+    if choice == "float32":
+        return False, "--precision-rows float32"
+    if choice == "all":
+        return True, "--precision-rows all" + ("" if native else (
+            f"; {why.removeprefix('auto: ')}: its figures are NOT a bfloat16 speed"))
+    if native:
+        return True, why
+    return False, (f"{why}; emulated bfloat16 is no speed figure "
+                   "(--precision-rows all measures it anyway)")
 
 
 # --- Main -----------------------------------------------------------------------------------------
@@ -744,7 +889,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import Mymodel
 
-    keras.mixed_precision.set_global_policy("float32")
+    ctio.set_precision("float32")  # bfloat16 rows build their models in ctio.precision_policy
     quick, paper = args.quick, args.preset == "paper"
     cfg = Mymodel.model_config(args.preset)
     jit = args.jit == "on"
@@ -760,8 +905,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     res: dict[str, Any] = {"preset": args.preset, "model": cfg, "quick": quick, "jit": args.jit,
                            "machine": machine_info(tf, keras), "flops_convention":
                            FLOPS_CONVENTION, "train_batch": train_batches[0]}
-    for k in REQUIRED_KEYS:
+    for k in REQUIRED_KEYS + BF16_KEYS:
         res[k] = None
+    bf16, why = bf16_decision(args.precision_rows, ctio.cpu_features())
+    res["bf16"] = {"measured": bf16, "reason": why}
 
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} load {load():.2f}] {msg}", flush=True)
@@ -770,8 +917,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "matmul" in args.sections or any(s in args.sections for s in ("train", "infer")):
         n = 1024 if quick else 4096
         say(f"matmul {n}^2 float32 ...")
-        res["matmul"] = mm = bench_matmul(n, rep or (3 if quick else 10))
+        res["matmul"] = mm = bench_matmul(n, rep or (3 if quick else 10), bf16)
         peak = mm["gflops"]
+        res["matmul_gflops_bf16"] = mm.get("bfloat16", {}).get("gflops")
         if not quick and mm["device"] == "CPU":
             # TF's CPU matmul comes from Eigen or oneDNN: the machine peak is the better one.
             say(f"matmul {n}^2 float32 with oneDNN {'off' if mm['onednn'] else 'on'} "
@@ -782,6 +930,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 peak = max(peak, other["gflops"])
         mm["peak_gflops"] = peak
         res["matmul_gflops"] = peak
+    peak_bf16 = res["matmul_gflops_bf16"] or peak
 
     if "train" in args.sections:
         res["train"] = {}
@@ -802,6 +951,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             sl = res["train"][f"slice{slice_size}_b{slice_batches[0]}"]
             res["train_slices_per_s"] = sl["examples_per_s"]
             res["train_slice_mfu"] = sl["mfu"]
+        if bf16:
+            b = train_batches[0]
+            say(f"train step {PATCH}^2 x batch {b}, bfloat16 ...")
+            t = bench_train(cfg, b, PATCH, rep or (3 if quick else 5), 1 if quick else 2, jit,
+                            peak_bf16, precision="bfloat16")
+            res["train_bf16"] = {f"patch{PATCH}_b{b}": t}
+            res["train_patches_per_s_bf16"] = t["examples_per_s"]
+            res["train_mfu_bf16"] = t["mfu"]
+            res["train_bf16_speedup"] = t["examples_per_s"] / head["examples_per_s"]
 
     if "infer" in args.sections:
         res["infer"] = {}
@@ -817,6 +975,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["infer_best_batch"] = best["batch"]
         res["infer_batch1_slices_per_s"] = one["slices_per_s"]
         res["infer_batch1_mfu"] = one["mfu"]
+        if bf16:  # at the best float32 batch
+            say(f"inference {slice_size}^2 x batch {best['batch']}, bfloat16 ...")
+            t = bench_infer(cfg, best["batch"], slice_size, rep or (2 if quick else 3), 1, jit,
+                            peak_bf16, precision="bfloat16")
+            res["infer_bf16"] = {f"b{best['batch']}": t}
+            res["infer_slices_per_s_bf16"] = t["slices_per_s"]
+            res["infer_mfu_bf16"] = t["mfu"]
+            res["infer_bf16_speedup"] = t["slices_per_s"] / best["slices_per_s"]
 
     if "data" in args.sections:
         work = None
@@ -829,7 +995,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                 described = f"generated DICOM ({n} slices of {shape[0]}x{shape[1]}, ctio)"
             else:
                 described = str(data)
-            described += ", full dose only: quarter dose simulated (--simulate-dose 0.25)"
             say(f"data loader on {data} ...")
             res["loader"] = bench_loader(data, described, train_batches[0],
                                          20 if quick else 100, 0.25)

@@ -52,6 +52,7 @@ MAX_SIDE = 1024  # slices with a (padded) side above this are denoised in overla
 TILE = 512  # tile side (rounded up to a multiple of 2**depth); tiles overlap by TILE // 4
 DIFF_RANGE_HU = 100.0  # |denoised - FD| panel of the figures: 0..100 HU -> black..white
 MANIFEST = "manifest.csv"
+PRECISIONS = ("auto", "float32", "bfloat16")  # --precision (ctio.PRECISION_POLICIES)
 MANIFEST_FIELDS = ("patient", "slice_id", "position", "height", "width", "ld_path", "fd_path",
                    "pred_npy", "png", "tiff", "dicom", "figure", "series_uid", "window", "run",
                    "weights", "weights_sha256")
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slices with a side larger than this are denoised in overlapping tiles")
     ap.add_argument("--tile", type=int, default=TILE, metavar="PX",
                     help="tile side for large slices (rounded up to a multiple of 2**depth)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="network arithmetic: auto = bfloat16 on CPUs with native bfloat16 "
+                    f"({' or '.join(ctio.BF16_FLAGS)}), else float32; the output is float32 HU "
+                    "either way")
     return ap
 
 
@@ -222,6 +227,7 @@ class Plan:
     max_side: int
     tile: int
     patients: Optional[list[str]] = field(default=None)
+    precision: tuple[str, str] = ("float32", "default")  # (precision, why): choose_precision
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -612,7 +618,9 @@ def run(plan: Plan) -> dict:
 
     plan.out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.out, plan.dataset.patients)
-    generator = load_generator(plan.model, plan.weights)
+    print(f"precision: {plan.precision[0]} ({plan.precision[1]})")
+    with ctio.precision_policy(plan.precision[0]):  # the layers keep it
+        generator = load_generator(plan.model, plan.weights)
     denoiser = Denoiser(generator, plan.model["depth"], plan.batch, plan.max_side, plan.tile)
     writer = Writer(plan, rows, sha)
 
@@ -649,9 +657,15 @@ def run(plan: Plan) -> dict:
     return {"done": done, "skipped": skipped}
 
 
+def choose_precision(flag: str) -> tuple[str, str]:
+    """``(precision, why)`` of inference for ``--precision FLAG`` (auto: ctio.auto_precision)."""
+    return ctio.auto_precision() if flag == "auto" else (flag, "--precision")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     plan = prepare(args)
+    plan.precision = choose_precision(args.precision)
     run(plan)
     return 0
 

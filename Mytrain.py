@@ -75,6 +75,9 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+TRAIN_PRECISIONS = ("float32", "bfloat16", "float16")  # --precision (ctio.PRECISION_POLICIES)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ctio.ArgumentParser(
         description="Train CNCL on paired (or simulated) low-dose / full-dose CT.",
@@ -138,8 +141,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--jit", action="store_true",
                     help="XLA-compile the train and validation steps (jit_compile); the paper "
                     "preset's CPU step was 14%% faster (README Benchmark); compiling takes a while")
+    ap.add_argument("--precision", choices=TRAIN_PRECISIONS, default="float32",
+                    help="compute precision (variables, outputs and losses stay float32): "
+                    "bfloat16 = Keras mixed_bfloat16, no loss scaling (fast only on CPUs with "
+                    f"{' or '.join(ctio.BF16_FLAGS)}, and on GPUs/TPUs); float16 = "
+                    "mixed_float16 with both optimizers in a LossScaleOptimizer (GPU)")
     ap.add_argument("--mixed-precision", action="store_true",
-                    help="mixed_float16 compute (GPU); losses scaled by LossScaleOptimizer")
+                    help="the same as --precision float16")
     ap.add_argument("--strategy", choices=STRATEGIES, default="auto",
                     help="auto: MultiWorkerMirrored when TF_CONFIG is set, Mirrored when more "
                          "than one GPU is visible, else the default strategy")
@@ -170,6 +178,18 @@ def check_args(args) -> None:
         raise ctio.CTDataError("--lr must be positive; --lambda-l1 and --adv-weight >= 0")
     if args.simulate_dose is not None and not 0 < args.simulate_dose < 1:
         raise ctio.CTDataError(f"--simulate-dose must be in (0, 1), got {args.simulate_dose}")
+
+
+def train_precision(args) -> str:
+    """The compute precision of ``args``: ``--precision``, or float16 for ``--mixed-precision``
+    (the older flag; a resumed run's config.json may hold only that one)."""
+    precision = getattr(args, "precision", None) or "float32"
+    if getattr(args, "mixed_precision", False):
+        if precision not in ("float32", "float16"):
+            raise ctio.CTDataError(f"--mixed-precision means --precision float16, which "
+                                   f"contradicts --precision {precision}")
+        return "float16"
+    return precision
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -517,6 +537,8 @@ def main(argv=None) -> int:
         saved_model = None
     args = apply_recipe(args)  # a resumed run's config.json holds every value already
     check_args(args)
+    args.precision = train_precision(args)
+    args.mixed_precision = args.precision == "float16"  # config.json: both keys agree
     if n_workers > 1 and getattr(args, "time_limit", 0.0):
         raise ctio.CTDataError("--time-limit is for single-machine runs: each worker would stop "
                                "on its own clock; use --epochs with several workers")
@@ -558,8 +580,7 @@ def main(argv=None) -> int:
         raise ctio.CTDataError(f"--patch {args.patch} is not divisible by 2^depth = {multiple} "
                                f"(preset {args.preset})")
     ctio.set_seed(args.seed)
-    if args.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    ctio.set_precision(args.precision)  # for every model built from here on
     strategy = make_strategy(args.strategy, tf)
     if args.batch % strategy.num_replicas_in_sync:
         raise ctio.CTDataError(f"--batch {args.batch} (the global batch) is not divisible by the "
@@ -606,7 +627,7 @@ def main(argv=None) -> int:
                         lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
                         jit_compile=bool(getattr(args, "jit", False)))
         except ValueError as e:
-            raise ctio.CTDataError(f"--mixed-precision: {e}") from None
+            raise ctio.CTDataError(f"--precision {args.precision}: {e}") from None
     prepare_for_fit(gan, strategy, multiple, n_workers, tf)
 
     state = {"epoch": 0, "history": []}

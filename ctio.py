@@ -948,3 +948,73 @@ def print_summary(info: dict, data) -> None:
         if side in info["hu_range"]:
             lo, hi = info["hu_range"][side]
             print(f"HU {name}: [{lo:.0f}, {hi:.0f}]")
+
+
+# --- CPU features and compute precision ---------------------------------------------------------
+# /proc/cpuinfo flags that decide TF's CPU kernels and which precisions run natively.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 arithmetic; without them TF emulates it
+# --precision name -> Keras dtype policy. Variables, outputs and losses stay float32 (Mymodel's
+# heads are float32 layers); float16 needs loss scaling (Mymodel.CNCLGAN.compile adds it).
+PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16",
+                      "float16": "mixed_float16"}
+
+
+def cpu_features(cpuinfo: Optional[str] = None) -> frozenset[str]:
+    """The :data:`CPU_FLAGS` this CPU has, from the ``flags`` line of ``/proc/cpuinfo``.
+
+    ``cpuinfo`` is that file's text (read when None). Empty where there is no such file (macOS,
+    Windows): nothing is assumed, so such machines run float32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split()) & frozenset(CPU_FLAGS)
+    return frozenset()
+
+
+def native_bfloat16(features: Optional[frozenset[str]] = None) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX-BF16)."""
+    features = cpu_features() if features is None else features
+    return any(f in features for f in BF16_FLAGS)
+
+
+def auto_precision(features: Optional[frozenset[str]] = None) -> tuple[str, str]:
+    """``(precision, why)`` for ``--precision auto``: bfloat16 where the CPU has it natively."""
+    features = cpu_features() if features is None else features
+    have = [f for f in BF16_FLAGS if f in features]
+    if have:
+        return "bfloat16", f"auto: this CPU has {' and '.join(have)}"
+    return "float32", (f"auto: this CPU has neither {' nor '.join(BF16_FLAGS)}, so bfloat16 "
+                       "would be emulated (slower)")
+
+
+def set_precision(precision: str) -> str:
+    """Set the Keras global dtype policy of ``precision`` (:data:`PRECISION_POLICIES`) for models
+    built from now on; returns the previous policy name."""
+    import keras
+
+    if precision not in PRECISION_POLICIES:
+        raise CTDataError(f"unknown precision '{precision}' (choose from: "
+                          f"{', '.join(PRECISION_POLICIES)})")
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
+    return previous
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[None]:
+    """Build models in ``precision`` inside the block (layers keep the policy they were built
+    with); the previous global policy is restored on exit."""
+    import keras
+
+    previous = set_precision(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

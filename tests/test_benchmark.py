@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import ctio
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
             "infer_mfu", "loader_ratio", "mem_ratio")
@@ -80,6 +82,7 @@ def test_flop_counter_agrees_with_tf_graph_for_cncl():
     (["--sections", "train,bogus"], "unknown section 'bogus'"),
     (["--infer-batches", "1,x"], "--infer-batches"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--precision-rows", "bf16"], "argument --precision-rows: invalid choice"),
 ])
 def test_bad_flags_one_stderr_line_exit_2(args, needle):
     r = _run(*args, timeout=60)
@@ -87,6 +90,75 @@ def test_bad_flags_one_stderr_line_exit_2(args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert r.stdout == ""
+
+
+EPYC = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t: 1\ncpu MHz\t\t: 2445.406\n"
+XEON = "vendor_id\t: GenuineIntel\ncpu family\t: 6\ncpu MHz\t\t: 1200.000\n"
+
+
+def test_hardware_peak_from_flags_clock_and_cores():
+    import Mybenchmark
+
+    avx2 = frozenset({"avx2", "fma"})
+    zen3 = Mybenchmark.hardware_peak(avx2, EPYC, "Thread(s) per core: 1\n", cpus=2)
+    assert zen3["flop_per_cycle"] == 32 and zen3["cores"] == 2
+    assert zen3["gflops"] == pytest.approx(2 * 2.445406 * 32)
+    assert "cpu MHz" in zen3["clock_source"] and "2 cores x 2.45 GHz" in zen3["derivation"]
+    avx512 = avx2 | {"avx512f", "avx512_vnni"}
+    zen4 = Mybenchmark.hardware_peak(avx512, EPYC, "", cpus=4)
+    assert zen4["flop_per_cycle"] == 32 and "Zen 4" in zen4["assumption"]
+    # Intel with AVX-512: two FMA units assumed; lscpu's max clock wins; SMT siblings share units.
+    xeon = Mybenchmark.hardware_peak(avx512, XEON, "Thread(s) per core:  2\nCPU max MHz: "
+                                     "3500.0000\n", cpus=8)
+    assert xeon["flop_per_cycle"] == 64 and "two 512-bit FMA units" in xeon["assumption"]
+    assert xeon["cores"] == 4 and xeon["mhz"] == 3500 and xeon["gflops"] == 4 * 3.5 * 64
+    assert Mybenchmark.hardware_peak(avx2, "", "", cpus=1)["gflops"] is None
+
+
+def test_bf16_rows_only_where_native_unless_forced():
+    import Mybenchmark
+
+    amd, spr = frozenset({"avx2", "fma"}), frozenset({"avx512f", "amx_tile", "amx_bf16"})
+    measured, why = Mybenchmark.bf16_decision("auto", amd)
+    assert not measured and "emulated" in why and "--precision-rows all" in why
+    measured, why = Mybenchmark.bf16_decision("all", amd)
+    assert measured and "NOT a bfloat16 speed" in why
+    assert Mybenchmark.bf16_decision("auto", spr) == (True, "auto: this CPU has amx_bf16")
+    assert Mybenchmark.bf16_decision("float32", spr)[0] is False
+
+
+def test_data_label_says_what_was_read(mayo_tree, tmp_path):
+    import Mybenchmark
+    import MyDataLoader_train as loader
+
+    paired = loader.find_training_data([str(mayo_tree)], simulate_dose=0.25).records
+    assert Mybenchmark.data_label(paired, "X", 0.25) == "X, 6 real QD/FD pairs (nothing simulated)"
+    fd_only = Mybenchmark.write_dicom_series(tmp_path / "fd", 3, (32, 32))
+    records = loader.find_training_data([str(fd_only)], simulate_dose=0.25).records
+    assert Mybenchmark.data_label(records, "Y", 0.25) == \
+        "Y, full dose only: quarter dose simulated (--simulate-dose 0.25)"
+    mixed = paired[:2] + records[:1]
+    assert "2 real QD/FD pairs + 1 full-dose-only" in Mybenchmark.data_label(mixed, "Z", 0.25)
+
+
+def test_xla_trace_has_no_fake_op_breakdown():
+    import Mybenchmark
+
+    row = {"size": 64, "batch": 16}
+    xla = Mybenchmark.trace_line("train", {**row, "trace": {"xla": True, "op_ms_total": 9.0,
+                                                           "ops": {"XlaLaunch": 9.0}}})
+    assert "no per-op breakdown" in xla and "%" not in xla
+    plain = Mybenchmark.trace_line("train", {**row, "trace": {
+        "conv_share": 0.75, "op_ms_total": 4.0, "ops": {"Conv2D": 3.0, "Relu": 1.0}}})
+    assert "convolutions 75.0% of op time; then Relu 25.0%" in plain
+
+
+def test_onednn_help_names_the_real_default():
+    import Mybenchmark
+
+    text = " ".join(Mybenchmark.build_parser().format_help().split())
+    assert "default = leave TF's own choice" in text and "AVX-512 VNNI or AMX" in text
+    assert "the project's" not in text
 
 
 @pytest.mark.slow
@@ -106,3 +178,10 @@ def test_quick_smoke_run_writes_sane_json(tmp_path):
     for n in res["memory"]["counts"]:
         assert res["memory"][f"slices_{n}"]["outputs"] == n
     assert "train" in r.stdout and "mem_ratio" in r.stdout  # the table was printed
+    assert m["kernels"] in ("oneDNN", "Eigen") and set(m["cpu_features"]) <= set(ctio.CPU_FLAGS)
+    assert m["hardware_peak"]["gflops"] > 0 and "FLOP/cycle" in m["hardware_peak"]["derivation"]
+    assert "hardware peak:" in r.stdout and "bfloat16 rows:" in r.stdout
+    measured, why = res["bf16"]["measured"], res["bf16"]["reason"]
+    assert measured == ctio.native_bfloat16() and why
+    for key in ("train_patches_per_s_bf16", "infer_slices_per_s_bf16", "infer_bf16_speedup"):
+        assert (res[key] > 0) if measured else res[key] is None, (key, res[key])
