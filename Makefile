@@ -7,7 +7,8 @@ CT_SAMPLE_DATA ?= $(abspath ../shared/data)
 export CT_SAMPLE_DATA
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv test test-fast lint demo train-mayo eval-mayo curve-mayo ablate-mayo bench clean
+.PHONY: venv test test-fast lint demo train-mayo train-mayo-psnr eval-mayo curve-mayo ablate-mayo \
+	bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -46,21 +47,21 @@ bench: $(STAMP)
 clean:
 	rm -rf runs data/demo .pytest_cache
 
-# Real Mayo data recipe (README "Results on real Mayo data"; choices from `make ablate-mayo`).
-# Train: the real L506 pairs 0, 40, 80, 120 (the simulated L067 pairs measured worse, so the
-# recipe leaves them out); validate: the real L067 pair; held-out test: real L506 slices 160 and
-# 200 (never seen). lr 1e-3 with cosine decay over 70 x 100 steps, about 26 minutes on 2 cores.
+# Real Mayo data recipe (README "Results on real Mayo data" and "What does the adversarial term
+# do?"). Train: the real L506 pairs 0, 40, 80, 120 (the simulated L067 pairs measured worse, so
+# the recipe leaves them out); validate: the real L067 pair; held-out test: real L506 slices 160
+# and 200 (never seen). The cpu recipe (128^2 patches, batch 4, the chosen loss balance) with lr
+# 1e-3 and cosine decay over 10 x 100 steps; the held-out test scores the last epoch's generator
+# (a validation-PSNR pick would favour the smoothest epoch, against the texture the GAN is for).
+# Mytrain.py chooses the CPU kernels itself (README "CPU speed").
 MAYO_RUN ?= runs/mayo
-# TF's oneDNN CPU kernels for the small preset's 64^2-patch training: 1.8x faster steps than TF's
-# default (Eigen) on the 2-core AMD EPYC used here. Not a global default: in TF 2.21 the paper
-# preset's whole 512^2 slices ran >25x slower under oneDNN (README "CPU speed").
-SMALL_CPU_ENV = TF_ENABLE_ONEDNN_OPTS=$${TF_ENABLE_ONEDNN_OPTS:-1}
 MAYO_SIM := runs/mayo_sim/L067_sim
 MAYO_MINUTES ?= 26
 MAYO_DATA_CHECK = test -d $(CT_SAMPLE_DATA)/mayo_pairs || { echo "error: no Mayo sample data in $(CT_SAMPLE_DATA) (set CT_SAMPLE_DATA)" >&2; exit 2; }
-# e.g. MAYO_EXTRA="--adv-weight 0" MAYO_RUN=runs/mayo-noadv: the same recipe without the GAN term
+# e.g. MAYO_EXTRA="--lambda-l1 5" MAYO_RUN=runs/mayo-l5: the same recipe at another loss balance
 MAYO_EXTRA ?=
-MAYO_FLAGS ?= --preset small --epochs 70 --steps-per-epoch 100 --lr 1e-3 --lr-decay cosine
+MAYO_FLAGS ?= --recipe cpu --epochs 10 --steps-per-epoch 100 --lr 1e-3 --lr-decay cosine
+MAYO_WEIGHTS ?= latest
 
 $(MAYO_SIM)/.done: | $(STAMP)
 	@$(MAYO_DATA_CHECK)
@@ -76,14 +77,19 @@ EVAL_OUT ?= $(MAYO_RUN)/test
 train-mayo: $(STAMP)
 	@$(MAYO_DATA_CHECK)
 	rm -rf $(MAYO_RUN)
-	$(SMALL_CPU_ENV) $(BIN)/python Mytrain.py --data $(MAYO_REAL) $(MAYO_SPLIT) --out $(MAYO_RUN) \
+	$(BIN)/python Mytrain.py --data $(MAYO_REAL) $(MAYO_SPLIT) --out $(MAYO_RUN) \
 		$(MAYO_FLAGS) --time-limit $(MAYO_MINUTES) --snapshot-every 5 $(MAYO_EXTRA) --verbose 2
-	$(MAKE) eval-mayo MAYO_RUN=$(MAYO_RUN)
+	$(MAKE) eval-mayo MAYO_RUN=$(MAYO_RUN) MAYO_WEIGHTS=$(MAYO_WEIGHTS)
+
+# The PSNR end of the trade-off: the same recipe with L1 only (no adversarial term).
+train-mayo-psnr:
+	$(MAKE) train-mayo MAYO_RUN=runs/mayo-psnr MAYO_EXTRA="--adv-weight 0"
 
 # Held-out test of a run: denoise the L506 slices $(MAYO_TEST) (never trained on), score them.
 eval-mayo: $(STAMP)
 	$(BIN)/python Mytest.py --data $(CT_SAMPLE_DATA)/mayo_pairs/npy_redcnn --slices $(MAYO_TEST) \
-		--run $(MAYO_RUN) --out $(EVAL_OUT) --overwrite $(EVAL_FLAGS)
+		--run $(MAYO_RUN) --weights $(MAYO_RUN)/generator_$(MAYO_WEIGHTS).weights.h5 \
+		--out $(EVAL_OUT) --overwrite $(EVAL_FLAGS)
 	$(BIN)/python Myevaluation.py --pred $(EVAL_OUT)
 
 # Held-out PSNR against training minutes: every snapshot of train-mayo, one table row each.
@@ -101,13 +107,13 @@ curve-mayo: $(STAMP)
 ABL_DIR ?= runs/ablate
 ABL_EPOCHS ?= 6
 ABL_STEPS ?= 100
-ABL_VARIANTS ?= recipe adv0 lr1e-3 lambda10 patch128 keep-air no-sim no-sim-lr1e-3 \
+ABL_VARIANTS ?= recipe adv0 lr1e-3 lambda20 patch64 keep-air no-sim no-sim-lr1e-3 \
 	no-sim-lr1e-3-seed1
 ABL_recipe :=
 ABL_adv0 := --adv-weight 0
 ABL_lr1e-3 := --lr 1e-3
-ABL_lambda10 := --lambda-l1 10
-ABL_patch128 := --patch 128 --batch 4
+ABL_lambda20 := --lambda-l1 20
+ABL_patch64 := --patch 64 --batch 16
 ABL_keep-air := --keep-air
 ABL_no-sim :=
 ABL_no-sim-lr1e-3 := --lr 1e-3
@@ -118,7 +124,7 @@ ablate-mayo: $(foreach v,$(ABL_VARIANTS),$(ABL_DIR)/$(v)/test/metrics.json)
 
 $(ABL_DIR)/%/test/metrics.json: | $(STAMP) $(MAYO_SIM)/.done
 	rm -rf $(ABL_DIR)/$*
-	$(SMALL_CPU_ENV) $(BIN)/python Mytrain.py --data $(MAYO_REAL) $(if $(filter no-sim%,$*),,$(MAYO_SIM)) \
-		$(MAYO_SPLIT) --out $(ABL_DIR)/$* --preset small --epochs $(ABL_EPOCHS) \
+	$(BIN)/python Mytrain.py --data $(MAYO_REAL) $(if $(filter no-sim%,$*),,$(MAYO_SIM)) \
+		$(MAYO_SPLIT) --out $(ABL_DIR)/$* --recipe cpu --epochs $(ABL_EPOCHS) \
 		--steps-per-epoch $(ABL_STEPS) --lr-decay cosine $(ABL_$*) --verbose 2
 	$(MAKE) eval-mayo MAYO_RUN=$(ABL_DIR)/$* EVAL_FLAGS=--no-figures

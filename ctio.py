@@ -978,6 +978,28 @@ def cpu_features(cpuinfo: Optional[str] = None) -> frozenset[str]:
     return frozenset()
 
 
+def choose_cpu_kernels(onednn_helps: bool, why: str,
+                       features: Optional[frozenset[str]] = None) -> Optional[str]:
+    """Turn TF's oneDNN CPU kernels on for a workload they speed up, where TF would not.
+
+    TF enables oneDNN by itself only on CPUs with AVX-512 VNNI or AMX (there it was measured
+    fast for every workload here: MFU 0.85-0.97). Elsewhere TF uses Eigen; on such a CPU (the
+    2-core AVX2 AMD EPYC of development) oneDNN made small-preset patch training 1.8x faster
+    but the paper network on whole 512^2 slices more than 25x slower. So: when the user has not
+    set ``TF_ENABLE_ONEDNN_OPTS``, TF is not imported yet, the CPU is not one where TF decides
+    by itself, and ``onednn_helps``, set it to 1. Results do not depend on this choice beyond
+    float rounding (the tests run both). Returns the sentence to print once, or None.
+    """
+    if "TF_ENABLE_ONEDNN_OPTS" in os.environ or "tensorflow" in sys.modules or not onednn_helps:
+        return None
+    features = cpu_features() if features is None else features
+    if "avx512_vnni" in features or "amx_tile" in features or "avx2" not in features:
+        return None
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    return (f"CPU kernels: oneDNN ({why}; TF would use Eigen on this CPU; set "
+            "TF_ENABLE_ONEDNN_OPTS=0 or 1 to choose yourself)")
+
+
 def native_bfloat16(features: Optional[frozenset[str]] = None) -> bool:
     """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX-BF16)."""
     features = cpu_features() if features is None else features

@@ -141,3 +141,20 @@ def test_recipes_fill_only_unset_flags():
     assert args.lambda_l1 == official["lambda_l1"] == Mytrain.OFFICIAL_LAMBDA
     cpu = Mytrain.apply_recipe(Mytrain.parse_args([]))
     assert cpu.recipe == "cpu" and cpu.patch >= 96  # larger than D's 94-pixel receptive field
+
+
+def test_cpu_kernels_chosen_only_where_tf_would_not_and_the_user_did_not(monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import ctio
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    avx2 = frozenset({"avx2", "fma"})
+    assert ctio.choose_cpu_kernels(False, "why", avx2) is None  # no gain: TF's default
+    assert "TF_ENABLE_ONEDNN_OPTS" not in __import__("os").environ
+    vnni = frozenset({"avx2", "avx512f", "avx512_vnni"})
+    assert ctio.choose_cpu_kernels(True, "why", vnni) is None  # TF turns it on by itself
+    msg = ctio.choose_cpu_kernels(True, "faster", avx2)
+    assert "oneDNN (faster" in msg and __import__("os").environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # the user's choice wins
+    assert ctio.choose_cpu_kernels(True, "faster", avx2) is None
