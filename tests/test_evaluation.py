@@ -82,70 +82,105 @@ def run_eval_cli(*args):
                           capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
 
 
-def skimage_scores(img: np.ndarray, ref: np.ndarray, lo: float, hi: float) -> dict:
+# The published conventions, spelled out here independently of ctio.METRIC_PROTOCOLS:
+# (HU window, scale of the windowed image, rounded to integers).
+CONVENTIONS = {"redcnn": ((-160, 240), None, False), "dugan": ((-300, 300), 1.0, False),
+               "corediff": ((-1000, 1000), 255.0, True), "full": ((-1024, 3072), None, False)}
+
+
+def skimage_scores(img: np.ndarray, ref: np.ndarray, protocol: str) -> dict:
+    """PSNR / SSIM with scikit-image on the protocol's image (HU window scaled, maybe 8-bit);
+    RMSE in HU of the same images."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    a = np.clip(img.astype(np.float64), lo, hi) - lo
-    b = np.clip(ref.astype(np.float64), lo, hi) - lo
+    (lo, hi), scale, rounded = CONVENTIONS[protocol]
+    scale = scale or hi - lo
+
+    def conv(x):
+        v = (np.clip(x.astype(np.float64), lo, hi) - lo) / (hi - lo) * scale
+        return np.round(v) if rounded else v
+
+    a, b = conv(img), conv(ref)
     return {
-        "psnr": peak_signal_noise_ratio(b, a, data_range=hi - lo),
+        "psnr": peak_signal_noise_ratio(b, a, data_range=scale),
         "ssim": structural_similarity(b, a, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False, data_range=hi - lo),
-        "rmse": float(np.sqrt(np.mean((a - b) ** 2))),
+                                      use_sample_covariance=False, data_range=scale),
+        "rmse": float(np.sqrt(np.mean((a - b) ** 2))) * (hi - lo) / scale,
     }
 
 
+def test_protocol_table_is_the_published_conventions():
+    assert set(ctio.METRIC_PROTOCOLS) == set(CONVENTIONS)
+    for name, ((lo, hi), _, rounded) in CONVENTIONS.items():
+        p = ctio.METRIC_PROTOCOLS[name]
+        assert p.window == (lo, hi) and bool(p.levels) == rounded
+        assert f"[{lo}, {hi}]" in ctio.protocol_text(name)
+    assert ctio.METRIC_PROTOCOLS["corediff"].levels == 255
+    assert ctio.PROTOCOL == ctio.protocol_text("redcnn")
+
+
 def test_metrics_equal_skimage_and_outputs(denoised, capsys):
+    """Every protocol of every slice and method equals scikit-image's figure."""
     from scipy.ndimage import gaussian_filter
 
     import Myevaluation
 
     _, out = denoised
     capsys.readouterr()
-    assert Myevaluation.main(["--pred", str(out), "--batch", "2"]) == 0
+    assert Myevaluation.main(["--pred", str(out), "--batch", "2", "--protocol", "all"]) == 0
     printed = capsys.readouterr().out
 
     with open(out / "manifest.csv", newline="") as f:
         manifest = {(r["patient"], r["slice_id"]): r for r in csv.DictReader(f)}
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 5
+    assert len(rows) == 4 * 5  # ldct, gaussian, cncl and the fd noise rows
+    assert {r["psnr_redcnn"] for r in rows if r["method"] == "fd"} == {""}
     for r in rows:
+        if r["method"] == "fd":
+            continue
         m = manifest[(r["patient"], r["slice_id"])]
         ld = ctio.read_slice(m["ld_path"])[0]
         ref = ctio.read_slice(m["fd_path"])[0]
         img = {"ldct": ld, "gaussian": gaussian_filter(ld, 0.7, mode="reflect"),
                "cncl": np.load(out / m["pred_npy"])}[r["method"]]
-        for rng_name, (lo, hi) in (("window", (-160, 240)), ("full", (-1024, 3072))):
-            want = skimage_scores(img, ref, lo, hi)
-            got = {k: float(r[f"{k}_{rng_name}"]) for k in ("psnr", "ssim", "rmse")}
-            assert abs(got["psnr"] - want["psnr"]) < 0.01, (r, rng_name, want)
-            assert abs(got["ssim"] - want["ssim"]) < 0.001, (r, rng_name, want)
-            assert abs(got["rmse"] - want["rmse"]) < 0.01, (r, rng_name, want)
+        for protocol in CONVENTIONS:
+            want = skimage_scores(img, ref, protocol)
+            got = {k: float(r[f"{k}_{protocol}"]) for k in ("psnr", "ssim", "rmse")}
+            assert abs(got["psnr"] - want["psnr"]) < 0.01, (r, protocol, want)
+            assert abs(got["ssim"] - want["ssim"]) < 0.001, (r, protocol, want)
+            assert abs(got["rmse"] - want["rmse"]) < 0.01, (r, protocol, want)
 
     by = {(r["patient"], r["slice_id"], r["method"]): r for r in rows}
     for p, s, _ in list(by):  # identity generator: CNCL scores are the LDCT scores
-        assert abs(float(by[p, s, "cncl"]["psnr_window"])
-                   - float(by[p, s, "ldct"]["psnr_window"])) < 0.01
+        assert abs(float(by[p, s, "cncl"]["psnr_redcnn"])
+                   - float(by[p, s, "ldct"]["psnr_redcnn"])) < 0.01
 
     report = json.loads((out / "metrics.json").read_text())
     assert report["protocol"] == ctio.PROTOCOL
     assert report["n_slices"] == 5 and report["n_patients"] == 2
     assert set(report["per_patient"]) == {"A", "B"}
     assert report["per_patient"]["A"]["n_slices"] == 3
-    psnr = [float(r["psnr_window"]) for r in rows if r["method"] == "cncl"]
-    overall = report["overall"]["cncl"]["window"]["psnr"]
+    psnr = [float(r["psnr_redcnn"]) for r in rows if r["method"] == "cncl"]
+    overall = report["overall"]["cncl"]["redcnn"]["psnr"]
     assert overall["mean"] == pytest.approx(np.mean(psnr), abs=1e-5)
     assert overall["std"] == pytest.approx(np.std(psnr, ddof=1), abs=1e-5)
+    lo, hi = overall["ci95"]
+    assert lo <= overall["mean"] <= hi
+    a_mean = np.mean([float(r["psnr_redcnn"]) for r in rows
+                      if r["method"] == "cncl" and r["patient"] == "A"])
+    assert overall["per_patient"]["A"] == pytest.approx(a_mean, abs=1e-5)
 
     lines = printed.splitlines()
-    head = lines.index("| method | PSNR (dB) | SSIM | RMSE (HU) | PSNR full (dB) | SSIM full | "
-                       "RMSE full (HU) |")
-    table = lines[head + 2:head + 5]
-    assert [t.split(" | ")[0] for t in table] == ["| LDCT (input)",
-                                                  "| Gaussian filter (sigma 0.7)", "| CNCL"]
-    assert " ± " in table[2]
-    assert lines[head + 5:head + 7] == ["", ctio.PROTOCOL]  # the protocol follows the table
+    head = "| method | PSNR (dB) | SSIM | RMSE (HU) |"
+    starts = [i for i, ln in enumerate(lines) if ln == head]
+    assert len(starts) == 4  # --protocol all: one table per protocol
+    for i, name in zip(starts, CONVENTIONS):
+        table = lines[i + 2:i + 5]
+        assert [t.split(" | ")[0] for t in table] == ["| LDCT (input)",
+                                                      "| Gaussian filter (sigma 0.7)", "| CNCL"]
+        assert " [" in table[2]  # the bootstrap interval
+        assert lines[i + 5:i + 7] == ["", ctio.protocol_text(name)]  # protocol under the table
 
 
 def test_missing_manifest_is_one_line(tmp_path):
@@ -196,7 +231,7 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
     report = json.loads((other / "metrics.json").read_text())
     report["runs"] = [str(run)]
     report["weights"] = [str(run / "generator_best.weights.h5")]
-    report["overall"]["cncl"]["window"]["psnr"]["mean"] += 1.25
+    report["overall"]["cncl"]["redcnn"]["psnr"]["mean"] += 1.25
     (other / "metrics.json").write_text(json.dumps(report))
 
     capsys.readouterr()
@@ -205,12 +240,14 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| ")]
     assert rows[0][0] == "run" and rows[1][0] == "LDCT (input)"
     base = json.loads((out / "metrics.json").read_text())["overall"]
-    assert float(rows[1][3]) == pytest.approx(base["ldct"]["window"]["psnr"]["mean"], abs=0.006)
-    first, second = rows[2], rows[3]
+    mean = [[c.split(" [")[0] for c in row] for row in rows]  # cells: mean [95 % interval]
+    assert float(mean[1][3]) == pytest.approx(base["ldct"]["redcnn"]["psnr"]["mean"], abs=0.006)
+    first, second = mean[2], mean[3]
+    assert " [" in rows[2][3]  # intervals shown
     assert float(second[3]) - float(first[3]) == pytest.approx(1.25, abs=0.011)
     assert second[0] == "runB (epoch 2)" and second[1:3] == ["100", "3.2"]  # best epoch 2
     assert float(first[6]) == pytest.approx(
-        base["cncl"]["window"]["psnr"]["mean"] - base["ldct"]["window"]["psnr"]["mean"],
+        base["cncl"]["redcnn"]["psnr"]["mean"] - base["ldct"]["redcnn"]["psnr"]["mean"],
         abs=0.011)
     assert ctio.PROTOCOL in lines
 
