@@ -807,13 +807,15 @@ def compare(outs: list[Path], protocol: str = ctio.DEFAULT_PROTOCOL) -> str:
 
 # --- Noise-only NPS with the simulator (--nps-sim) ----------------------------------------------
 def _noise_rois(noise: np.ndarray, fd: np.ndarray, size: int = ROI_SIZE) -> list:
-    """Corners of the ``size`` x ``size`` tiles wholly inside the body of ``fd`` (the noise-only
-    image has no anatomy, so no flatness rule is needed)."""
+    """Corners of the ``size`` x ``size`` ROIs, on a grid of half-ROI steps (50 % overlap, as
+    TG-233 allows), that lie wholly inside the body of ``fd`` (the noise-only image has no
+    anatomy, so no flatness rule is needed)."""
     import Mysimulate
 
     body = Mysimulate.body_mask(fd)
-    return [(y, x) for y in range(0, fd.shape[0] - size + 1, size)
-            for x in range(0, fd.shape[1] - size + 1, size) if body[y:y + size, x:x + size].all()]
+    step = size // 2
+    return [(y, x) for y in range(0, fd.shape[0] - size + 1, step)
+            for x in range(0, fd.shape[1] - size + 1, step) if body[y:y + size, x:x + size].all()]
 
 
 def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Optional[str] = None,
@@ -877,7 +879,8 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
 NPS_SIM_PROTOCOL = (
     "noise-only NPS: two independent simulated low-dose realisations per full-dose slice; "
     "noise = (X1 - X2) / sqrt(2) for the input (ldct) and for the denoised pair (cncl); "
-    f"{ROI_SIZE}x{ROI_SIZE} ROIs wholly inside the body (FD > -500 HU, eroded); plane removed; "
+    f"{ROI_SIZE}x{ROI_SIZE} ROIs (50 % overlap) wholly inside the body (FD > -500 HU, eroded); "
+    "plane removed; "
     "NPS = dx dy / (Nx Ny) <|DFT|^2> (AAPM TG-233)")
 
 
