@@ -329,7 +329,7 @@ def _gaussian_pass(maps, axis: int):
     return acc
 
 
-def _ssim_graph(x, y, data_range: float):
+def _ssim_graph(x, y, data_range):
     tf = _tf()
     half = data_range / 2.0
     x = tf.cast(x, tf.float32) - half
@@ -368,7 +368,8 @@ def ssim(x, y, data_range: float):
     global _ssim_compiled
     if _ssim_compiled is None:
         _ssim_compiled = _tf().function(_ssim_graph, jit_compile=True)
-    return _ssim_compiled(x, y, float(data_range))
+    tf = _tf()
+    return _ssim_compiled(x, y, tf.cast(data_range, tf.float32))  # a tensor: one XLA compile
 
 
 def hu_metrics(pred, ref, window: tuple[float, float] = ctio.EVAL_WINDOW,
