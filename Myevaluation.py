@@ -1,10 +1,11 @@
-"""Score Mytest.py outputs against the full-dose references: PSNR, SSIM and RMSE.
+"""Score Mytest.py outputs against the full-dose references: PSNR, SSIM, RMSE, noise texture.
 
 Usage::
 
     python Myevaluation.py --pred OUT [--data PATH] [--layout ...] [--gaussian-sigma 0.7]
-    python Myevaluation.py --compare OUT [OUT ...]
-
+                           [--protocol redcnn|dugan|corediff|full|all]
+    python Myevaluation.py --compare OUT [OUT ...] [--protocol ...]
+    python Myevaluation.py --nps-sim FD_PATH --run RUN [--out DIR] [--dose 0.25]
 
 Reads ``OUT/manifest.csv`` (written by Mytest.py) and, for every slice with a full-dose
 reference, scores three methods against it:
@@ -14,10 +15,13 @@ reference, scores three methods against it:
                 sigma ``--gaussian-sigma`` pixels, reflect borders),
 * ``cncl``      the network output (the float32 HU ``pred_npy`` of the manifest, not the PNG).
 
-Metrics come from :func:`hu_metrics` (the project's single metric implementation) in the
-``ctio.EVAL_WINDOW`` window and over ``ctio.FULL_RANGE``. Writes ``OUT/metrics.csv`` (per slice
-and method) and ``OUT/metrics.json`` (per patient and overall mean and sample std), and prints a
-markdown table followed by ``ctio.PROTOCOL``.
+Metrics come from :func:`hu_metrics` (the project's single metric implementation; Mymodel
+imports it for validation) in every protocol of ``ctio.METRIC_PROTOCOLS``. The noise texture
+(flat-ROI noise std and AAPM TG-233 NPS, :func:`find_flat_rois`, :func:`nps_2d`) is measured on
+the same ROIs for the three methods and the full dose. Writes ``OUT/metrics.csv`` (per slice and
+method), ``OUT/metrics.json`` (overall and per patient: means, sample std, bootstrap intervals,
+paired Wilcoxon tests, radial NPS curves) and ``OUT/nps/<patient>_nps.png``; prints one table per
+``--protocol``, each followed by its protocol line (``ctio.protocol_text``).
 
 References come from the manifest's ``fd_path``; with ``--data`` they are re-discovered there
 instead (matched by patient and slice id, as Mytest.py names them), e.g. when Mytest.py ran on
@@ -27,6 +31,9 @@ low-dose-only data.
 recomputed) and prints one row per run, with its training steps and minutes from the run's
 ``config.json`` / ``history.csv``: the ablation table. The folders must have scored the same
 slices, or the rows would not be comparable; a mismatch is an error naming the folder.
+
+``--nps-sim`` measures the noise-only NPS of a run on two simulated low-dose realisations of
+each full-dose slice (:func:`nps_sim`).
 """
 
 from __future__ import annotations

@@ -315,79 +315,80 @@ def white_noise_rois(sigma: float, n_rois: int = 300, size: int = 32, seed: int 
 
 
 def test_nps_of_white_noise_integrates_to_variance_and_is_flat():
-    import Myevaluation as ev
+    import Myevaluation
 
     sigma, px = 20.0, 0.5
     rois = white_noise_rois(sigma)
-    nps = ev.nps_2d(ev.nps_power(rois), len(rois), px)
-    fy, fx = ev.nps_frequencies(nps.shape, px)
+    nps = Myevaluation.nps_2d(Myevaluation.nps_power(rois), len(rois), px)
+    fy, fx = Myevaluation.nps_frequencies(nps.shape, px)
     assert fx[-1] < 1 / (2 * px) + 1e-9 and fx[1] - fx[0] == pytest.approx(1 / (32 * px))
     # integral over frequency = variance (TG-233 normalisation), in HU^2 whatever the spacing
     integral = nps.sum() * (fx[1] - fx[0]) * (fy[1] - fy[0])
     assert integral == pytest.approx(sigma ** 2 * (1 - 3 / 32 ** 2), rel=0.03)
-    summary = ev.nps_summary(nps, px)
+    summary = Myevaluation.nps_summary(nps, px)
     assert summary["noise_std"] == pytest.approx(sigma, rel=0.02)
     # flat at sigma^2 dx dy (HU^2 mm^2); the plane fit only removes the lowest frequencies
-    freq, radial = ev.radial_nps(nps, px)
+    freq, radial = Myevaluation.radial_nps(nps, px)
     assert freq[-1] == pytest.approx(1 / (2 * px))
     assert np.allclose(radial[2:], sigma ** 2 * px * px, rtol=0.1)
     # white noise: the NPS-weighted mean of |f| over the square is ~0.38 of the sampling rate
     assert summary["nps_mean_freq"] == pytest.approx(0.3826 / px, rel=0.03)
     # unknown spacing: cycles/pixel and HU^2 px^2, same std
-    assert ev.nps_summary(ev.nps_2d(ev.nps_power(rois), len(rois), None), None)[
-        "noise_std"] == pytest.approx(summary["noise_std"], rel=1e-9)
+    unknown = Myevaluation.nps_2d(Myevaluation.nps_power(rois), len(rois), None)
+    assert Myevaluation.nps_summary(unknown, None)["noise_std"] == pytest.approx(
+        summary["noise_std"], rel=1e-9)
 
 
 def test_blurred_noise_has_lower_nps_mean_frequency():
     from scipy.ndimage import gaussian_filter
 
-    import Myevaluation as ev
+    import Myevaluation
 
     field = np.random.default_rng(2).normal(0.0, 30.0, (512, 512))
     blurred = gaussian_filter(field, 1.0, mode="wrap")
     corners = [(y, x) for y in range(0, 512, 32) for x in range(0, 512, 32)]
-    white, smooth = (ev.nps_summary(ev.nps_2d(ev.nps_power(ev.cut_rois(f, corners)),
-                                              len(corners), 0.7), 0.7)
-                     for f in (field, blurred))
+    power = [Myevaluation.nps_power(Myevaluation.cut_rois(f, corners)) for f in (field, blurred)]
+    white, smooth = (Myevaluation.nps_summary(Myevaluation.nps_2d(pw, len(corners), 0.7), 0.7)
+                     for pw in power)
     assert smooth["nps_mean_freq"] < 0.6 * white["nps_mean_freq"]
     assert smooth["noise_std"] < 0.5 * white["noise_std"]
 
 
 def test_roi_rule_finds_flat_soft_tissue_only():
-    import Myevaluation as ev
+    import Myevaluation
 
     rng = np.random.default_rng(3)
     n = 256
     yy, xx = np.mgrid[:n, :n]
     r = np.hypot(yy - n / 2, xx - n / 2)
     phantom = np.where(r < 110, 40.0, -1000.0) + rng.normal(0, 10, (n, n))
-    corners = ev.find_flat_rois(phantom)
+    corners = Myevaluation.find_flat_rois(phantom)
     assert len(corners) >= 16
     for y, x in corners:  # wholly inside the disc
-        assert r[y:y + ev.ROI_SIZE, x:x + ev.ROI_SIZE].max() < 110
+        assert r[y:y + Myevaluation.ROI_SIZE, x:x + Myevaluation.ROI_SIZE].max() < 110
     air = -1000.0 + rng.normal(0, 10, (n, n))
-    assert ev.find_flat_rois(air) == []
+    assert Myevaluation.find_flat_rois(air) == []
     bone = np.where(r < 110, 700.0, -1000.0)
-    assert ev.find_flat_rois(bone) == []  # body, but not soft tissue
+    assert Myevaluation.find_flat_rois(bone) == []  # body, but not soft tissue
     stripes = np.where(r < 110, 40.0 + 120.0 * np.sign(np.sin(xx / 6.0)), -1000.0)
-    assert ev.find_flat_rois(stripes) == []  # soft-tissue mean, but structured at large scale
+    assert Myevaluation.find_flat_rois(stripes) == []  # soft-tissue mean, structured at scale
 
 
 def test_bootstrap_of_identical_methods_contains_zero():
-    import Myevaluation as ev
+    import Myevaluation
 
     rng = np.random.default_rng(4)
     results = []
     for p in ("P1", "P2", "P3"):
         for s in range(4):
-            base = {f"{m}_{r}": float(rng.normal(30, 2)) for r in ev.PROTOCOLS
-                    for m in ev.METRICS}
-            for method in ev.METHODS:  # cncl identical to ldct; gaussian 1 dB better
+            base = {f"{m}_{r}": float(rng.normal(30, 2)) for r in Myevaluation.PROTOCOLS
+                    for m in Myevaluation.METRICS}
+            for method in Myevaluation.METHODS:  # cncl identical to ldct; gaussian 1 dB better
                 row = dict(base)
                 if method == "gaussian":
                     row = {k: v + 1.0 for k, v in row.items()}
                 results.append({"patient": p, "slice_id": str(s), "method": method, **row})
-    tests = ev.paired_tests(results)
+    tests = Myevaluation.paired_tests(results)
     same = tests["cncl-ldct"]["redcnn"]["psnr"]
     assert same["mean_diff"] == 0 and same["wilcoxon_p"] == 1.0
     assert same["ci95"][0] <= 0 <= same["ci95"][1]
@@ -399,9 +400,9 @@ def test_bootstrap_of_identical_methods_contains_zero():
     # slice-level one would be, and one patient falls back to slices
     values = np.repeat([10.0, 20.0, 30.0], 4) + rng.normal(0, 0.1, 12)
     pats = np.repeat(["P1", "P2", "P3"], 4)
-    lo, hi = ev.bootstrap_ci(values, pats)
+    lo, hi = Myevaluation.bootstrap_ci(values, pats)
     assert lo < 15 and hi > 25
-    lo1, hi1 = ev.bootstrap_ci(values[:4], pats[:4])
+    lo1, hi1 = Myevaluation.bootstrap_ci(values[:4], pats[:4])
     assert lo1 < values[:4].mean() < hi1 and hi1 - lo1 < 0.3
 
 
@@ -409,20 +410,20 @@ def test_nps_sim_on_demo_data(run_dir, tmp_path, capsys):
     """--nps-sim: two simulated realisations per full-dose slice, denoised by the run (here the
     identity generator, so the output noise is the input noise); the LDCT noise std equals the
     std of (LD1 - LD2) / sqrt(2) over the same body ROIs computed directly."""
-    import Myevaluation as ev
+    import Myevaluation
     import Mysimulate
 
     demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=2, size=128)
     fd_dir = next(demo.glob("DEMO*/full_*"))
     out = tmp_path / "nps"
     capsys.readouterr()
-    assert ev.main(["--nps-sim", str(fd_dir), "--run", str(run_dir), "--out", str(out),
+    assert Myevaluation.main(["--nps-sim", str(fd_dir), "--run", str(run_dir), "--out", str(out),
                     "--max-slices", "2", "--seed", "5"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "nps_sim.json").read_text())
     assert (out / "nps_sim.png").stat().st_size > 1000
     assert report["unit"] == "cycles/mm" and report["n_slices"] == 2
-    assert "| LDCT (simulated input) |" in printed and ev.NPS_SIM_PROTOCOL in printed
+    assert "| LDCT (simulated input) |" in printed and Myevaluation.NPS_SIM_PROTOCOL in printed
 
     diffs = []
     records = ctio.discover(fd_dir, None, single_role="fd").records  # table order
@@ -431,7 +432,7 @@ def test_nps_sim_on_demo_data(run_dir, tmp_path, capsys):
         px = Mysimulate.pixel_size_mm(header, fd.shape, None)
         a, b = (Mysimulate.simulate_pair_from_fd(fd, 0.25, px, (5, i, k)) for k in (1, 2))
         noise = (a.astype(np.float64) - b) / np.sqrt(2)
-        diffs += [noise[y:y + 32, x:x + 32] for y, x in ev._noise_rois(noise, fd)]
+        diffs += [noise[y:y + 32, x:x + 32] for y, x in Myevaluation._noise_rois(noise, fd)]
     yy, xx = np.mgrid[:32, :32]
     design = np.stack([np.ones(32 * 32), xx.ravel(), yy.ravel()], axis=1)
     residuals = [d.ravel() - design @ np.linalg.lstsq(design, d.ravel(), rcond=None)[0]
