@@ -441,3 +441,17 @@ def test_nps_sim_on_demo_data(run_dir, tmp_path, capsys):
     assert report["ldct"]["n_rois"] == len(diffs) > 0
     assert report["ldct"]["noise_std"] == pytest.approx(direct, rel=1e-6)
     assert report["cncl"]["noise_std"] == pytest.approx(report["ldct"]["noise_std"], rel=0.05)
+
+
+def test_roi_rule_on_real_full_dose(real_data):
+    """On the real L506 full-dose slices the rule finds flat soft-tissue ROIs, inside the body."""
+    import Myevaluation
+
+    found = 0
+    for f in sorted((real_data / "mayo_pairs" / "npy_redcnn").glob("*_target.npy")):
+        fd = ctio.read_slice(f)[0]
+        for y, x in Myevaluation.find_flat_rois(fd):
+            roi = fd[y:y + Myevaluation.ROI_SIZE, x:x + Myevaluation.ROI_SIZE]
+            assert -100 <= roi.mean() <= 150 and roi.min() > -500
+            found += 1
+    assert found >= 10
