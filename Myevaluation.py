@@ -374,7 +374,7 @@ def ssim(x, y, data_range: float):
     """
     global _ssim_compiled
     if _ssim_compiled is None:
-        _ssim_compiled = _tf().function(_ssim_graph, jit_compile=True)
+        _ssim_compiled = _tf().function(_ssim_graph, jit_compile=True, autograph=False)
     tf = _tf()
     return _ssim_compiled(x, y, tf.cast(data_range, tf.float32))  # a tensor: one XLA compile
 
@@ -427,7 +427,8 @@ def _metrics_tf():
     if _metric_fn is None:
         tf = _tf()
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)] * 2)
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)] * 2,
+                     autograph=False)  # plain Python loops only; no re-reading of the source
         def fn(pred, ref):
             return {name: hu_metrics(pred, ref, window=p.window, levels=p.levels)
                     for name, p in ctio.METRIC_PROTOCOLS.items()}
