@@ -1,10 +1,11 @@
-"""Score Mytest.py outputs against the full-dose references: PSNR, SSIM and RMSE.
+"""Score Mytest.py outputs against the full-dose references: PSNR, SSIM, RMSE, noise texture.
 
 Usage::
 
     python Myevaluation.py --pred OUT [--data PATH] [--layout ...] [--gaussian-sigma 0.7]
-    python Myevaluation.py --compare OUT [OUT ...]
-
+                           [--protocol redcnn|dugan|corediff|full|all]
+    python Myevaluation.py --compare OUT [OUT ...] [--protocol ...]
+    python Myevaluation.py --nps-sim FD_PATH --run RUN [--out DIR] [--dose 0.25]
 
 Reads ``OUT/manifest.csv`` (written by Mytest.py) and, for every slice with a full-dose
 reference, scores three methods against it:
@@ -14,10 +15,13 @@ reference, scores three methods against it:
                 sigma ``--gaussian-sigma`` pixels, reflect borders),
 * ``cncl``      the network output (the float32 HU ``pred_npy`` of the manifest, not the PNG).
 
-Metrics come from ``Mymodel.hu_metrics`` (the project's single metric implementation) in the
-``ctio.EVAL_WINDOW`` window and over ``ctio.FULL_RANGE``. Writes ``OUT/metrics.csv`` (per slice
-and method) and ``OUT/metrics.json`` (per patient and overall mean and sample std), and prints a
-markdown table followed by ``ctio.PROTOCOL``.
+Metrics come from :func:`hu_metrics` (the project's single metric implementation; Mymodel
+imports it for validation) in every protocol of ``ctio.METRIC_PROTOCOLS``. The noise texture
+(flat-ROI noise std and AAPM TG-233 NPS, :func:`find_flat_rois`, :func:`nps_2d`) is measured on
+the same ROIs for the three methods and the full dose. Writes ``OUT/metrics.csv`` (per slice and
+method), ``OUT/metrics.json`` (overall and per patient: means, sample std, bootstrap intervals,
+paired Wilcoxon tests, radial NPS curves) and ``OUT/nps/<patient>_nps.png``; prints one table per
+``--protocol``, each followed by its protocol line (``ctio.protocol_text``).
 
 References come from the manifest's ``fd_path``; with ``--data`` they are re-discovered there
 instead (matched by patient and slice id, as Mytest.py names them), e.g. when Mytest.py ran on
@@ -27,6 +31,9 @@ low-dose-only data.
 recomputed) and prints one row per run, with its training steps and minutes from the run's
 ``config.json`` / ``history.csv``: the ablation table. The folders must have scored the same
 slices, or the rows would not be comparable; a mismatch is an error naming the folder.
+
+``--nps-sim`` measures the noise-only NPS of a run on two simulated low-dose realisations of
+each full-dose slice (:func:`nps_sim`).
 """
 
 from __future__ import annotations
@@ -43,17 +50,30 @@ import numpy as np
 
 import ctio
 
-METHODS = ("ldct", "gaussian", "cncl")
-RANGES = {"window": ctio.EVAL_WINDOW, "full": ctio.FULL_RANGE}
+METHODS = ("ldct", "gaussian", "cncl")  # scored against the full-dose reference
+NOISE_METHODS = (*METHODS, "fd")  # noise texture is measured on the reference too
+PROTOCOLS = tuple(ctio.METRIC_PROTOCOLS)  # every protocol is scored; --protocol picks the tables
 METRICS = ("psnr", "ssim", "rmse")
+NOISE_FIELDS = ("n_rois", "noise_std", "nps_peak", "nps_mean_freq")
 CSV_FIELDS = ("patient", "slice_id", "method",
-              *(f"{m}_{r}" for r in RANGES for m in METRICS))
+              *(f"{m}_{p}" for p in PROTOCOLS for m in METRICS), *NOISE_FIELDS)
+PAIRED = (("cncl", "ldct"), ("cncl", "gaussian"))  # paired tests: CNCL vs the input and baseline
 _POSITION_TOL_MM = 0.01
 
+# Flat soft-tissue ROI rule for the noise texture (see find_flat_rois).
+ROI_SIZE = 32  # px, square
+ROI_HU = (-100.0, 150.0)  # full-dose mean of a soft-tissue ROI
+ROI_FLAT_SIGMA_PX = 4.0  # "large scale": the full dose smoothed by this Gaussian ...
+ROI_FLAT_HU = 8.0  # ... departs from its fitted plane by at most this std (HU) inside the ROI
+
+# Statistics.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
 
 def method_label(method: str, sigma: float) -> str:
     return {"ldct": "LDCT (input)", "gaussian": f"Gaussian filter (sigma {sigma:g})",
-            "cncl": "CNCL"}[method]
+            "cncl": "CNCL", "fd": "full dose (reference)"}[method]
 
 
 # --- Inputs (no TensorFlow) ---------------------------------------------------------------------
@@ -118,20 +138,300 @@ def gaussian_baseline(ld_hu: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(np.asarray(ld_hu, np.float32), sigma=float(sigma), mode="reflect")
 
 
-# --- Metrics (TensorFlow) -----------------------------------------------------------------------
+# --- Noise texture: flat ROIs and the noise power spectrum (no TensorFlow) ---------------------
+def pixel_spacing_mm(header) -> Optional[float]:
+    """Mean DICOM PixelSpacing in mm, or None when unknown (npy / tif slices)."""
+    spacing = None if header is None else header.get("PixelSpacing")
+    return float(np.mean([float(v) for v in spacing])) if spacing else None
+
+
+def _plane_residual(rois: np.ndarray) -> np.ndarray:
+    """(N, n, m) ROIs minus their least-squares planes a + b*x + c*y (float64)."""
+    n, m = rois.shape[1:]
+    yy, xx = np.mgrid[:n, :m]
+    design = np.stack([np.ones(n * m), xx.ravel(), yy.ravel()], axis=1)
+    flat = rois.reshape(len(rois), -1).astype(np.float64)
+    coef = flat @ np.linalg.pinv(design).T
+    return (flat - coef @ design.T).reshape(rois.shape)
+
+
+def find_flat_rois(fd_hu: np.ndarray, size: int = ROI_SIZE) -> list[tuple[int, int]]:
+    """Top-left corners of the flat soft-tissue ROIs of a full-dose slice.
+
+    The slice is tiled by non-overlapping ``size`` x ``size`` squares from its top-left corner;
+    a square is kept when it lies wholly inside the body (``Mysimulate.body_mask``: FD > -500 HU,
+    eroded), its FD mean is within ``ROI_HU`` (soft tissue) and it is flat at large scale: the FD
+    smoothed by a Gaussian of ``ROI_FLAT_SIGMA_PX`` px departs from its fitted plane by at most
+    ``ROI_FLAT_HU`` (std, HU). The same corners then serve every method of that slice.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    import Mysimulate
+
+    fd = np.asarray(fd_hu, np.float32)
+    body = Mysimulate.body_mask(fd)
+    smooth = gaussian_filter(fd, ROI_FLAT_SIGMA_PX, mode="reflect")
+    corners = [(y, x) for y in range(0, fd.shape[0] - size + 1, size)
+               for x in range(0, fd.shape[1] - size + 1, size)
+               if body[y:y + size, x:x + size].all()]
+    if not corners:
+        return []
+    means = np.array([fd[y:y + size, x:x + size].mean() for y, x in corners])
+    flat = _plane_residual(np.stack([smooth[y:y + size, x:x + size] for y, x in corners]))
+    keep = (means >= ROI_HU[0]) & (means <= ROI_HU[1]) & (flat.std(axis=(1, 2)) <= ROI_FLAT_HU)
+    return [c for c, k in zip(corners, keep) if k]
+
+
+def cut_rois(image: np.ndarray, corners: list, size: int = ROI_SIZE) -> np.ndarray:
+    """(N, size, size) ROIs of ``image`` at ``corners``."""
+    return np.stack([image[y:y + size, x:x + size] for y, x in corners])
+
+
+def nps_power(rois: np.ndarray) -> np.ndarray:
+    """Sum over ROIs of |DFT(ROI - fitted plane)|^2 (n, m), unshifted: the streaming part of
+    :func:`nps_2d` (sums of several slices add up)."""
+    return np.sum(np.abs(np.fft.fft2(_plane_residual(rois))) ** 2, axis=0)
+
+
+def nps_2d(power_sum: np.ndarray, n_rois: int, pixel_mm: Optional[float]) -> np.ndarray:
+    """AAPM TG-233 noise power spectrum from :func:`nps_power`'s sum over ``n_rois`` ROIs:
+    NPS(fx, fy) = dx dy / (Nx Ny) <|DFT(ROI - fit)|^2>, fftshifted (zero frequency centred);
+    HU^2 mm^2 when ``pixel_mm`` is known, else HU^2 px^2. Integrates to the noise variance."""
+    ny, nx = power_sum.shape
+    d = pixel_mm or 1.0
+    return np.fft.fftshift(power_sum / n_rois * d * d / (nx * ny))
+
+
+def nps_frequencies(shape: tuple[int, int], pixel_mm: Optional[float]):
+    """(fy, fx) axes of :func:`nps_2d` in cycles/mm (cycles/pixel when ``pixel_mm`` is None)."""
+    d = pixel_mm or 1.0
+    return tuple(np.fft.fftshift(np.fft.fftfreq(n, d)) for n in shape)
+
+
+def radial_nps(nps: np.ndarray, pixel_mm: Optional[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged NPS: (frequency, mean NPS) in annuli one frequency step wide, from 0 to
+    the Nyquist frequency (square ROIs)."""
+    fy, fx = nps_frequencies(nps.shape, pixel_mm)
+    step = fx[1] - fx[0]
+    radius = np.hypot(*np.meshgrid(fy, fx, indexing="ij"))
+    ring = np.rint(radius / step).astype(int).ravel()
+    sums = np.bincount(ring, weights=nps.ravel())
+    counts = np.bincount(ring)
+    n = min(nps.shape) // 2 + 1
+    return np.arange(n) * step, sums[:n] / np.maximum(counts[:n], 1)
+
+
+def nps_summary(nps: np.ndarray, pixel_mm: Optional[float]) -> dict:
+    """Noise std (sqrt of the NPS integral), radial-NPS peak frequency and the NPS-weighted
+    mean spatial frequency of a 2-D NPS."""
+    fy, fx = nps_frequencies(nps.shape, pixel_mm)
+    area = (fx[1] - fx[0]) * (fy[1] - fy[0])
+    total = float(nps.sum())
+    radius = np.hypot(*np.meshgrid(fy, fx, indexing="ij"))
+    freq, radial = radial_nps(nps, pixel_mm)
+    return {"noise_std": math.sqrt(total * area),
+            "nps_peak": float(freq[int(np.argmax(radial))]),
+            "nps_mean_freq": float((radius * nps).sum() / total) if total > 0 else 0.0}
+
+
+class NoiseAccumulator:
+    """Per patient and method: summed ROI power spectra (memory: one ROI-sized array each)."""
+
+    def __init__(self):
+        self.power: dict[tuple[str, str], np.ndarray] = {}
+        self.count: dict[tuple[str, str], int] = {}
+        self.pixel_mm: dict[str, Optional[float]] = {}
+
+    def add(self, patient: str, method: str, power: np.ndarray, n: int,
+            pixel_mm: Optional[float]) -> None:
+        key = (patient, method)
+        self.power[key] = self.power.get(key, 0.0) + power
+        self.count[key] = self.count.get(key, 0) + n
+        self.pixel_mm.setdefault(patient, pixel_mm)
+
+    def curves(self, patient: str) -> dict:
+        """{"freq": [...], "unit": ..., method: {"radial": [...], **nps_summary, "n_rois"}}."""
+        px = self.pixel_mm.get(patient)
+        out: dict = {"unit": "cycles/mm" if px else "cycles/pixel", "pixel_mm": px}
+        for method in NOISE_METHODS:
+            if (patient, method) not in self.power:
+                continue
+            n = self.count[patient, method]
+            nps = nps_2d(self.power[patient, method], n, px)
+            freq, radial = radial_nps(nps, px)
+            out["freq"] = [float(f) for f in freq]
+            out[method] = {"radial": [float(v) for v in radial], "n_rois": n,
+                           **nps_summary(nps, px)}
+        return out
+
+
+def slice_noise(images: dict[str, np.ndarray], fd: np.ndarray, pixel_mm: Optional[float]):
+    """Noise figures of each method's image on the flat ROIs of ``fd``.
+
+    Returns ({method: {n_rois, noise_std, nps_peak, nps_mean_freq}}, {method: power sum}, n);
+    figures are None when the slice has no flat ROI."""
+    corners = find_flat_rois(fd)
+    figures, powers = {}, {}
+    for method, img in images.items():
+        if not corners:
+            figures[method] = {"n_rois": 0, "noise_std": None, "nps_peak": None,
+                               "nps_mean_freq": None}
+            continue
+        powers[method] = nps_power(cut_rois(img, corners))
+        nps = nps_2d(powers[method], len(corners), pixel_mm)
+        figures[method] = {"n_rois": len(corners), **nps_summary(nps, pixel_mm)}
+    return figures, powers, len(corners)
+
+
+def plot_radial_nps(path: Path, curves: dict, title: str, sigma: float) -> None:
+    """Radial NPS of every method in ``curves`` (NoiseAccumulator.curves) as a PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for method in curves.get("methods", NOISE_METHODS):
+        if method in curves:
+            ax.plot(curves["freq"], curves[method]["radial"], label=method_label(method, sigma))
+    area = "mm$^2$" if curves["unit"] == "cycles/mm" else "px$^2$"
+    ax.set(xlabel=f"spatial frequency ({curves['unit']})", ylabel=f"NPS (HU$^2$ {area})",
+           title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ctio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# --- Metrics (TensorFlow, imported lazily: `import Myevaluation` stays TF-free) -----------------
+def _tf():
+    return ctio.import_tensorflow()
+
+
+def gaussian_taps(size: int = ctio.SSIM_FILTER_SIZE, sigma: float = ctio.SSIM_SIGMA) -> np.ndarray:
+    """The normalised 1-D Gaussian of the SSIM window (its outer product is tf.image.ssim's
+    and scikit-image's 2-D window)."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def _gaussian_pass(maps, axis: int):
+    """One valid-region pass of the 1-D SSIM Gaussian along ``axis`` (1: rows, 2: columns) of
+    ``(N, H, W, 1)`` maps, as symmetric sums of shifted slices (elementwise ops only)."""
+    tf = _tf()
+    taps = gaussian_taps()
+    size, c = len(taps), len(taps) // 2
+    n = tf.shape(maps)[axis] - size + 1
+
+    def shifted(k):
+        return maps[:, k:k + n] if axis == 1 else maps[:, :, k:k + n]
+
+    acc = shifted(c) * taps[c]
+    for k in range(c):
+        acc += (shifted(k) + shifted(size - 1 - k)) * taps[k]
+    return acc
+
+
+def _ssim_graph(x, y, data_range):
+    tf = _tf()
+    half = data_range / 2.0
+    x = tf.cast(x, tf.float32) - half
+    y = tf.cast(y, tf.float32) - half
+    maps = tf.concat([x, y, x * y, tf.square(x) + tf.square(y)], axis=0)
+    maps = _gaussian_pass(_gaussian_pass(maps, 1), 2)
+    mx, my, mxy, mss = tf.split(maps, 4, axis=0)
+    c1 = (ctio.SSIM_K1 * data_range) ** 2
+    c2 = (ctio.SSIM_K2 * data_range) ** 2
+    cs = (2.0 * (mxy - mx * my) + c2) / (mss - tf.square(mx) - tf.square(my) + c2)
+    mx, my = mx + half, my + half
+    luminance = (2.0 * mx * my + c1) / (tf.square(mx) + tf.square(my) + c1)
+    return tf.reduce_mean(luminance * cs, axis=[1, 2, 3])
+
+
+_ssim_compiled = None
+
+
+def ssim(x, y, data_range: float):
+    """Per-image SSIM of ``(B, H, W, 1)`` float32 images in ``[0, data_range]``.
+
+    Wang et al. (2004) with the ``ctio.SSIM_*`` Gaussian window over the valid region and no
+    sample-covariance correction -- tf.image.ssim's and scikit-image's
+    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)`` definition.
+
+    * Separable: the 11x11 window is two 1-D passes over the four moment maps stacked in one
+      batch (22 instead of 121 taps per map).
+    * Centred: images are shifted by ``-data_range / 2`` before the second moments, which keeps
+      float32 cancellation in ``E[x^2] - E[x]^2`` ~20x below tf.image.ssim's.
+    * CPU-independent: the passes are elementwise sums of shifted slices compiled by XLA, so
+      TF_ENABLE_ONEDNN_OPTS=0 and 1 give the same bits (oneDNN convolutions round differently,
+      and XLA's CPU convolution is slow).
+
+    Pure TensorFlow (also inside tf.function / train_step); needs H, W >= the window.
+    """
+    global _ssim_compiled
+    if _ssim_compiled is None:
+        _ssim_compiled = _tf().function(_ssim_graph, jit_compile=True, autograph=False)
+    tf = _tf()
+    return _ssim_compiled(x, y, tf.cast(data_range, tf.float32))  # a tensor: one XLA compile
+
+
+def hu_metrics(pred, ref, window: tuple[float, float] = ctio.EVAL_WINDOW,
+               levels: Optional[int] = None) -> dict:
+    """Per-image PSNR / SSIM / RMSE in a HU window: the project's one metric implementation.
+
+    1. ``pred`` and ``ref`` are NORMALISED images ``(B, H, W, 1)``, mapped to HU with
+       ``ctio.denormalize`` in float32.
+    2. Both are clipped to ``window = (low, high)`` (default ``ctio.EVAL_WINDOW``) and shifted
+       to ``[0, high - low]``; with ``levels`` (a ``ctio.METRIC_PROTOCOLS`` 8-bit protocol) they
+       are also rounded to ``levels`` equal steps.
+    3. ``psnr = 10 log10(L^2 / MSE)`` with ``L = high - low`` (tf.image.psnr; inf if equal).
+    4. ``ssim``: :func:`ssim` with data range ``L`` (equal to tf.image.ssim and scikit-image).
+    5. ``rmse`` in HU of the clipped (and rounded) images.
+
+    Pure TensorFlow; usable inside ``tf.function`` / ``train_step``. Images need H, W >= 11.
+
+    Returns:
+        ``{"psnr": (B,), "ssim": (B,), "rmse": (B,)}`` float32 tensors.
+    """
+    tf = _tf()
+    low, high = float(window[0]), float(window[1])
+    if not high > low:
+        raise ValueError(f"window must be (low, high) with high > low, got {window}")
+    width = high - low
+
+    def windowed(img):
+        hu = ctio.denormalize(tf.cast(img, tf.float32))
+        w = tf.clip_by_value(hu, low, high) - low
+        if levels:
+            step = width / float(levels)
+            w = tf.round(w / step) * step
+        return w
+
+    pred_w, ref_w = windowed(pred), windowed(ref)
+    psnr = tf.image.psnr(pred_w, ref_w, max_val=width)
+    rmse = tf.sqrt(tf.reduce_mean(tf.square(pred_w - ref_w), axis=[-3, -2, -1]))
+    return {"psnr": tf.cast(psnr, tf.float32), "ssim": ssim(pred_w, ref_w, width),
+            "rmse": tf.cast(rmse, tf.float32)}
+
+
 _metric_fn = None
 
 
 def _metrics_tf():
-    """One tf.function scoring a batch in both ranges (shape-generic: no retracing per size)."""
+    """One tf.function scoring a batch in every protocol (shape-generic: no retracing per size)."""
     global _metric_fn
     if _metric_fn is None:
-        tf = ctio.import_tensorflow()
-        import Mymodel
+        tf = _tf()
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)] * 2)
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)] * 2,
+                     autograph=False)  # plain Python loops only; no re-reading of the source
         def fn(pred, ref):
-            return {r: Mymodel.hu_metrics(pred, ref, window=w) for r, w in RANGES.items()}
+            return {name: hu_metrics(pred, ref, window=p.window, levels=p.levels)
+                    for name, p in ctio.METRIC_PROTOCOLS.items()}
 
         _metric_fn = fn
     return _metric_fn
@@ -145,8 +445,8 @@ def slice_metrics(images_hu, refs_hu) -> dict[str, dict[str, np.ndarray]]:
         refs_hu: (B, H, W) HU references.
 
     Returns:
-        ``{"window": {"psnr", "ssim", "rmse"}, "full": {...}}`` of float64 arrays (B,), computed
-        by ``Mymodel.hu_metrics`` on the normalised images.
+        ``{protocol: {"psnr", "ssim", "rmse"}}`` of float64 arrays (B,), computed
+        by :func:`hu_metrics` on the normalised images.
     """
     images = ctio.normalize(np.asarray(images_hu, np.float32))[..., None]
     refs = ctio.normalize(np.asarray(refs_hu, np.float32))[..., None]
@@ -156,12 +456,13 @@ def slice_metrics(images_hu, refs_hu) -> dict[str, dict[str, np.ndarray]]:
         raise ctio.CTDataError(f"slices of {images.shape[1]}x{images.shape[2]} are smaller than "
                                "the 11x11 SSIM window")
     out = _metrics_tf()(images, refs)
-    return {r: {m: out[r][m].numpy().astype(np.float64) for m in METRICS} for r in RANGES}
+    return {r: {m: out[r][m].numpy().astype(np.float64) for m in METRICS} for r in PROTOCOLS}
 
 
 def _load_group(rows: list[dict], out: Path, sigma: float):
-    """Decode the slices of ``rows`` -> (ld, gaussian, cncl, ref) stacks (B, H, W) in HU."""
-    lds, preds, refs = [], [], []
+    """Decode the slices of ``rows`` -> (ld, gaussian, cncl, ref) stacks (B, H, W) in HU and the
+    pixel spacings (mm or None) from the input headers."""
+    lds, preds, refs, spacings = [], [], [], []
     for row in rows:
         pred_path = out / row["pred_npy"]
         if not pred_path.is_file():
@@ -171,7 +472,7 @@ def _load_group(rows: list[dict], out: Path, sigma: float):
             pred = np.load(pred_path, allow_pickle=False).astype(np.float32)
         except (OSError, ValueError, EOFError) as e:
             raise ctio.CTDataError(f"{pred_path}: unreadable prediction ({e})") from None
-        ld = ctio.read_slice(row["ld_path"])[0]
+        ld, header = ctio.read_slice(row["ld_path"])
         ref = ctio.read_slice(row["fd_path"])[0]
         if not (pred.shape == ld.shape == ref.shape):
             raise ctio.CTDataError(f"{pred_path}: shape {pred.shape} differs from the input "
@@ -179,9 +480,10 @@ def _load_group(rows: list[dict], out: Path, sigma: float):
         lds.append(ld)
         preds.append(pred)
         refs.append(ref)
+        spacings.append(pixel_spacing_mm(header))
     ld = np.stack(lds)
     gauss = np.stack([gaussian_baseline(x, sigma) for x in lds])
-    return ld, gauss, np.stack(preds), np.stack(refs)
+    return ld, gauss, np.stack(preds), np.stack(refs), spacings
 
 
 def _pred_shape(path: Path) -> tuple:
@@ -195,29 +497,54 @@ def _pred_shape(path: Path) -> tuple:
         raise ctio.CTDataError(f"{path}: unreadable prediction ({e})") from None
 
 
-def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8) -> list[dict]:
-    """Score every row (all must have ``fd_path``); batches group consecutive same-size slices.
+def _score_group(group: list[dict], out: Path, sigma: float,
+                 noise: NoiseAccumulator) -> list[dict]:
+    """Result rows (metrics and noise figures) of one batch of same-size slices."""
+    ld, gauss, pred, ref, spacings = _load_group(group, out, sigma)
+    n = len(group)
+    scores = slice_metrics(np.concatenate([ld, gauss, pred]), np.concatenate([ref] * 3))
+    results = []
+    for i, row in enumerate(group):
+        images = {"ldct": ld[i], "gaussian": gauss[i], "cncl": pred[i], "fd": ref[i]}
+        figures, powers, n_rois = slice_noise(images, ref[i], spacings[i])
+        for method, power in powers.items():
+            noise.add(row["patient"], method, power, n_rois, spacings[i])
+        for k, method in enumerate(NOISE_METHODS):
+            res = {"patient": row["patient"], "slice_id": row["slice_id"], "method": method,
+                   **figures[method]}
+            for r in PROTOCOLS:
+                for m in METRICS:
+                    res[f"{m}_{r}"] = float(scores[r][m][k * n + i]) if k < 3 else None
+            results.append(res)
+    return results
 
-    Returns one dict per slice and method: patient, slice_id, method, psnr_window, ...
+
+def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8,
+             noise: Optional[NoiseAccumulator] = None) -> list[dict]:
+    """Score every row (all must have ``fd_path``); batches group consecutive same-size slices,
+    so memory holds one batch. Prints progress and slices/s.
+
+    Returns one dict per slice and method (``NOISE_METHODS``; the ``fd`` rows carry only the
+    noise figures): patient, slice_id, method, psnr_redcnn, ..., n_rois, noise_std, ...
     """
+    import time
+
+    import Mysimulate
+
+    noise = NoiseAccumulator() if noise is None else noise
     results: list[dict] = []
     group: list[dict] = []
     shape = None
+    progress = Mysimulate._Progress(len(rows), "scoring")
+    start, done = time.time(), 0
 
     def flush() -> None:
-        if not group:
-            return
-        ld, gauss, pred, ref = _load_group(group, out, sigma)
-        n = len(group)
-        scores = slice_metrics(np.concatenate([ld, gauss, pred]), np.concatenate([ref] * 3))
-        for k, method in enumerate(METHODS):
-            for i, row in enumerate(group):
-                res = {"patient": row["patient"], "slice_id": row["slice_id"], "method": method}
-                for r in RANGES:
-                    for m in METRICS:
-                        res[f"{m}_{r}"] = float(scores[r][m][k * n + i])
-                results.append(res)
-        group.clear()
+        nonlocal done
+        if group:
+            results.extend(_score_group(group, out, sigma, noise))
+            done += len(group)
+            progress.update(done)
+            group.clear()
 
     for row in rows:
         size = _pred_shape(out / row["pred_npy"])
@@ -226,52 +553,173 @@ def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8) -> list[
         shape = size
         group.append(row)
     flush()
-    order = {m: i for i, m in enumerate(METHODS)}
+    print(f"scored {done} slices in {time.time() - start:.1f} s "
+          f"({done / max(time.time() - start, 1e-9):.2f} slices/s)")
+    order = {m: i for i, m in enumerate(NOISE_METHODS)}
     results.sort(key=lambda d: order[d["method"]])  # stable: methods, then manifest order
     return results
 
 
-# --- Summaries ----------------------------------------------------------------------------------
+# --- Statistics ---------------------------------------------------------------------------------
 def _finite_or_none(x: float) -> Optional[float]:
     return float(x) if math.isfinite(x) else None
 
 
-def _stats(values: list[float]) -> dict:
+def bootstrap_ci(values, patients) -> Optional[list[float]]:
+    """95 % percentile bootstrap interval of the mean of ``values`` (one per slice).
+
+    Resamples patients with replacement (the mean over the resampled patients' slices), or
+    slices when there is only one patient (scipy.stats.bootstrap, ``BOOTSTRAP_RESAMPLES``,
+    seeded). None with fewer than two units or non-finite values."""
+    from scipy.stats import bootstrap
+
     v = np.asarray(values, np.float64)
-    mean = float(v.mean())
+    pats = np.asarray(patients)
+    units = sorted(set(pats))
+    if len(units) == 1:
+        sums, counts = v, np.ones_like(v)
+    else:
+        sums = np.array([v[pats == p].sum() for p in units])
+        counts = np.array([float((pats == p).sum()) for p in units])
+    if len(sums) < 2 or not np.all(np.isfinite(sums)):
+        return None
+    if np.ptp(v) == 0:  # degenerate: every resample gives the same mean
+        return [float(v[0])] * 2
+    res = bootstrap((sums, counts), lambda s, c, axis: s.sum(axis) / c.sum(axis), paired=True,
+                    vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                    confidence_level=CONFIDENCE, rng=np.random.default_rng(BOOTSTRAP_SEED))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def _stats(values: list, patients: list) -> dict:
+    """Mean, sample std over slices, mean per patient and the bootstrap interval."""
+    keep = [(v, p) for v, p in zip(values, patients) if v is not None]
+    if not keep:
+        return {"mean": None, "std": None, "ci95": None, "per_patient": {}, "n": 0}
+    v = np.asarray([k[0] for k in keep], np.float64)
+    pats = [k[1] for k in keep]
     std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    return {"mean": _finite_or_none(mean), "std": _finite_or_none(std)}
+    ci = bootstrap_ci(v, pats)
+    return {"mean": _finite_or_none(float(v.mean())), "std": _finite_or_none(std),
+            "ci95": [_finite_or_none(c) for c in ci] if ci else None,
+            "per_patient": {p: _finite_or_none(float(v[np.asarray(pats) == p].mean()))
+                            for p in sorted(set(pats))},
+            "n": len(v)}
 
 
 def summarize(results: list[dict]) -> dict:
-    """{method: {range: {metric: {mean, std}}}} over ``results``."""
+    """{method: {protocol: {metric: stats}, "noise": {field: stats}}} over ``results``."""
     out = {}
-    for method in METHODS:
+    for method in NOISE_METHODS:
         sel = [d for d in results if d["method"] == method]
-        out[method] = {r: {m: _stats([d[f"{m}_{r}"] for d in sel]) for m in METRICS}
-                       for r in RANGES}
+        pats = [d["patient"] for d in sel]
+        out[method] = {"noise": {f: _stats([d[f] for d in sel], pats) for f in NOISE_FIELDS[1:]}}
+        if method in METHODS:
+            out[method].update({r: {m: _stats([d[f"{m}_{r}"] for d in sel], pats)
+                                    for m in METRICS} for r in PROTOCOLS})
     return out
 
 
-def _pm(stats: dict, digits: int) -> str:
-    if stats["mean"] is None:
-        return "inf"
-    return f"{stats['mean']:.{digits}f} ± {stats['std'] or 0.0:.{digits}f}"
+def paired_tests(results: list[dict]) -> dict:
+    """CNCL vs LDCT and vs Gaussian (``PAIRED``), per protocol and metric: mean per-slice
+    difference with its bootstrap interval and a paired Wilcoxon signed-rank test
+    (scipy.stats.wilcoxon, two-sided; exact for up to 50 slices without ties, else the normal
+    approximation; p = 1 when every difference is zero)."""
+    from scipy.stats import wilcoxon
+
+    by = {(d["patient"], d["slice_id"], d["method"]): d for d in results}
+    keys = sorted({(d["patient"], d["slice_id"]) for d in results if d["method"] == "cncl"})
+    out = {}
+    for a, b in PAIRED:
+        for r in PROTOCOLS:
+            for m in METRICS:
+                col = f"{m}_{r}"
+                diff = np.array([by[k + (a,)][col] - by[k + (b,)][col] for k in keys])
+                ok = np.isfinite(diff)
+                diff, pats = diff[ok], [k[0] for k, o in zip(keys, ok) if o]
+                if len(diff) < 2:
+                    p = None
+                elif np.all(diff == 0):
+                    p = 1.0
+                else:  # exact null distribution unless ties or zeros (then the normal one)
+                    mags = np.abs(diff)
+                    exact = len(diff) <= 50 and mags.all() and len(np.unique(mags)) == len(diff)
+                    p = float(wilcoxon(diff, method="exact" if exact else "asymptotic").pvalue)
+                ci = bootstrap_ci(diff, pats)
+                out.setdefault(f"{a}-{b}", {}).setdefault(r, {})[m] = {
+                    "mean_diff": float(diff.mean()) if len(diff) else None,
+                    "ci95": ci, "wilcoxon_p": p, "n": int(len(diff))}
+    return out
 
 
-def markdown_table(overall: dict, sigma: float) -> str:
-    lo, hi = ctio.EVAL_WINDOW
-    flo, fhi = ctio.FULL_RANGE
-    head = ("| method | PSNR (dB) | SSIM | RMSE (HU) | PSNR full (dB) | SSIM full | "
-            "RMSE full (HU) |")
-    lines = [f"window [{lo:g}, {hi:g}] HU; full range [{flo:g}, {fhi:g}] HU", "",
-             head, "|---|---|---|---|---|---|---|"]
+# --- Tables -------------------------------------------------------------------------------------
+def _ci(stats: dict, digits: int) -> str:
+    """``mean [low, high]`` (the bootstrap interval) or ``mean`` alone."""
+    if stats is None or stats.get("mean") is None:
+        return "inf" if stats and stats.get("n") else ""
+    text = f"{stats['mean']:.{digits}f}"
+    ci = stats.get("ci95")
+    if ci and None not in ci:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
+def _interval_note(report: dict) -> str:
+    unit = "patients" if report["n_patients"] > 1 else "slices (one patient)"
+    return (f"n = {report['n_slices']} slices, {report['n_patients']} patient(s); mean over "
+            f"slices [{CONFIDENCE:.0%} bootstrap interval, {BOOTSTRAP_RESAMPLES} resamples of "
+            f"{unit}]")
+
+
+def markdown_table(overall: dict, sigma: float, protocol: str = ctio.DEFAULT_PROTOCOL) -> str:
+    """Metric table of one protocol, with intervals, followed by the protocol line."""
+    lines = ["| method | PSNR (dB) | SSIM | RMSE (HU) |", "|---|---|---|---|"]
     for method in METHODS:
-        w, f = overall[method]["window"], overall[method]["full"]
-        lines.append(f"| {method_label(method, sigma)} | {_pm(w['psnr'], 2)} | "
-                     f"{_pm(w['ssim'], 4)} | {_pm(w['rmse'], 2)} | {_pm(f['psnr'], 2)} | "
-                     f"{_pm(f['ssim'], 4)} | {_pm(f['rmse'], 2)} |")
-    return "\n".join(lines)
+        s = overall[method][protocol]
+        lines.append(f"| {method_label(method, sigma)} | {_ci(s['psnr'], 2)} | "
+                     f"{_ci(s['ssim'], 4)} | {_ci(s['rmse'], 2)} |")
+    return "\n".join([*lines, "", ctio.protocol_text(protocol)])
+
+
+def paired_table(tests: dict, protocol: str) -> str:
+    """CNCL minus LDCT / Gaussian: mean difference [interval] and Wilcoxon p, per metric."""
+    lines = ["| paired (per slice) | Δ PSNR (dB) | p | Δ SSIM | p | Δ RMSE (HU) | p |",
+             "|---|---|---|---|---|---|---|"]
+    for a, b in PAIRED:
+        cells = []
+        for m, digits in (("psnr", 2), ("ssim", 4), ("rmse", 2)):
+            t = tests[f"{a}-{b}"][protocol][m]
+            cells += [_ci({"mean": t["mean_diff"], "ci95": t["ci95"], "n": t["n"]}, digits),
+                      "" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"]
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", "paired Wilcoxon signed-rank test over slices (two-sided, "
+                      "scipy.stats.wilcoxon); Δ = first minus second method"])
+
+
+def noise_table(overall: dict, sigma: float, unit: str) -> str:
+    """Noise texture on the flat soft-tissue ROIs, with ratios to full dose."""
+    fd = overall["fd"]["noise"]
+    lines = [f"| method | ROI noise std (HU) | ratio to FD | NPS peak ({unit}) | "
+             f"NPS mean freq ({unit}) | ratio to FD |", "|---|---|---|---|---|---|"]
+
+    def ratio(s, key):
+        a, b = s[key]["mean"], fd[key]["mean"]
+        return f"{a / b:.2f}" if a is not None and b else ""
+
+    for method in NOISE_METHODS:
+        s = overall[method]["noise"]
+        lines.append(f"| {method_label(method, sigma)} | {_ci(s['noise_std'], 1)} | "
+                     f"{ratio(s, 'noise_std')} | {_ci(s['nps_peak'], 3)} | "
+                     f"{_ci(s['nps_mean_freq'], 3)} | {ratio(s, 'nps_mean_freq')} |")
+    return "\n".join([*lines, "", NOISE_PROTOCOL])
+
+
+NOISE_PROTOCOL = (
+    f"noise: {ROI_SIZE}x{ROI_SIZE} px ROIs tiled over each full-dose slice, kept when wholly in "
+    f"the body, FD mean in [{ROI_HU[0]:g}, {ROI_HU[1]:g}] HU and FD smoothed by a Gaussian "
+    f"(sigma {ROI_FLAT_SIGMA_PX:g} px) within {ROI_FLAT_HU:g} HU std of its plane; same ROIs for "
+    "every method; per ROI a fitted plane is removed; NPS = dx dy / (Nx Ny) <|DFT|^2> (AAPM "
+    "TG-233), std = sqrt(integral of the NPS), peak of the radial NPS, NPS-weighted mean frequency")
 
 
 def write_outputs(out: Path, results: list[dict], report: dict) -> None:
@@ -292,7 +740,7 @@ def _read_report(out: Path) -> dict:
     report = ctio.read_json(path, f"no metrics.json in {out}; run Myevaluation.py --pred {out} "
                             "first")
     try:
-        report["overall"]["cncl"]["window"]["psnr"]["mean"]  # noqa: B018 - shape check
+        report["overall"]["cncl"][ctio.DEFAULT_PROTOCOL]["psnr"]["mean"]  # noqa: B018
     except (KeyError, TypeError) as e:
         raise ctio.CTDataError(f"{path}: not a Myevaluation.py report ({e})") from None
     return report
@@ -333,9 +781,9 @@ def run_training_summary(run_dir: Optional[str], weights: Optional[str] = None) 
         return {}
 
 
-def compare(outs: list[Path]) -> str:
+def compare(outs: list[Path], protocol: str = ctio.DEFAULT_PROTOCOL) -> str:
     """Markdown table: LDCT input once, then the CNCL result of every folder in ``outs`` (a
-    folder's ``metrics.json`` may be given for the folder)."""
+    folder's ``metrics.json`` may be given for the folder), with bootstrap intervals."""
     outs = [o.parent if o.name == "metrics.json" and o.is_file() else o for o in outs]
     reports = [_read_report(o) for o in outs]
     slices = _scored_slices(outs[0])
@@ -346,11 +794,11 @@ def compare(outs: list[Path]) -> str:
     lines = [f"{len(slices)} slices: " + ", ".join(f"{p}:{s}" for p, s in slices), "",
              "| run | steps | train min | PSNR (dB) | SSIM | RMSE (HU) | gain vs input (dB) |",
              "|---|---|---|---|---|---|---|"]
-    base = reports[0]["overall"]["ldct"]["window"]
-    lines.append(f"| LDCT (input) | | | {base['psnr']['mean']:.2f} | {base['ssim']['mean']:.4f} "
-                 f"| {base['rmse']['mean']:.2f} | |")
+    base = reports[0]["overall"]["ldct"][protocol]
+    lines.append(f"| LDCT (input) | | | {_ci(base['psnr'], 2)} | {_ci(base['ssim'], 4)} "
+                 f"| {_ci(base['rmse'], 2)} | |")
     for o, rep in zip(outs, reports):
-        w = rep["overall"]["cncl"]["window"]
+        w = rep["overall"]["cncl"][protocol]
         runs, weights = rep.get("runs") or [], rep.get("weights") or []
         tr = run_training_summary(runs[0] if len(runs) == 1 else None,
                                   weights[0] if len(weights) == 1 else None)
@@ -358,51 +806,183 @@ def compare(outs: list[Path]) -> str:
         if tr:
             name += f" (epoch {tr['epochs']})"
         minutes = f"{tr['minutes']:.1f}" if "minutes" in tr else ""
-        lines.append(f"| {name} | {tr.get('steps', '')} | {minutes} | {w['psnr']['mean']:.2f} | "
-                     f"{w['ssim']['mean']:.4f} | {w['rmse']['mean']:.2f} | "
-                     f"{w['psnr']['mean'] - base['psnr']['mean']:+.2f} |")
+        gain = rep.get("paired", {}).get("cncl-ldct", {}).get(protocol, {}).get("psnr")
+        gain_text = (_ci({"mean": gain["mean_diff"], "ci95": gain["ci95"], "n": gain["n"]}, 2)
+                     if gain else f"{w['psnr']['mean'] - base['psnr']['mean']:.2f}")
+        lines.append(f"| {name} | {tr.get('steps', '')} | {minutes} | {_ci(w['psnr'], 2)} | "
+                     f"{_ci(w['ssim'], 4)} | {_ci(w['rmse'], 2)} | {gain_text} |")
     return "\n".join(lines)
+
+
+# --- Noise-only NPS with the simulator (--nps-sim) ----------------------------------------------
+def _noise_rois(noise: np.ndarray, fd: np.ndarray, size: int = ROI_SIZE) -> list:
+    """Corners of the ``size`` x ``size`` ROIs, on a grid of half-ROI steps (50 % overlap, as
+    TG-233 allows), that lie wholly inside the body of ``fd`` (the noise-only image has no
+    anatomy, so no flatness rule is needed)."""
+    import Mysimulate
+
+    body = Mysimulate.body_mask(fd)
+    step = size // 2
+    return [(y, x) for y in range(0, fd.shape[0] - size + 1, step)
+            for x in range(0, fd.shape[1] - size + 1, step) if body[y:y + size, x:x + size].all()]
+
+
+def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Optional[str] = None,
+            dose: float = 0.25, seed: int = 0, max_slices: Optional[int] = None,
+            batch: int = 4) -> dict:
+    """Noise-only NPS: per full-dose slice two independent simulated low-dose realisations
+    (Mysimulate.simulate_pair_from_fd, seeds (seed, slice, 1) and (seed, slice, 2)), both
+    denoised by the run's generator (Mytest's loader and Denoiser); the NPS of
+    (D(LD1) - D(LD2)) / sqrt(2) over body ROIs, beside (LD1 - LD2) / sqrt(2) for the input.
+
+    Writes OUT/nps_sim.json and OUT/nps_sim.png (OUT defaults to RUN/nps_sim); returns the
+    report."""
+    import time
+
+    import Mysimulate
+    import Mytest
+
+    ds = ctio.discover(fd_path, layout, single_role="fd")
+    records = [r for r in ds.records if r.fd_path][:max_slices]
+    if not records:
+        raise ctio.CTDataError(f"{fd_path}: no full-dose slices found")
+    run_dir = Path(run) if run else Mytest.find_latest_run()
+    if not run_dir.is_dir():
+        raise ctio.CTDataError(f"{run_dir}: run folder not found")
+    model = Mytest.read_run_config(run_dir)
+    weights = Mytest.default_weights(run_dir)
+    out_dir = Path(out) if out else run_dir / "nps_sim"
+    denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
+    acc = NoiseAccumulator()
+    progress = Mysimulate._Progress(len(records), "nps-sim")
+    start = time.time()
+    for i, rec in enumerate(records):
+        fd, header = ctio.read_slice(rec.fd_path)
+        px = Mysimulate.pixel_size_mm(header, fd.shape, None)
+        lds = [Mysimulate.simulate_pair_from_fd(fd, dose, px, (seed, i, k)) for k in (1, 2)]
+        dens = denoise(lds)
+        corners = _noise_rois(fd, fd)
+        if corners:
+            spacing = pixel_spacing_mm(header)
+            for method, (a, b) in (("ldct", lds), ("cncl", dens)):
+                diff = (np.asarray(a, np.float64) - b) / math.sqrt(2.0)
+                acc.add("all", method, nps_power(cut_rois(diff, corners)), len(corners), spacing)
+        progress.update(i + 1)
+    elapsed = time.time() - start
+    print(f"nps-sim: {len(records)} slices in {elapsed:.1f} s "
+          f"({len(records) / max(elapsed, 1e-9):.2f} slices/s)")
+    if not acc.count:
+        raise ctio.CTDataError(f"{fd_path}: no {ROI_SIZE}x{ROI_SIZE} ROI fits inside the body")
+    curves = acc.curves("all")
+    report = {"fd_path": str(Path(fd_path).resolve()), "run": str(run_dir.resolve()),
+              "weights": str(weights), "dose": dose, "seed": seed, "n_slices": len(records),
+              "roi_size": ROI_SIZE, "definition": NPS_SIM_PROTOCOL, **curves}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ctio.atomic_path(out_dir / "nps_sim.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    plot_radial_nps(out_dir / "nps_sim.png", {**curves, "methods": ("ldct", "cncl")},
+                    f"noise-only NPS, dose {dose:g}", 0.0)
+    return report
+
+
+NPS_SIM_PROTOCOL = (
+    "noise-only NPS: two independent simulated low-dose realisations per full-dose slice; "
+    "noise = (X1 - X2) / sqrt(2) for the input (ldct) and for the denoised pair (cncl); "
+    f"{ROI_SIZE}x{ROI_SIZE} ROIs (50 % overlap) wholly inside the body (FD > -500 HU, eroded); "
+    "plane removed; "
+    "NPS = dx dy / (Nx Ny) <|DFT|^2> (AAPM TG-233)")
+
+
+def nps_sim_table(report: dict) -> str:
+    unit = report["unit"]
+    lines = [f"| noise of | std (HU) | NPS peak ({unit}) | NPS mean freq ({unit}) | ROIs |",
+             "|---|---|---|---|---|"]
+    for method, label in (("ldct", "LDCT (simulated input)"), ("cncl", "CNCL output")):
+        s = report[method]
+        lines.append(f"| {label} | {s['noise_std']:.2f} | {s['nps_peak']:.3f} | "
+                     f"{s['nps_mean_freq']:.3f} | {s['n_rois']} |")
+    return "\n".join([*lines, "", NPS_SIM_PROTOCOL])
 
 
 # --- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = ctio.ArgumentParser(
-        description="PSNR / SSIM / RMSE of the LDCT input, a Gaussian-filter baseline and the "
-        "CNCL output of Mytest.py against the full-dose references.",
+        description="PSNR / SSIM / RMSE and noise texture (NPS) of the LDCT input, a "
+        "Gaussian-filter baseline and the CNCL output of Mytest.py against the full-dose "
+        "references; or the noise-only NPS of a run on simulated pairs (--nps-sim).",
         formatter_class=ctio.HelpFormatter)
     ap.add_argument("--pred", default=None, metavar="OUT",
-                    help="output folder of Mytest.py (has manifest.csv); required unless "
-                    "--compare")
+                    help="output folder of Mytest.py (has manifest.csv)")
     ap.add_argument("--compare", nargs="+", default=None, metavar="OUT",
                     help="instead of scoring: one table row per already evaluated folder "
                     "(their metrics.json), e.g. an ablation")
+    ap.add_argument("--nps-sim", default=None, metavar="FD_PATH",
+                    help="full-dose data: noise-only NPS of --run on two simulated low-dose "
+                    "realisations per slice")
+    ap.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default=ctio.DEFAULT_PROTOCOL,
+                    help="metric convention of the printed tables (all are always stored)")
     ap.add_argument("--data", default=None, metavar="PATH",
                     help="dataset folder to take the full-dose references from instead of the "
                     "manifest's fd_path (default: the manifest's references)")
     ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
-                    help="layout of --data (default: auto-detected)")
+                    help="layout of --data / --nps-sim (default: auto-detected)")
     ap.add_argument("--gaussian-sigma", type=float, default=0.7, metavar="SIGMA",
                     help="sigma (pixels) of the Gaussian-filter baseline")
     ap.add_argument("--batch", type=int, default=8, metavar="N", help="slices per metric batch")
+    ap.add_argument("--run", default=None, metavar="RUN",
+                    help="--nps-sim: training run folder (default: the latest under runs/)")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="--nps-sim: output folder (default: RUN/nps_sim)")
+    ap.add_argument("--dose", type=float, default=0.25, help="--nps-sim: simulated dose fraction")
+    ap.add_argument("--seed", type=int, default=0, help="--nps-sim: noise seed")
+    ap.add_argument("--max-slices", type=int, default=None, metavar="N",
+                    help="--nps-sim: use the first N slices only (default: all)")
     return ap
+
+
+def _print_tables(report: dict, protocol: str) -> None:
+    sigma = report["gaussian_sigma"]
+    for name in PROTOCOLS if protocol == "all" else (protocol,):
+        print(markdown_table(report["overall"], sigma, name))
+        print()
+        print(paired_table(report["paired"], name))
+        print()
+    print(noise_table(report["overall"], sigma, report["noise"]["unit"]))
+    print()
+    print(_interval_note(report))
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.pred is None) == (args.compare is None):
-        parser.error("give exactly one of --pred OUT or --compare OUT [OUT ...]")
+    if sum(x is not None for x in (args.pred, args.compare, args.nps_sim)) != 1:
+        parser.error("give exactly one of --pred OUT, --compare OUT [OUT ...] or --nps-sim FD")
+    if args.batch < 1:
+        raise ctio.CTDataError(f"--batch {args.batch}: need at least 1")
     if args.compare:
-        print(compare([Path(o) for o in args.compare]))
-        print()
-        print(ctio.PROTOCOL)
+        for name in PROTOCOLS if args.protocol == "all" else (args.protocol,):
+            print(compare([Path(o) for o in args.compare], name))
+            print()
+            print(ctio.protocol_text(name))
         return 0
+    if args.nps_sim:
+        if not (math.isfinite(args.dose) and 0 < args.dose <= 1):
+            raise ctio.CTDataError(f"--dose {args.dose:g}: need 0 < dose <= 1")
+        if args.max_slices is not None and args.max_slices < 1:
+            raise ctio.CTDataError(f"--max-slices {args.max_slices}: need at least 1")
+        report = nps_sim(args.nps_sim, args.run, args.out, layout=args.layout, dose=args.dose,
+                         seed=args.seed, max_slices=args.max_slices, batch=args.batch)
+        print(nps_sim_table(report))
+        return 0
+    return score(args)
+
+
+def score(args: argparse.Namespace) -> int:
+    """--pred: score a Mytest.py output folder, write metrics and plots, print the tables."""
     data, layout = args.data, args.layout
     sigma = float(args.gaussian_sigma)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ctio.CTDataError(f"--gaussian-sigma {sigma:g}: need a positive number")
-    if args.batch < 1:
-        raise ctio.CTDataError(f"--batch {args.batch}: need at least 1")
     out = Path(args.pred)
     rows = read_manifest(out)
     if data is not None:
@@ -413,16 +993,22 @@ def main(argv=None) -> int:
                 "the data is low-dose only; pass --data with the full-dose references")
         raise ctio.CTDataError(f"{out / 'manifest.csv'}: no slice has a full-dose reference "
                                f"({hint})")
-    results = evaluate(scored, out, sigma, args.batch)
+    noise = NoiseAccumulator()
+    results = evaluate(scored, out, sigma, args.batch, noise)
 
     patients = sorted({r["patient"] for r in scored})
+    curves = {p: noise.curves(p) for p in patients}
+    units = {c["unit"] for c in curves.values()}
     report = {
         "protocol": ctio.PROTOCOL,
-        "window": list(ctio.EVAL_WINDOW),
-        "full_range": list(ctio.FULL_RANGE),
+        "protocols": {n: ctio.protocol_text(n) for n in PROTOCOLS},
+        "noise_protocol": NOISE_PROTOCOL,
         "gaussian_sigma": sigma,
         "gaussian_filter": "scipy.ndimage.gaussian_filter(mode='reflect', truncate=4.0) of LD HU",
         "std": "sample standard deviation over slices (ddof=1)",
+        "ci95": f"{CONFIDENCE:.0%} percentile bootstrap of the mean over slices, resampling "
+                f"patients (slices when one patient), {BOOTSTRAP_RESAMPLES} resamples, seed "
+                f"{BOOTSTRAP_SEED}",
         "n_slices": len(scored),
         "n_patients": len(patients),
         "n_without_reference": len(rows) - len(scored),
@@ -430,21 +1016,24 @@ def main(argv=None) -> int:
         "weights": sorted({r.get("weights", "") for r in scored if r.get("weights")}),
         "references": str(Path(data).resolve()) if data else "manifest fd_path",
         "overall": summarize(results),
+        "paired": paired_tests(results),
+        "noise": {"unit": units.pop() if len(units) == 1 else "mixed (see per patient)",
+                  "per_patient": curves},
         "per_patient": {
             p: {"n_slices": sum(r["patient"] == p for r in scored),
                 **summarize([d for d in results if d["patient"] == p])}
             for p in patients},
     }
     write_outputs(out, results, report)
+    for p in patients:
+        if any(m in curves[p] for m in NOISE_METHODS):
+            plot_radial_nps(out / "nps" / f"{p}_nps.png", curves[p], f"radial NPS, {p}", sigma)
 
-    print(markdown_table(report["overall"], sigma))
-    print()
-    print(ctio.PROTOCOL)
-    print(f"n = {len(scored)} slices, {len(patients)} patient(s); mean ± sample std over slices"
-          + (f"; {report['n_without_reference']} slice(s) without reference not scored"
-             if report["n_without_reference"] else ""))
+    _print_tables(report, args.protocol)
+    if report["n_without_reference"]:
+        print(f"{report['n_without_reference']} slice(s) without reference not scored")
     print(f"Gaussian baseline: sigma {sigma:g} px (scipy.ndimage.gaussian_filter, reflect)")
-    print(f"metrics: {out / 'metrics.csv'}, {out / 'metrics.json'}")
+    print(f"metrics: {out / 'metrics.csv'}, {out / 'metrics.json'}; NPS plots: {out / 'nps'}")
     return 0
 
 

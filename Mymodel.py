@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from ctio import EVAL_WINDOW, denormalize
+from Myevaluation import hu_metrics  # the project's one metric implementation
 
 __all__ = [
     "PRESETS",
@@ -465,66 +465,6 @@ def build_models(config: dict[str, Any]) -> tuple[keras.Model, keras.Model]:
     gen = build_generator(config["base_filters"], config["depth"], config["norm"])
     disc = build_discriminator(config["disc_filters"])
     return gen, disc
-
-
-# --------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------
-
-
-def hu_metrics(
-    pred: tf.Tensor,
-    ref: tf.Tensor,
-    window: tuple[float, float] = EVAL_WINDOW,
-) -> dict[str, tf.Tensor]:
-    """Per-image PSNR / SSIM / RMSE in a HU display window (the project's metric).
-
-    Protocol (this function is the single implementation used for validation and
-    evaluation):
-
-    1. ``pred`` and ``ref`` are NORMALISED images ``(B, H, W, 1)``; both are mapped
-       to HU with ``ctio.denormalize`` (``x * 4096 - 1024``) in float32.
-    2. Both are clipped to ``window = (low, high)`` -- by default ``EVAL_WINDOW =
-       (-160, 240)`` HU; pass ``(HU_MIN, HU_MAX)`` for full-range figures -- and
-       shifted by ``-low`` so they lie in ``[0, high - low]``.
-    3. ``psnr = tf.image.psnr(max_val=high - low)`` (400 for the default window),
-       i.e. ``10 log10(L^2 / MSE)`` per image.
-    4. ``ssim = tf.image.ssim(max_val=high - low, filter_size=11, filter_sigma=1.5,
-       k1=0.01, k2=0.03)`` (Gaussian window, valid region, no sample-covariance
-       correction; equal to ``skimage.metrics.structural_similarity(...,
-       gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-       data_range=high - low)``). Images need H, W >= 11.
-    5. ``rmse = sqrt(mean((pred_hu - ref_hu)^2))`` in HU of the clipped images.
-
-    Pure TensorFlow; usable inside ``tf.function`` / ``train_step``.
-
-    Args:
-        pred: Denoised images, normalised, ``(B, H, W, 1)``.
-        ref: Reference (full-dose) images, normalised, ``(B, H, W, 1)``.
-        window: ``(low, high)`` HU window.
-
-    Returns:
-        ``{"psnr": (B,), "ssim": (B,), "rmse": (B,)}`` float32 tensors
-        (``psnr`` is ``inf`` for identical images).
-    """
-    low, high = float(window[0]), float(window[1])
-    if not high > low:
-        raise ValueError(f"window must be (low, high) with high > low, got {window}")
-    width = high - low
-    pred_hu = denormalize(tf.cast(pred, tf.float32))
-    ref_hu = denormalize(tf.cast(ref, tf.float32))
-    pred_w = tf.clip_by_value(pred_hu, low, high) - low  # (B, H, W, 1) in [0, width]
-    ref_w = tf.clip_by_value(ref_hu, low, high) - low
-    psnr = tf.image.psnr(pred_w, ref_w, max_val=width)
-    ssim = tf.image.ssim(
-        pred_w, ref_w, max_val=width, filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03
-    )
-    rmse = tf.sqrt(tf.reduce_mean(tf.square(pred_w - ref_w), axis=[-3, -2, -1]))
-    return {
-        "psnr": tf.cast(psnr, tf.float32),
-        "ssim": tf.cast(ssim, tf.float32),
-        "rmse": tf.cast(rmse, tf.float32),
-    }
 
 
 # --------------------------------------------------------------------------------------

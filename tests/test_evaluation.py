@@ -1,8 +1,9 @@
 """Myevaluation.py: metrics equal scikit-image's on the windowed images, files, table, errors.
 
 Inference runs with an UNTRAINED tiny generator (the identity), so CNCL scores equal the LDCT
-scores; the point here is the metric path (Mymodel.hu_metrics through Myevaluation), checked
-against skimage on the same windowed images, per slice, method and range.
+scores; the point here is the metric path (Myevaluation.hu_metrics), checked against skimage on
+the same windowed images, per slice, method and protocol; the noise measures (NPS, ROIs) against
+analytic cases.
 """
 
 import csv
@@ -80,70 +81,105 @@ def run_eval_cli(*args):
                           capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
 
 
-def skimage_scores(img: np.ndarray, ref: np.ndarray, lo: float, hi: float) -> dict:
+# The published conventions, spelled out here independently of ctio.METRIC_PROTOCOLS:
+# (HU window, scale of the windowed image, rounded to integers).
+CONVENTIONS = {"redcnn": ((-160, 240), None, False), "dugan": ((-300, 300), 1.0, False),
+               "corediff": ((-1000, 1000), 255.0, True), "full": ((-1024, 3072), None, False)}
+
+
+def skimage_scores(img: np.ndarray, ref: np.ndarray, protocol: str) -> dict:
+    """PSNR / SSIM with scikit-image on the protocol's image (HU window scaled, maybe 8-bit);
+    RMSE in HU of the same images."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    a = np.clip(img.astype(np.float64), lo, hi) - lo
-    b = np.clip(ref.astype(np.float64), lo, hi) - lo
+    (lo, hi), scale, rounded = CONVENTIONS[protocol]
+    scale = scale or hi - lo
+
+    def conv(x):
+        v = (np.clip(x.astype(np.float64), lo, hi) - lo) / (hi - lo) * scale
+        return np.round(v) if rounded else v
+
+    a, b = conv(img), conv(ref)
     return {
-        "psnr": peak_signal_noise_ratio(b, a, data_range=hi - lo),
+        "psnr": peak_signal_noise_ratio(b, a, data_range=scale),
         "ssim": structural_similarity(b, a, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False, data_range=hi - lo),
-        "rmse": float(np.sqrt(np.mean((a - b) ** 2))),
+                                      use_sample_covariance=False, data_range=scale),
+        "rmse": float(np.sqrt(np.mean((a - b) ** 2))) * (hi - lo) / scale,
     }
 
 
+def test_protocol_table_is_the_published_conventions():
+    assert set(ctio.METRIC_PROTOCOLS) == set(CONVENTIONS)
+    for name, ((lo, hi), _, rounded) in CONVENTIONS.items():
+        p = ctio.METRIC_PROTOCOLS[name]
+        assert p.window == (lo, hi) and bool(p.levels) == rounded
+        assert f"[{lo}, {hi}]" in ctio.protocol_text(name)
+    assert ctio.METRIC_PROTOCOLS["corediff"].levels == 255
+    assert ctio.PROTOCOL == ctio.protocol_text("redcnn")
+
+
 def test_metrics_equal_skimage_and_outputs(denoised, capsys):
+    """Every protocol of every slice and method equals scikit-image's figure."""
     from scipy.ndimage import gaussian_filter
 
     import Myevaluation
 
     _, out = denoised
     capsys.readouterr()
-    assert Myevaluation.main(["--pred", str(out), "--batch", "2"]) == 0
+    assert Myevaluation.main(["--pred", str(out), "--batch", "2", "--protocol", "all"]) == 0
     printed = capsys.readouterr().out
 
     with open(out / "manifest.csv", newline="") as f:
         manifest = {(r["patient"], r["slice_id"]): r for r in csv.DictReader(f)}
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 5
+    assert len(rows) == 4 * 5  # ldct, gaussian, cncl and the fd noise rows
+    assert {r["psnr_redcnn"] for r in rows if r["method"] == "fd"} == {""}
     for r in rows:
+        if r["method"] == "fd":
+            continue
         m = manifest[(r["patient"], r["slice_id"])]
         ld = ctio.read_slice(m["ld_path"])[0]
         ref = ctio.read_slice(m["fd_path"])[0]
         img = {"ldct": ld, "gaussian": gaussian_filter(ld, 0.7, mode="reflect"),
                "cncl": np.load(out / m["pred_npy"])}[r["method"]]
-        for rng_name, (lo, hi) in (("window", (-160, 240)), ("full", (-1024, 3072))):
-            want = skimage_scores(img, ref, lo, hi)
-            got = {k: float(r[f"{k}_{rng_name}"]) for k in ("psnr", "ssim", "rmse")}
-            assert abs(got["psnr"] - want["psnr"]) < 0.01, (r, rng_name, want)
-            assert abs(got["ssim"] - want["ssim"]) < 0.001, (r, rng_name, want)
-            assert abs(got["rmse"] - want["rmse"]) < 0.01, (r, rng_name, want)
+        for protocol in CONVENTIONS:
+            want = skimage_scores(img, ref, protocol)
+            got = {k: float(r[f"{k}_{protocol}"]) for k in ("psnr", "ssim", "rmse")}
+            assert abs(got["psnr"] - want["psnr"]) < 0.01, (r, protocol, want)
+            assert abs(got["ssim"] - want["ssim"]) < 0.001, (r, protocol, want)
+            assert abs(got["rmse"] - want["rmse"]) < 0.01, (r, protocol, want)
 
     by = {(r["patient"], r["slice_id"], r["method"]): r for r in rows}
     for p, s, _ in list(by):  # identity generator: CNCL scores are the LDCT scores
-        assert abs(float(by[p, s, "cncl"]["psnr_window"])
-                   - float(by[p, s, "ldct"]["psnr_window"])) < 0.01
+        assert abs(float(by[p, s, "cncl"]["psnr_redcnn"])
+                   - float(by[p, s, "ldct"]["psnr_redcnn"])) < 0.01
 
     report = json.loads((out / "metrics.json").read_text())
     assert report["protocol"] == ctio.PROTOCOL
     assert report["n_slices"] == 5 and report["n_patients"] == 2
     assert set(report["per_patient"]) == {"A", "B"}
     assert report["per_patient"]["A"]["n_slices"] == 3
-    psnr = [float(r["psnr_window"]) for r in rows if r["method"] == "cncl"]
-    overall = report["overall"]["cncl"]["window"]["psnr"]
+    psnr = [float(r["psnr_redcnn"]) for r in rows if r["method"] == "cncl"]
+    overall = report["overall"]["cncl"]["redcnn"]["psnr"]
     assert overall["mean"] == pytest.approx(np.mean(psnr), abs=1e-5)
     assert overall["std"] == pytest.approx(np.std(psnr, ddof=1), abs=1e-5)
+    lo, hi = overall["ci95"]
+    assert lo <= overall["mean"] <= hi
+    a_mean = np.mean([float(r["psnr_redcnn"]) for r in rows
+                      if r["method"] == "cncl" and r["patient"] == "A"])
+    assert overall["per_patient"]["A"] == pytest.approx(a_mean, abs=1e-5)
 
     lines = printed.splitlines()
-    head = lines.index("| method | PSNR (dB) | SSIM | RMSE (HU) | PSNR full (dB) | SSIM full | "
-                       "RMSE full (HU) |")
-    table = lines[head + 2:head + 5]
-    assert [t.split(" | ")[0] for t in table] == ["| LDCT (input)",
-                                                  "| Gaussian filter (sigma 0.7)", "| CNCL"]
-    assert " ± " in table[2]
-    assert lines[head + 5:head + 7] == ["", ctio.PROTOCOL]  # the protocol follows the table
+    head = "| method | PSNR (dB) | SSIM | RMSE (HU) |"
+    starts = [i for i, ln in enumerate(lines) if ln == head]
+    assert len(starts) == 4  # --protocol all: one table per protocol
+    for i, name in zip(starts, CONVENTIONS):
+        table = lines[i + 2:i + 5]
+        assert [t.split(" | ")[0] for t in table] == ["| LDCT (input)",
+                                                      "| Gaussian filter (sigma 0.7)", "| CNCL"]
+        assert " [" in table[2]  # the bootstrap interval
+        assert lines[i + 5:i + 7] == ["", ctio.protocol_text(name)]  # protocol under the table
 
 
 def test_missing_manifest_is_one_line(tmp_path):
@@ -194,7 +230,7 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
     report = json.loads((other / "metrics.json").read_text())
     report["runs"] = [str(run)]
     report["weights"] = [str(run / "generator_best.weights.h5")]
-    report["overall"]["cncl"]["window"]["psnr"]["mean"] += 1.25
+    report["overall"]["cncl"]["redcnn"]["psnr"]["mean"] += 1.25
     (other / "metrics.json").write_text(json.dumps(report))
 
     capsys.readouterr()
@@ -203,12 +239,14 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| ")]
     assert rows[0][0] == "run" and rows[1][0] == "LDCT (input)"
     base = json.loads((out / "metrics.json").read_text())["overall"]
-    assert float(rows[1][3]) == pytest.approx(base["ldct"]["window"]["psnr"]["mean"], abs=0.006)
-    first, second = rows[2], rows[3]
+    mean = [[c.split(" [")[0] for c in row] for row in rows]  # cells: mean [95 % interval]
+    assert float(mean[1][3]) == pytest.approx(base["ldct"]["redcnn"]["psnr"]["mean"], abs=0.006)
+    first, second = mean[2], mean[3]
+    assert " [" in rows[2][3]  # intervals shown
     assert float(second[3]) - float(first[3]) == pytest.approx(1.25, abs=0.011)
     assert second[0] == "runB (epoch 2)" and second[1:3] == ["100", "3.2"]  # best epoch 2
     assert float(first[6]) == pytest.approx(
-        base["cncl"]["window"]["psnr"]["mean"] - base["ldct"]["window"]["psnr"]["mean"],
+        base["cncl"]["redcnn"]["psnr"]["mean"] - base["ldct"]["redcnn"]["psnr"]["mean"],
         abs=0.011)
     assert ctio.PROTOCOL in lines
 
@@ -231,3 +269,188 @@ def test_compare_needs_evaluated_folders(tmp_path):
                                   f"Myevaluation.py --pred {tmp_path} first")
     res = run_eval_cli("--compare", tmp_path, "--pred", tmp_path)
     assert res.returncode == 2 and "exactly one of --pred" in res.stderr
+
+
+# --- The separable SSIM -------------------------------------------------------------------------
+def windowed_pairs(shape, n: int, noise_hu: float, seed: int = 0):
+    """(noisy, clean) CT-like images clipped to the RED-CNN window and shifted to [0, 400]."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    clean = np.stack([60.0 + 120.0 * np.sin(xx / 7.0 + k) * np.cos(yy / 11.0) for k in range(n)])
+    clean[:, h // 3:h // 2, w // 4:w // 2] = 250.0  # an edge clipped by the window
+    noisy = clean + rng.normal(0.0, noise_hu, clean.shape)
+    return [np.clip(v, -160.0, 240.0)[..., None].astype(np.float32) + 160.0 for v in (noisy, clean)]
+
+
+@pytest.mark.parametrize("shape,noise", [((64, 72), 40.0), ((180, 200), 15.0)])
+def test_separable_ssim_equals_tf_image_ssim(shape, noise):
+    """Myevaluation.ssim is tf.image.ssim's definition to 1e-6: it agrees with the float64
+    evaluation of that definition (scikit-image) to 1e-6, and with tf.image.ssim itself to 1e-6
+    beyond tf.image.ssim's own float32 error (4-10e-6 on such CT-like data: its 121-tap 2-D sums
+    of uncentred squares cancel in E[x^2] - E[x]^2)."""
+    from skimage.metrics import structural_similarity
+
+    import Myevaluation
+
+    tf = ctio.import_tensorflow()
+    x, y = windowed_pairs(shape, 3, noise)
+    got = tf.function(lambda a, b: Myevaluation.ssim(a, b, 400.0))(x, y).numpy()
+    want = tf.image.ssim(tf.constant(x), tf.constant(y), max_val=400.0,
+                         filter_size=ctio.SSIM_FILTER_SIZE, filter_sigma=ctio.SSIM_SIGMA,
+                         k1=ctio.SSIM_K1, k2=ctio.SSIM_K2).numpy()
+    exact = np.array([structural_similarity(
+        y[i, ..., 0].astype(np.float64), x[i, ..., 0].astype(np.float64), gaussian_weights=True,
+        sigma=ctio.SSIM_SIGMA, use_sample_covariance=False, data_range=400.0,
+        K1=ctio.SSIM_K1, K2=ctio.SSIM_K2, win_size=ctio.SSIM_FILTER_SIZE) for i in range(3)])
+    assert got.shape == (3,) and got.dtype == np.float32
+    assert np.max(np.abs(got - exact)) < 1e-6
+    assert np.all(np.abs(got - want) <= np.abs(want - exact) + 1e-6)
+
+
+# --- Noise texture: NPS, ROI rule, statistics ---------------------------------------------------
+def white_noise_rois(sigma: float, n_rois: int = 300, size: int = 32, seed: int = 1):
+    return np.random.default_rng(seed).normal(0.0, sigma, (n_rois, size, size))
+
+
+def test_nps_of_white_noise_integrates_to_variance_and_is_flat():
+    import Myevaluation
+
+    sigma, px = 20.0, 0.5
+    rois = white_noise_rois(sigma)
+    nps = Myevaluation.nps_2d(Myevaluation.nps_power(rois), len(rois), px)
+    fy, fx = Myevaluation.nps_frequencies(nps.shape, px)
+    assert fx[-1] < 1 / (2 * px) + 1e-9 and fx[1] - fx[0] == pytest.approx(1 / (32 * px))
+    # integral over frequency = variance (TG-233 normalisation), in HU^2 whatever the spacing
+    integral = nps.sum() * (fx[1] - fx[0]) * (fy[1] - fy[0])
+    assert integral == pytest.approx(sigma ** 2 * (1 - 3 / 32 ** 2), rel=0.03)
+    summary = Myevaluation.nps_summary(nps, px)
+    assert summary["noise_std"] == pytest.approx(sigma, rel=0.02)
+    # flat at sigma^2 dx dy (HU^2 mm^2); the plane fit only removes the lowest frequencies
+    freq, radial = Myevaluation.radial_nps(nps, px)
+    assert freq[-1] == pytest.approx(1 / (2 * px))
+    assert np.allclose(radial[2:], sigma ** 2 * px * px, rtol=0.1)
+    # white noise: the NPS-weighted mean of |f| over the square is ~0.38 of the sampling rate
+    assert summary["nps_mean_freq"] == pytest.approx(0.3826 / px, rel=0.03)
+    # unknown spacing: cycles/pixel and HU^2 px^2, same std
+    unknown = Myevaluation.nps_2d(Myevaluation.nps_power(rois), len(rois), None)
+    assert Myevaluation.nps_summary(unknown, None)["noise_std"] == pytest.approx(
+        summary["noise_std"], rel=1e-9)
+
+
+def test_blurred_noise_has_lower_nps_mean_frequency():
+    from scipy.ndimage import gaussian_filter
+
+    import Myevaluation
+
+    field = np.random.default_rng(2).normal(0.0, 30.0, (512, 512))
+    blurred = gaussian_filter(field, 1.0, mode="wrap")
+    corners = [(y, x) for y in range(0, 512, 32) for x in range(0, 512, 32)]
+    power = [Myevaluation.nps_power(Myevaluation.cut_rois(f, corners)) for f in (field, blurred)]
+    white, smooth = (Myevaluation.nps_summary(Myevaluation.nps_2d(pw, len(corners), 0.7), 0.7)
+                     for pw in power)
+    assert smooth["nps_mean_freq"] < 0.6 * white["nps_mean_freq"]
+    assert smooth["noise_std"] < 0.5 * white["noise_std"]
+
+
+def test_roi_rule_finds_flat_soft_tissue_only():
+    import Myevaluation
+
+    rng = np.random.default_rng(3)
+    n = 256
+    yy, xx = np.mgrid[:n, :n]
+    r = np.hypot(yy - n / 2, xx - n / 2)
+    phantom = np.where(r < 110, 40.0, -1000.0) + rng.normal(0, 10, (n, n))
+    corners = Myevaluation.find_flat_rois(phantom)
+    assert len(corners) >= 16
+    for y, x in corners:  # wholly inside the disc
+        assert r[y:y + Myevaluation.ROI_SIZE, x:x + Myevaluation.ROI_SIZE].max() < 110
+    air = -1000.0 + rng.normal(0, 10, (n, n))
+    assert Myevaluation.find_flat_rois(air) == []
+    bone = np.where(r < 110, 700.0, -1000.0)
+    assert Myevaluation.find_flat_rois(bone) == []  # body, but not soft tissue
+    stripes = np.where(r < 110, 40.0 + 120.0 * np.sign(np.sin(xx / 6.0)), -1000.0)
+    assert Myevaluation.find_flat_rois(stripes) == []  # soft-tissue mean, structured at scale
+
+
+def test_bootstrap_of_identical_methods_contains_zero():
+    import Myevaluation
+
+    rng = np.random.default_rng(4)
+    results = []
+    for p in ("P1", "P2", "P3"):
+        for s in range(4):
+            base = {f"{m}_{r}": float(rng.normal(30, 2)) for r in Myevaluation.PROTOCOLS
+                    for m in Myevaluation.METRICS}
+            for method in Myevaluation.METHODS:  # cncl identical to ldct; gaussian 1 dB better
+                row = dict(base)
+                if method == "gaussian":
+                    row = {k: v + 1.0 for k, v in row.items()}
+                results.append({"patient": p, "slice_id": str(s), "method": method, **row})
+    tests = Myevaluation.paired_tests(results)
+    same = tests["cncl-ldct"]["redcnn"]["psnr"]
+    assert same["mean_diff"] == 0 and same["wilcoxon_p"] == 1.0
+    assert same["ci95"][0] <= 0 <= same["ci95"][1]
+    worse = tests["cncl-gaussian"]["redcnn"]["psnr"]
+    assert worse["mean_diff"] == pytest.approx(-1.0)
+    assert worse["wilcoxon_p"] < 0.01 and worse["ci95"][1] < 0
+
+    # patient-level resampling: the interval of a patient-clustered figure is wider than the
+    # slice-level one would be, and one patient falls back to slices
+    values = np.repeat([10.0, 20.0, 30.0], 4) + rng.normal(0, 0.1, 12)
+    pats = np.repeat(["P1", "P2", "P3"], 4)
+    lo, hi = Myevaluation.bootstrap_ci(values, pats)
+    assert lo < 15 and hi > 25
+    lo1, hi1 = Myevaluation.bootstrap_ci(values[:4], pats[:4])
+    assert lo1 < values[:4].mean() < hi1 and hi1 - lo1 < 0.3
+
+
+def test_nps_sim_on_demo_data(run_dir, tmp_path, capsys):
+    """--nps-sim: two simulated realisations per full-dose slice, denoised by the run (here the
+    identity generator, so the output noise is the input noise); the LDCT noise std equals the
+    std of (LD1 - LD2) / sqrt(2) over the same body ROIs computed directly."""
+    import Myevaluation
+    import Mysimulate
+
+    demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=2, size=128)
+    fd_dir = next(demo.glob("DEMO*/full_*"))
+    out = tmp_path / "nps"
+    capsys.readouterr()
+    assert Myevaluation.main(["--nps-sim", str(fd_dir), "--run", str(run_dir), "--out", str(out),
+                    "--max-slices", "2", "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "nps_sim.json").read_text())
+    assert (out / "nps_sim.png").stat().st_size > 1000
+    assert report["unit"] == "cycles/mm" and report["n_slices"] == 2
+    assert "| LDCT (simulated input) |" in printed and Myevaluation.NPS_SIM_PROTOCOL in printed
+
+    diffs = []
+    records = ctio.discover(fd_dir, None, single_role="fd").records  # table order
+    for i, rec in enumerate(records[:2]):
+        fd, header = ctio.read_slice(rec.fd_path)
+        px = Mysimulate.pixel_size_mm(header, fd.shape, None)
+        a, b = (Mysimulate.simulate_pair_from_fd(fd, 0.25, px, (5, i, k)) for k in (1, 2))
+        noise = (a.astype(np.float64) - b) / np.sqrt(2)
+        diffs += [noise[y:y + 32, x:x + 32] for y, x in Myevaluation._noise_rois(noise, fd)]
+    yy, xx = np.mgrid[:32, :32]
+    design = np.stack([np.ones(32 * 32), xx.ravel(), yy.ravel()], axis=1)
+    residuals = [d.ravel() - design @ np.linalg.lstsq(design, d.ravel(), rcond=None)[0]
+                 for d in diffs]
+    direct = np.sqrt(np.mean([np.mean(r ** 2) for r in residuals]))
+    assert report["ldct"]["n_rois"] == len(diffs) > 0
+    assert report["ldct"]["noise_std"] == pytest.approx(direct, rel=1e-6)
+    assert report["cncl"]["noise_std"] == pytest.approx(report["ldct"]["noise_std"], rel=0.05)
+
+
+def test_roi_rule_on_real_full_dose(real_data):
+    """On the real L506 full-dose slices the rule finds flat soft-tissue ROIs, inside the body."""
+    import Myevaluation
+
+    found = 0
+    for f in sorted((real_data / "mayo_pairs" / "npy_redcnn").glob("*_target.npy")):
+        fd = ctio.read_slice(f)[0]
+        for y, x in Myevaluation.find_flat_rois(fd):
+            roi = fd[y:y + Myevaluation.ROI_SIZE, x:x + Myevaluation.ROI_SIZE]
+            assert -100 <= roi.mean() <= 150 and roi.min() > -500
+            found += 1
+    assert found >= 10
