@@ -792,11 +792,12 @@ def compare(outs: list[Path], protocol: str = ctio.DEFAULT_PROTOCOL) -> str:
             raise ctio.CTDataError(f"{o}: scored other slices than {outs[0]}; "
                                    "compare runs evaluated on the same slices")
     lines = [f"{len(slices)} slices: " + ", ".join(f"{p}:{s}" for p, s in slices), "",
-             "| run | steps | train min | PSNR (dB) | SSIM | RMSE (HU) | gain vs input (dB) |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | steps | train min | PSNR (dB) | SSIM | RMSE (HU) | gain vs input (dB) "
+             "| ROI noise / FD | NPS mean freq. / FD |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = reports[0]["overall"]["ldct"][protocol]
     lines.append(f"| LDCT (input) | | | {_ci(base['psnr'], 2)} | {_ci(base['ssim'], 4)} "
-                 f"| {_ci(base['rmse'], 2)} | |")
+                 f"| {_ci(base['rmse'], 2)} | | {_texture_ratios(reports[0], 'ldct')} |")
     for o, rep in zip(outs, reports):
         w = rep["overall"]["cncl"][protocol]
         runs, weights = rep.get("runs") or [], rep.get("weights") or []
@@ -810,8 +811,58 @@ def compare(outs: list[Path], protocol: str = ctio.DEFAULT_PROTOCOL) -> str:
         gain_text = (_ci({"mean": gain["mean_diff"], "ci95": gain["ci95"], "n": gain["n"]}, 2)
                      if gain else f"{w['psnr']['mean'] - base['psnr']['mean']:.2f}")
         lines.append(f"| {name} | {tr.get('steps', '')} | {minutes} | {_ci(w['psnr'], 2)} | "
-                     f"{_ci(w['ssim'], 4)} | {_ci(w['rmse'], 2)} | {gain_text} |")
+                     f"{_ci(w['ssim'], 4)} | {_ci(w['rmse'], 2)} | {gain_text} | "
+                     f"{_texture_ratios(rep, 'cncl')} |")
     return "\n".join(lines)
+
+
+def _texture_ratios(report: dict, method: str) -> str:
+    """``noise std / FD | NPS mean frequency / FD`` cells of ``method`` (blank without ROIs)."""
+    overall = report["overall"]
+    cells = []
+    for key in ("noise_std", "nps_mean_freq"):
+        try:
+            value = overall[method]["noise"][key]["mean"] / overall["fd"]["noise"][key]["mean"]
+        except (KeyError, TypeError, ZeroDivisionError):
+            cells.append("")
+            continue
+        cells.append(f"{value:.2f}")
+    return " | ".join(cells)
+
+
+def zoom_figure(outs: list[Path], patient: str, slice_id: str, box: tuple[int, int, int, int],
+                window=ctio.EVAL_WINDOW, scale: int = 3) -> np.ndarray:
+    """LDCT | each folder's CNCL output | FD, cropped to ``box`` = (y0, y1, x0, x1) and enlarged
+    ``scale`` times (nearest neighbour: pixels stay pixels), as one labelled uint8 image.
+
+    Folders are Mytest.py outputs of the same slice; the label of each is its run's name."""
+    import cv2
+
+    from Mytest import _label
+
+    def crop(hu: np.ndarray) -> np.ndarray:
+        y0, y1, x0, x1 = box
+        part = ctio.window_to_uint8(hu[y0:y1, x0:x1], window)
+        return cv2.resize(part, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+
+    panels = []
+    for k, out in enumerate(outs):
+        rows = {(r["patient"], r["slice_id"]): r for r in read_manifest(out)}
+        row = rows.get((patient, slice_id))
+        if row is None:
+            raise ctio.CTDataError(f"{out}: no slice {patient}:{slice_id} in its manifest")
+        if k == 0:
+            panels.append((crop(ctio.read_slice(row["ld_path"])[0]), "LDCT"))
+        label = Path(row.get("run") or out).name
+        panels.append((crop(np.load(out / row["pred_npy"])), label))
+        if k == len(outs) - 1:
+            panels.append((crop(ctio.read_slice(row["fd_path"])[0]), "full dose"))
+    tiles = []
+    for gray, text in panels:
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+        _label(rgb, text)
+        tiles += [rgb, np.full((rgb.shape[0], 3, 3), 128, np.uint8)]
+    return np.concatenate(tiles[:-1], axis=1)
 
 
 # --- Noise-only NPS with the simulator (--nps-sim) ----------------------------------------------
@@ -916,6 +967,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare", nargs="+", default=None, metavar="OUT",
                     help="instead of scoring: one table row per already evaluated folder "
                     "(their metrics.json), e.g. an ablation")
+    ap.add_argument("--figure", default=None, metavar="PNG",
+                    help="with --compare: also write a side-by-side crop of one slice (LDCT, "
+                    "each folder's output, full dose), see --zoom")
+    ap.add_argument("--zoom", default=None, metavar="PATIENT:SLICE:Y0:Y1:X0:X1",
+                    help="--figure's slice and pixel box, e.g. L506:160:200:328:150:278")
     ap.add_argument("--nps-sim", default=None, metavar="FD_PATH",
                     help="full-dose data: noise-only NPS of --run on two simulated low-dose "
                     "realisations per slice")
@@ -964,6 +1020,8 @@ def main(argv=None) -> int:
             print(compare([Path(o) for o in args.compare], name))
             print()
             print(ctio.protocol_text(name))
+        if args.figure:
+            write_zoom_figure(args)
         return 0
     if args.nps_sim:
         if not (math.isfinite(args.dose) and 0 < args.dose <= 1):
@@ -975,6 +1033,21 @@ def main(argv=None) -> int:
         print(nps_sim_table(report))
         return 0
     return score(args)
+
+
+def write_zoom_figure(args: argparse.Namespace) -> None:
+    """--compare --figure PNG --zoom PATIENT:SLICE:Y0:Y1:X0:X1."""
+    parts = (args.zoom or "").split(":")
+    try:
+        patient, slice_id, box = parts[0], parts[1], tuple(int(v) for v in parts[2:])
+        if len(box) != 4 or not (0 <= box[0] < box[1] and 0 <= box[2] < box[3]):
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ctio.CTDataError(f"--zoom {args.zoom!r}: want PATIENT:SLICE:Y0:Y1:X0:X1 with "
+                               "Y0 < Y1 and X0 < X1") from None
+    image = zoom_figure([Path(o) for o in args.compare], patient, slice_id, box)
+    ctio.write_png(args.figure, image)
+    print(f"figure: {args.figure}")
 
 
 def score(args: argparse.Namespace) -> int:

@@ -262,6 +262,43 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
         Myevaluation.main(["--compare", str(out), str(other)])
 
 
+def test_compare_texture_columns_and_zoom_figure(denoised, tmp_path, capsys):
+    """--compare shows each row's ROI noise and NPS mean frequency over full dose (from its
+    metrics.json), and --figure writes LDCT | each output | full dose cropped to --zoom."""
+    import shutil
+
+    import cv2
+
+    import Myevaluation
+
+    data, out = denoised
+    assert Myevaluation.main(["--pred", str(out)]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    report = json.loads((other / "metrics.json").read_text())  # slices too small for ROIs:
+    for method, std, freq in (("ldct", 30.0, 0.25), ("cncl", 18.0, 0.18), ("fd", 20.0, 0.2)):
+        report["overall"][method]["noise"] = {"noise_std": {"mean": std},  # give it figures
+                                              "nps_mean_freq": {"mean": freq}}
+    (other / "metrics.json").write_text(json.dumps(report))
+    want = [1.5, 1.25, 0.9, 0.9]  # LDCT and CNCL rows of the first folder over its FD
+    capsys.readouterr()
+    patient, slice_id = next(iter(SIZES)), None
+    with open(out / "manifest.csv") as f:
+        slice_id = next(r["slice_id"] for r in csv.DictReader(f) if r["patient"] == patient)
+    png = tmp_path / "zoom.png"
+    assert Myevaluation.main(["--compare", str(other), str(out), "--figure", str(png),
+                              "--zoom", f"{patient}:{slice_id}:4:20:8:40"]) == 0
+    rows = [[c.strip() for c in ln.strip("|").split("|")]
+            for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    got = [float(rows[1][7]), float(rows[1][8]), float(rows[2][7]), float(rows[2][8])]
+    assert got == pytest.approx(want, abs=0.006)
+    assert rows[3][7:9] == ["", ""]  # a folder without ROIs shows no texture figures
+    image = cv2.imread(str(png))
+    assert image.shape[0] == 16 * 3 and image.shape[1] == 4 * 32 * 3 + 3 * 3  # 4 panels, x3
+    res = run_eval_cli("--compare", out, "--figure", png, "--zoom", "P:1:9:2:0:5")
+    assert res.returncode == 2 and res.stderr.startswith("error: --zoom")
+
+
 def test_compare_needs_evaluated_folders(tmp_path):
     res = run_eval_cli("--compare", tmp_path)
     assert res.returncode == 2
