@@ -366,6 +366,15 @@ assert all(np.array_equal(a, b) for a, b in zip(i1, i2))
 print("STEP", max(float(np.abs(a - b).max()) for a, b in zip(w1, i1)))
 print("DIFF", max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)))
 print("LOGDIFF", max(abs(h1[k][0] - h2[k][0]) for k in h1))
+keras.mixed_precision.set_global_policy("mixed_float16")
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    gan = Mymodel.CNCLGAN(*Mymodel.build_models(Mymodel.model_config(
+        "small", base_filters=4, depth=2, disc_filters=4, norm="instance")))
+    try:
+        gan.compile(keras.optimizers.Adam(), keras.optimizers.Adam())
+        print("MIXED accepted")
+    except ValueError as e:
+        print("MIXED refused", "several replicas" in str(e))
 """
 
 
@@ -392,3 +401,24 @@ def test_two_replica_step_equals_single_device(tmp_path):
     assert float(vals["STEP"]) > 1e-3  # the step did move the weights
     assert float(vals["DIFF"]) < 1e-5 * max(1.0, float(vals["STEP"]))
     assert float(vals["LOGDIFF"]) < 1e-5
+    # mixed_float16 under several replicas: refused (LossScaleOptimizer decides per replica)
+    assert "MIXED refused True" in proc.stdout, proc.stdout
+
+
+def test_checkpoint_holds_only_the_two_optimizers(tmp_path):
+    """No unused default optimizer (RMSprop) in the training state: model.optimizer is G's."""
+    import h5py
+
+    gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+    gan.compile(_adam(), _adam())
+    gan(np.zeros((1, 16, 16, 1), np.float32))
+    assert gan.optimizer is gan.g_optimizer
+    path = tmp_path / "state.weights.h5"
+    gan.save_weights(path)
+    names = []
+    with h5py.File(path) as f:
+        f.visit(names.append)
+    tops = {n.split("/")[0] for n in names}
+    assert {"g_optimizer", "d_optimizer"} <= tops
+    assert not [t for t in tops if "optimizer" in t and t not in ("g_optimizer", "d_optimizer")]
+    assert not [n for n in names if "rmsprop" in n.lower()]
