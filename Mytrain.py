@@ -23,6 +23,7 @@ import atexit
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -669,7 +670,8 @@ def main(argv=None) -> int:
         print(kernels)
     print(f"data: {len(split.train)} training slices, {len(split.val)} validation slices; "
           f"{split.how}", flush=True)
-    print(f"model: preset {args.preset}, generator {generator.count_params():,} parameters; "
+    trainable = sum(math.prod(v.shape) for v in generator.trainable_variables)
+    print(f"model: preset {args.preset}, generator {trainable:,} trainable parameters; "
           f"run folder {out}", flush=True)
     try:
         callbacks = make_callbacks(out, write_dir, gan, state, val_ds, keras, tf,
