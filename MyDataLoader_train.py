@@ -397,7 +397,7 @@ def make_val_dataset(records, *, multiple: int, replicas: int = 1,
 
 def main(argv=None) -> int:
     ap = ctio.ArgumentParser(description="Check a dataset for training (Mytrain.py).",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=ctio.HelpFormatter)
     ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s)")
     ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
                     help="override layout auto-detection")

@@ -805,15 +805,8 @@ scaled for the pixel size so the noise level is like the real Mayo quarter-dose 
 
 
 # --- Command line -------------------------------------------------------------------------------
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors become one CTDataError line (run_cli prints it, exit 2)."""
-
-    def error(self, message):
-        raise ctio.CTDataError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _ArgumentParser(
+    ap = ctio.ArgumentParser(
         description="Simulate low-dose CT from full-dose slices (projection-domain noise "
                     "insertion), or generate the procedural demo dataset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

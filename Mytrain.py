@@ -82,7 +82,7 @@ TRAIN_PRECISIONS = ("float32", "bfloat16", "float16")  # --precision (ctio.PRECI
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ctio.ArgumentParser(
         description="Train CNCL on paired (or simulated) low-dose / full-dose CT.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=ctio.HelpFormatter)
     ap.add_argument("--data", nargs="+", default=None,
                     help="dataset folder(s), any layout the loaders read; default: the built-in "
                          f"demo data in {DEMO_DIR.relative_to(REPO)} (created if absent)")
