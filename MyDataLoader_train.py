@@ -19,7 +19,6 @@ As a script it checks a dataset before training::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
