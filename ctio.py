@@ -135,6 +135,7 @@ def denormalize(x):
 
 def set_seed(seed: int) -> None:
     """Seed Python's ``random``, NumPy and TensorFlow in one call."""
+    import_tensorflow()  # quietly, before keras loads it
     import keras
 
     keras.utils.set_random_seed(int(seed))
@@ -1060,11 +1061,12 @@ def auto_precision(features: Optional[frozenset[str]] = None) -> tuple[str, str]
 def set_precision(precision: str) -> str:
     """Set the Keras global dtype policy of ``precision`` (:data:`PRECISION_POLICIES`) for models
     built from now on; returns the previous policy name."""
-    import keras
-
     if precision not in PRECISION_POLICIES:
         raise CTDataError(f"unknown precision '{precision}' (choose from: "
                           f"{', '.join(PRECISION_POLICIES)})")
+    import_tensorflow()  # quietly: a bare "import keras" loads TF with its stderr chatter
+    import keras
+
     previous = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
     return previous
@@ -1074,9 +1076,9 @@ def set_precision(precision: str) -> str:
 def precision_policy(precision: str) -> Iterator[None]:
     """Build models in ``precision`` inside the block (layers keep the policy they were built
     with); the previous global policy is restored on exit."""
+    previous = set_precision(precision)  # imports TF quietly first
     import keras
 
-    previous = set_precision(precision)
     try:
         yield
     finally:
