@@ -50,13 +50,13 @@ import ctio
 
 REPO = Path(__file__).resolve().parent
 PRESETS = ("paper", "small")  # Mymodel.PRESETS, named here to validate before importing TF
-SECTIONS = ("matmul", "train", "infer", "data", "memory")
+SECTIONS = ("matmul", "train", "infer", "data", "memory", "eval")
 PRECISION_ROWS = ("auto", "all", "float32")  # --precision-rows
 SLICE = 512  # whole-slice size of the Mayo data
 PATCH = 64  # training patch size (MyDataLoader_train.PATCH_SIZE)
 TRAIN_BATCH = 16  # Mytrain.py's default batch
 REQUIRED_KEYS = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
-                 "infer_mfu", "loader_ratio", "mem_ratio")
+                 "infer_mfu", "loader_ratio", "mem_ratio", "eval_slices_per_s")
 BF16_KEYS = ("matmul_gflops_bf16", "train_patches_per_s_bf16", "train_mfu_bf16",
              "train_bf16_speedup", "infer_slices_per_s_bf16", "infer_mfu_bf16",
              "infer_bf16_speedup")  # None when the bfloat16 rows are skipped
@@ -606,6 +606,57 @@ def peak_rss_of(cmd: list[str], env: dict, timeout: float) -> dict:
             "seconds": r["seconds"], "exit_code": r["code"], "stderr_tail": tail[0][:300]}
 
 
+def untrained_run(run: Path) -> Path:
+    """A run folder with an untrained ``small`` generator (speed and memory do not depend on the
+    weights)."""
+    import Mymodel
+
+    run.mkdir(parents=True)
+    cfg = Mymodel.model_config("small")
+    (run / "config.json").write_text(json.dumps({"model": cfg}))
+    gen, _ = Mymodel.build_models(cfg)
+    gen.save_weights(str(run / "generator_latest.weights.h5"))
+    return run
+
+
+def bench_eval(n: int, shape: tuple[int, int], timeout: float) -> dict:
+    """``Myevaluation.py --pred`` on ``n`` paired slices (RED-CNN .npy: phantom full dose plus
+    25 HU noise; predictions of an untrained generator by Mytest.py). ``slices_per_s`` is the
+    scoring rate the command reports (every protocol and the noise texture; its one XLA compile
+    per slice size included); ``command_s`` the whole command with its start-up."""
+    import re
+
+    import Mysimulate
+
+    work = Path(tempfile.mkdtemp(prefix="cncl_bench_eval_"))
+    try:
+        rng = np.random.default_rng(0)
+        (work / "data").mkdir()
+        for i in range(n):
+            fd = Mysimulate.ellipse_phantom(shape, rng)
+            ctio.write_npy_redcnn(work / "data" / f"B001_{i}_target.npy", fd)
+            ctio.write_npy_redcnn(work / "data" / f"B001_{i}_input.npy",
+                                  fd + rng.normal(0, 25, shape))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        run = untrained_run(work / "run")
+        subprocess.run([sys.executable, str(REPO / "Mytest.py"), "--data", str(work / "data"),
+                        "--run", str(run), "--out", str(work / "out"), "--no-figures"],
+                       check=True, capture_output=True, env=env, timeout=timeout)
+        start = time.perf_counter()
+        r = subprocess.run([sys.executable, str(REPO / "Myevaluation.py"), "--pred",
+                            str(work / "out")], capture_output=True, text=True, env=env,
+                           timeout=timeout)
+        seconds = time.perf_counter() - start
+        m = re.search(r"scored (\d+) slices in ([\d.]+) s", r.stdout)
+        if r.returncode != 0 or not m or int(m[1]) != n:
+            return {"status": "pending", "reason": f"Myevaluation.py exit {r.returncode}: "
+                                                   f"{r.stderr.strip()[-200:]}"}
+        return {"status": "ok", "slices": n, "shape": list(shape), "command_s": seconds,
+                "scoring_s": float(m[2]), "slices_per_s": n / float(m[2]), "load_after": load()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def bench_memory(counts: tuple[int, int], shape: tuple[int, int], batch: int,
                  timeout: float) -> dict:
     """Peak RSS of Mytest.py denoising a small and a large generated DICOM folder."""
@@ -616,16 +667,9 @@ def bench_memory(counts: tuple[int, int], shape: tuple[int, int], batch: int,
                            "/proc/PID/status VmHWM)", "load_before": load()}
     if not mytest.is_file():
         return {**out, "status": "pending", "reason": "Mytest.py not found"}
-    import Mymodel
-
     work = Path(tempfile.mkdtemp(prefix="cncl_bench_mem_"))
     try:
-        run = work / "run"
-        run.mkdir()
-        cfg = Mymodel.model_config("small")
-        (run / "config.json").write_text(json.dumps({"model": cfg}))
-        gen, _ = Mymodel.build_models(cfg)
-        gen.save_weights(str(run / "generator_latest.weights.h5"))
+        run = untrained_run(work / "run")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         for n in counts:
             data = write_dicom_series(work / f"data{n}", n, shape, seed=n)
@@ -819,6 +863,12 @@ def print_table(res: dict) -> None:
         else:
             rows.append(("memory", "PENDING: " + mem.get("reason", "")[:60], "-", "", "", "", "",
                          ""))
+    ev = res.get("eval")
+    if ev and ev.get("status") == "ok":
+        add("eval", f"Myevaluation {ev['slices']} x {ev['shape'][0]}^2 (3 methods, "
+            "4 protocols, texture)", ev["slices_per_s"], "slices/s", med=ev["command_s"])
+    elif ev:
+        rows.append(("eval", "PENDING: " + ev.get("reason", "")[:60], "-", "", "", "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) if j < 2 or j == 3 else c.rjust(w)
@@ -1016,6 +1066,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         say(f"memory: Mytest.py on {counts[0]} and {counts[1]} generated slices ...")
         res["memory"] = bench_memory(counts, shape, 4, timeout=900)
         res["mem_ratio"] = res["memory"].get("mem_ratio")
+
+    if "eval" in args.sections:
+        n, shape = (4, (128, 128)) if quick else (60, (SLICE, SLICE))
+        say(f"evaluation: Myevaluation.py on {n} slices of {shape[0]}^2 ...")
+        res["eval"] = bench_eval(n, shape, timeout=900)
+        res["eval_slices_per_s"] = res["eval"].get("slices_per_s")
 
     res["machine"]["load_end"] = list(np.round(os.getloadavg(), 2))
     print_table(res)

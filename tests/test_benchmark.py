@@ -16,7 +16,7 @@ import ctio
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
-            "infer_mfu", "loader_ratio", "mem_ratio")
+            "infer_mfu", "loader_ratio", "mem_ratio", "eval_slices_per_s")
 
 
 def _run(*args, timeout=900):
