@@ -476,9 +476,8 @@ def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, ker
 
         def on_epoch_end(self, epoch, logs=None):
             out = gan(self.ld, training=False)
-            lo, hi = ctio.EVAL_WINDOW
-            win = [(ctio.denormalize(x) - lo) / (hi - lo) for x in (self.ld, out, self.fd)]
-            panel = tf.clip_by_value(tf.concat(win, axis=2), 0.0, 1.0)
+            panel = tf.concat([ctio.window01(ctio.denormalize(x)) for x in (self.ld, out, self.fd)],
+                              axis=2)
             with self.writer.as_default():
                 tf.summary.image("LD | CNCL | FD", panel, step=epoch + 1, max_outputs=2)
 

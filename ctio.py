@@ -725,10 +725,20 @@ def atomic_dir(path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def window01(hu, window=EVAL_WINDOW):
+    """Map the HU window linearly to [0, 1], values outside clipped (numpy or tf): the one display
+    windowing of PNGs, figures and TensorBoard panels."""
+    lo, hi = window
+    if isinstance(hu, np.ndarray) or np.isscalar(hu):
+        return (np.clip(hu, lo, hi) - lo) / (hi - lo)
+    import tensorflow as tf
+
+    return (tf.clip_by_value(hu, lo, hi) - lo) / (hi - lo)
+
+
 def window_to_uint8(hu: np.ndarray, window=EVAL_WINDOW) -> np.ndarray:
     """Map the HU window linearly to 0..255 (values outside are clipped)."""
-    lo, hi = window
-    return np.round((np.clip(hu, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    return np.round(window01(hu, window) * 255.0).astype(np.uint8)
 
 
 def write_png(path, image: np.ndarray) -> None:

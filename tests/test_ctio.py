@@ -742,3 +742,14 @@ def test_read_json_missing_corrupt_and_good(tmp_path):
         ctio.read_json(path, "unused")
     path.write_text('{"model": {"depth": 4}}')
     assert ctio.read_json(path, "unused") == {"model": {"depth": 4}}
+
+
+def test_window01_is_one_windowing_for_numpy_tf_and_png():
+    import tensorflow as tf
+
+    hu = np.array([-1000.0, -160.0, 40.0, 240.0, 1000.0])
+    want = np.array([0.0, 0.0, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(ctio.window01(hu), want)
+    np.testing.assert_allclose(ctio.window01(tf.constant(hu)).numpy(), want)
+    assert list(ctio.window_to_uint8(hu)) == [0, 0, 128, 255, 255]
+    np.testing.assert_allclose(ctio.window01(hu, (-1000, 1000)), [0, 0.42, 0.52, 0.62, 1])
