@@ -62,3 +62,33 @@ def write_mayo_tree(root: Path, patients=("P01", "P02"), slices: int = 3, size: 
 def mayo_tree(tmp_path) -> Path:
     """Two patients x three 64x64 QD/FD DICOM pairs."""
     return write_mayo_tree(tmp_path / "mayo")
+
+
+def make_run(run: Path, base: int = 8, depth: int = 3, model: dict = None,
+             weights: str = "best") -> Path:
+    """A run folder as Mytrain.py writes it: config.json (``model``, default the small preset at
+    ``base``/``depth``) and untrained (identity) generator weights of ``base``/``depth`` in
+    ``generator_<weights>.weights.h5``."""
+    import json
+
+    import ctio
+
+    ctio.import_tensorflow()
+    import Mymodel
+
+    run.mkdir(parents=True)
+    model = model or Mymodel.model_config("small", base_filters=base, depth=depth,
+                                          disc_filters=8)
+    (run / "config.json").write_text(json.dumps(
+        {"model": model, "normalization": {"hu_min": ctio.HU_MIN, "hu_max": ctio.HU_MAX}}))
+    Mymodel.build_generator(base, depth, "batch").save_weights(
+        str(run / f"generator_{weights}.weights.h5"))
+    return run
+
+
+def history_epochs(run: Path) -> list[int]:
+    """The epoch column of RUN/history.csv."""
+    import csv
+
+    with open(run / "history.csv", newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import history_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "3",
@@ -88,11 +89,6 @@ def start_workers(tmp: Path, outs: list, extra: list, tag: str, configs: list):
         procs.append(start([sys.executable, REPO / "Mytrain.py", "--out", out, *extra], logs[-1],
                            TF_CONFIG=cfg, TMPDIR=str(tmpdir)))
     return procs, logs
-
-
-def history_epochs(run: Path) -> list[int]:
-    with open(run / "history.csv") as f:
-        return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
 # --- (1) Two workers: train, be interrupted, restart with the same command ------------------

@@ -15,24 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_run
 
 import ctio
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_run(root: Path) -> Path:
-    """A run folder as Mytrain.py writes it, with untrained (identity) generator weights."""
-    ctio.import_tensorflow()
-    import Mymodel
-
-    run = root / "tiny"
-    run.mkdir(parents=True)
-    cfg = {"model": Mymodel.model_config("small", base_filters=8, depth=3, disc_filters=8),
-           "normalization": {"hu_min": -1024, "hu_max": 3072}}
-    (run / "config.json").write_text(json.dumps(cfg))
-    Mymodel.build_generator(8, 3, "batch").save_weights(str(run / "generator_best.weights.h5"))
-    return run
 
 
 def write_npy_pairs(root: Path, sizes: dict, with_fd: bool = True, seed: int = 0) -> Path:
@@ -59,7 +46,7 @@ SIZES = {"A": ((64, 48), 3), "B": ((40, 56), 2)}
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("runs"))
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 @pytest.fixture(scope="module")

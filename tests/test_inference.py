@@ -6,7 +6,6 @@ normalisation and every writer without a trained model.
 """
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -14,28 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_run
 
 import ctio
 import Mysimulate
 
 REPO = Path(__file__).resolve().parents[1]
 BASE, DEPTH = 8, 3  # tiny generator; depth 3 -> slices are padded to multiples of 8
-
-
-def make_run(root: Path, base: int = BASE, depth: int = DEPTH) -> Path:
-    """A run folder as Mytrain.py writes it, with untrained (identity) generator weights."""
-    ctio.import_tensorflow()
-    import Mymodel
-
-    run = root / "tiny"
-    run.mkdir(parents=True)
-    cfg = {"model": Mymodel.model_config("small", base_filters=base, depth=depth,
-                                         disc_filters=8),
-           "normalization": {"hu_min": -1024, "hu_max": 3072}}
-    (run / "config.json").write_text(json.dumps(cfg))
-    Mymodel.build_generator(base, depth, "batch").save_weights(
-        str(run / "generator_best.weights.h5"))
-    return run
 
 
 def phantom(shape, rng) -> np.ndarray:
@@ -92,7 +76,7 @@ def run_cli(*args, timeout=180):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("runs"))
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +205,7 @@ def test_tiling_and_padding_match_input(tiny_run):
 def test_mismatched_weights_are_one_ctdataerror(tiny_run, tmp_path):
     import Mytest
 
-    other = make_run(tmp_path, base=4, depth=DEPTH)
+    other = make_run(tmp_path / "tiny", base=4, depth=DEPTH)
     with pytest.raises(ctio.CTDataError, match="cannot load generator weights") as e:
         Mytest.load_generator(Mytest.read_run_config(tiny_run),
                               other / "generator_best.weights.h5")

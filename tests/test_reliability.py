@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, write_mayo_tree
+from conftest import REPO, history_epochs, make_run, write_mayo_tree
 
 import ctio
 
@@ -189,26 +189,10 @@ def manifest_rows(out: Path) -> list[dict]:
 
 
 # --- Run folders --------------------------------------------------------------------------------
-def make_run(run: Path, base: int = BASE, depth: int = DEPTH, model: dict = None) -> Path:
-    """A run folder as Mytrain.py writes it, with untrained weights of base/depth and a config
-    that says ``model`` (default: the same base/depth)."""
-    ctio.import_tensorflow()
-    import Mymodel
-
-    run.mkdir(parents=True)
-    model = model or Mymodel.model_config("small", base_filters=base, depth=depth,
-                                          disc_filters=8)
-    (run / "config.json").write_text(json.dumps(
-        {"model": model, "normalization": {"hu_min": ctio.HU_MIN, "hu_max": ctio.HU_MAX}}))
-    Mymodel.build_generator(base, depth, "batch").save_weights(
-        str(run / "generator_latest.weights.h5"))
-    return run
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """Inference run folder (untrained generator, base 8, depth 3)."""
-    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny", weights="latest")
 
 
 def fake_prediction(pred: Path, data: Path) -> Path:
@@ -611,7 +595,7 @@ def _test_other_width(root: Path, run: Path) -> Case:
 
     data, small = _good(root), Mymodel.model_config("small")
     other = make_run(root / "run", base=2 * small["base_filters"],
-                     depth=2 if small["depth"] != 2 else 3, model=small)
+                     depth=2 if small["depth"] != 2 else 3, model=small, weights="latest")
     return Case("Mytest.py", ["--data", data, "--run", other, "--out", root / "out"],
                 (str(other / "generator_latest.weights.h5"), "cannot load generator weights",
                  f"base_filters={small['base_filters']}"), [data, other], root / "out")
@@ -658,11 +642,6 @@ def test_fails_cleanly_with_tensorflow(case, tf_jobs):
 
 
 # --- kill -9 of training; spaces, non-ASCII and one slice end to end ----------------------------
-def history_epochs(run: Path) -> list[int]:
-    with open(run / "history.csv", newline="") as f:
-        return [int(r["epoch"]) for r in csv.DictReader(f)]
-
-
 def weights_problems(run: Path) -> dict:
     """{checkpoint: why} for every *.weights.h5 (not a temporary) h5py cannot read."""
     return {str(p): why for p in run.rglob("*.weights.h5")

@@ -7,7 +7,7 @@ import sys
 
 import h5py
 import pytest
-from conftest import REPO, write_mayo_tree
+from conftest import REPO, history_epochs, write_mayo_tree
 
 TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
         "--val-slices", "1", "--verbose", "2"]
@@ -16,11 +16,6 @@ TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch
 def train(*args, timeout=300):
     return subprocess.run([sys.executable, str(REPO / "Mytrain.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def history_epochs(run):
-    with open(run / "history.csv") as f:
-        return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
 def one_clean_error(proc, *needles):
