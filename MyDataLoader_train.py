@@ -179,6 +179,18 @@ class SliceCache:
                           ctio.HU_MIN, ctio.HU_MAX])
         return self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
 
+    def fill(self, records, workers: Optional[int] = None) -> int:
+        """Decode every record not cached yet, in parallel threads, before training starts: a
+        broken file fails here as one CTDataError, never inside the tf.data pipeline (where a
+        failing Python call can deadlock TF's iterator teardown). Returns how many were new."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [r for r in records if not self.path(r).is_file()]
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for _ in pool.map(self.load, todo):  # re-raises the first error
+                pass
+        return len(todo)
+
     def load(self, rec) -> tuple[np.ndarray, np.ndarray]:
         """``(ld, fd)`` ``[H, W, 1]`` float32, from the cache or decoded (and then cached)."""
         path = self.path(rec)
@@ -194,15 +206,21 @@ class SliceCache:
 
 
 def epoch_order(n: int, seed: int):
-    """Endless slice indices: every pass over the data is a new random permutation of all ``n``
-    slices (a shuffle over the whole set, not a window of file order; indices are cheap)."""
+    """Slice indices of one pass: a random permutation of all ``n`` slices, a new one each time
+    the dataset is iterated again (a shuffle over the whole set, not a window of file order;
+    indices are cheap)."""
     import tensorflow as tf
 
-    return tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    return tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
 
 
 def _cached_slices(records, cache: SliceCache, seed: int, tf):
-    """Endless ``(ld, fd)`` slices in :func:`epoch_order`, read through ``cache``."""
+    """Endless ``(ld, fd)`` slices, pass after pass in :func:`epoch_order`, read through ``cache``.
+
+    The parallel map runs on one finite pass and the pass is repeated after it: on an infinite
+    input a failing read would leave the map with Python calls in flight, and TF's iterator
+    destructor then waits for them while the main thread holds the GIL (a deadlock, seen when a
+    truncated DICOM stopped training)."""
 
     def read(i):
         return cache.load(records[int(i)])
@@ -213,7 +231,8 @@ def _cached_slices(records, cache: SliceCache, seed: int, tf):
         fd.set_shape([None, None, 1])
         return ld, fd
 
-    return epoch_order(len(records), seed).map(tf_read, num_parallel_calls=tf.data.AUTOTUNE)
+    return (epoch_order(len(records), seed)
+            .map(tf_read, num_parallel_calls=tf.data.AUTOTUNE).repeat())
 
 
 def _decoded_slices(records, simulate_dose, seed, tf, order=None):
@@ -329,7 +348,9 @@ def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
 
         cache_dir = tempfile.mkdtemp(prefix="cncl-slices-")
         atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
-    ds = _cached_slices(records, SliceCache(cache_dir, simulate_dose, seed), seed, tf)
+    cache = SliceCache(cache_dir, simulate_dose, seed)
+    cache.fill(records)
+    ds = _cached_slices(records, cache, seed, tf)
     if patch:
         ds = ds.map(lambda a, b: random_patches(a, b, patch, patches_per_slice, skip_air),
                     num_parallel_calls=tf.data.AUTOTUNE)

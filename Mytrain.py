@@ -597,21 +597,6 @@ def main(argv=None) -> int:
     write_dir.mkdir(parents=True, exist_ok=True)
     if not is_chief:  # also when main() fails before fit
         atexit.register(shutil.rmtree, write_dir, ignore_errors=True)
-    train_ds = loader.make_train_dataset(
-        split.train, patch=args.patch, batch=args.batch,
-        patches_per_slice=args.patches_per_slice, simulate_dose=args.simulate_dose,
-        seed=args.seed, augment_data=args.augment, skip_air=not args.keep_air,
-        multiple=multiple, cache_dir=getattr(args, "cache_dir", None) or write_dir / "cache")
-    val_ds = None
-    if split.val:  # one whole slice per replica and step, never an empty batch
-        val_ds = loader.make_val_dataset(split.val, multiple=multiple,
-                                         replicas=strategy.num_replicas_in_sync,
-                                         simulate_dose=args.simulate_dose, seed=args.seed)
-    if n_workers > 1:
-        train_ds = shard_by_data(train_ds, tf)
-        if val_ds is not None:
-            val_ds = shard_by_data(val_ds, tf)
-
     total_steps = args.epochs * args.steps_per_epoch
     with strategy.scope():
         generator, discriminator = Mymodel.build_models(model_cfg)
@@ -662,6 +647,29 @@ def main(argv=None) -> int:
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         }
         write_json(out / "config.json", config)
+
+    # After the model and any --resume state: a failed restore writes nothing (no cache).
+    cache_dir = getattr(args, "cache_dir", None) or write_dir / "cache"
+    print(f"slice cache: {cache_dir} (decoding what is not there yet)", flush=True)
+    try:  # decodes every training slice first: a broken file stops here, in one line
+        train_ds = loader.make_train_dataset(
+            split.train, patch=args.patch, batch=args.batch,
+            patches_per_slice=args.patches_per_slice, simulate_dose=args.simulate_dose,
+            seed=args.seed, augment_data=args.augment, skip_air=not args.keep_air,
+            multiple=multiple, cache_dir=cache_dir)
+    except BaseException:
+        if is_chief and not args.resume and not restart:
+            discard_unstarted_run(out)
+        raise
+    val_ds = None
+    if split.val:  # one whole slice per replica and step, never an empty batch
+        val_ds = loader.make_val_dataset(split.val, multiple=multiple,
+                                         replicas=strategy.num_replicas_in_sync,
+                                         simulate_dose=args.simulate_dose, seed=args.seed)
+    if n_workers > 1:
+        train_ds = shard_by_data(train_ds, tf)
+        if val_ds is not None:
+            val_ds = shard_by_data(val_ds, tf)
 
     if note:
         print(note)

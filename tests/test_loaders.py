@@ -565,7 +565,7 @@ def test_slice_cache_is_never_half_written(tmp_path, monkeypatch):
 
 def test_every_pass_visits_all_slices_in_a_new_order(tf):
     n = 50
-    order = [int(i) for i in train_loader.epoch_order(n, seed=0).take(3 * n)]
+    order = [int(i) for i in train_loader.epoch_order(n, seed=0).repeat().take(3 * n)]
     passes = [order[k * n:(k + 1) * n] for k in range(3)]
     for p in passes:
         assert sorted(p) == list(range(n)), "a pass must see every slice once"
