@@ -42,13 +42,13 @@ import argparse
 import csv
 import json
 import math
-import re
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 import ctio
+import ctrun
 
 METHODS = ("ldct", "gaussian", "cncl")  # scored against the full-dose reference
 NOISE_METHODS = (*METHODS, "fd")  # noise texture is measured on the reference too
@@ -78,24 +78,14 @@ def method_label(method: str, sigma: float) -> str:
 
 # --- Inputs (no TensorFlow) ---------------------------------------------------------------------
 def read_manifest(out: Path) -> list[dict]:
-    path = out / "manifest.csv"
+    """The rows of OUT/manifest.csv (ctrun.read_manifest), which must list slices."""
     if not out.is_dir():
         raise ctio.CTDataError(f"{out}: no such folder (give the --out folder of Mytest.py)")
-    if not path.is_file():
-        raise ctio.CTDataError(f"no manifest.csv in {out}; run Mytest.py first")
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            need = {"patient", "slice_id", "ld_path", "fd_path", "pred_npy"}
-            missing = need - set(reader.fieldnames or ())
-            if missing:
-                raise ctio.CTDataError(f"{path}: not a Mytest.py manifest (missing columns "
-                                       f"{', '.join(sorted(missing))})")
-            rows = [dict(r) for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ctio.CTDataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not (out / ctrun.MANIFEST).is_file():
+        raise ctio.CTDataError(f"no {ctrun.MANIFEST} in {out}; run Mytest.py first")
+    rows = ctrun.read_manifest(out)
     if not rows:
-        raise ctio.CTDataError(f"{path}: lists no slices; run Mytest.py first")
+        raise ctio.CTDataError(f"{out / ctrun.MANIFEST}: lists no slices; run Mytest.py first")
     return rows
 
 
@@ -755,32 +745,6 @@ def _scored_slices(out: Path) -> list[tuple[str, str]]:
         raise ctio.CTDataError(f"{out / 'metrics.csv'}: unreadable ({e})") from None
 
 
-def run_training_summary(run_dir: Optional[str], weights: Optional[str] = None) -> dict:
-    """Epochs, steps and training minutes behind the weights of a Mytrain.py run folder.
-
-    The epoch of a ``--snapshot-every`` snapshot (``generator_epochNNNN.weights.h5``), the best
-    validation epoch for ``generator_best``, else the last epoch of ``history.csv``; empty if
-    the run cannot be read."""
-    if not run_dir:
-        return {}
-    run = Path(run_dir)
-    snap = re.search(r"generator_epoch(\d+)\.weights\.h5$", weights or "")
-    try:
-        train = json.loads((run / "config.json").read_text()).get("train", {})
-        with open(run / "history.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        epoch = int(snap.group(1)) if snap else int(rows[-1]["epoch"])
-        if (weights or "").endswith("generator_best.weights.h5"):  # selected on validation
-            epoch = int(json.loads((run / "state" / "state.json").read_text())
-                        .get("best_epoch", epoch))
-        row = next(r for r in rows if int(r["epoch"]) == epoch)
-        return {"epochs": int(row["epoch"]), "minutes": float(row["minutes"]),
-                "steps": int(row["epoch"]) * int(train["steps_per_epoch"]),
-                "snapshot": bool(snap)}
-    except (OSError, ValueError, KeyError, IndexError, TypeError, StopIteration):
-        return {}
-
-
 def compare(outs: list[Path], protocol: str = ctio.DEFAULT_PROTOCOL) -> str:
     """Markdown table: LDCT input once, then the CNCL result of every folder in ``outs`` (a
     folder's ``metrics.json`` may be given for the folder), with bootstrap intervals."""
@@ -801,7 +765,7 @@ def compare(outs: list[Path], protocol: str = ctio.DEFAULT_PROTOCOL) -> str:
     for o, rep in zip(outs, reports):
         w = rep["overall"]["cncl"][protocol]
         runs, weights = rep.get("runs") or [], rep.get("weights") or []
-        tr = run_training_summary(runs[0] if len(runs) == 1 else None,
+        tr = ctrun.training_summary(runs[0] if len(runs) == 1 else None,
                                   weights[0] if len(weights) == 1 else None)
         name = Path(runs[0]).name if len(runs) == 1 else str(o)
         if tr:
@@ -838,8 +802,6 @@ def zoom_figure(outs: list[Path], patient: str, slice_id: str, box: tuple[int, i
     Folders are Mytest.py outputs of the same slice; the label of each is its run's name."""
     import cv2
 
-    from Mytest import _label
-
     def crop(hu: np.ndarray) -> np.ndarray:
         y0, y1, x0, x1 = box
         part = ctio.window_to_uint8(hu[y0:y1, x0:x1], window)
@@ -860,7 +822,7 @@ def zoom_figure(outs: list[Path], patient: str, slice_id: str, box: tuple[int, i
     tiles = []
     for gray, text in panels:
         rgb = np.repeat(gray[..., None], 3, axis=2)
-        _label(rgb, text)
+        ctio.label_panel(rgb, text)
         tiles += [rgb, np.full((rgb.shape[0], 3, 3), 128, np.uint8)]
     return np.concatenate(tiles[:-1], axis=1)
 
@@ -897,11 +859,11 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     records = [r for r in ds.records if r.fd_path][:max_slices]
     if not records:
         raise ctio.CTDataError(f"{fd_path}: no full-dose slices found")
-    run_dir = Path(run) if run else Mytest.find_latest_run()
+    run_dir = Path(run) if run else ctrun.find_latest_run()
     if not run_dir.is_dir():
         raise ctio.CTDataError(f"{run_dir}: run folder not found")
-    model = Mytest.read_run_config(run_dir)
-    weights = Mytest.default_weights(run_dir)
+    model = ctrun.read_run_config(run_dir)["model"]
+    weights = ctrun.generator_weights(run_dir, "best")
     out_dir = Path(out) if out else run_dir / "nps_sim"
     denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
     acc = NoiseAccumulator()

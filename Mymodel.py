@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from ctrun import ARCH, NORMS, PRESETS, model_config, saved_model_config  # config.json's owner
 from Myevaluation import hu_metrics  # the project's one metric implementation
 
 __all__ = [
@@ -42,81 +43,6 @@ __all__ = [
     "ARCH",
     "BilinearUpsample2x",
 ]
-
-NORMS = ("batch", "instance", "none")
-
-# Model-size presets.
-#
-# ``paper`` is the architecture of the official CNCL code: two U-Nets of ~21.9M
-# parameters each, 43.9M for the generator (+2.8M for the PatchGAN).
-#
-# ``small`` is sized for a 2-core CPU. Measured full GAN ``train_step`` (G and D updates,
-# LSGAN + L1, Adam, float32, tf.function without XLA), batch 16 of 64x64 patches, TF 2.21,
-# 2 cores, median of 10 steps after warm-up, machine nearly idle (load ~2):
-#   base  8 / depth 3 / disc 16: G 0.17M params, 0.30 s/step (0.55 CPU-s)
-#   base  8 / depth 4 / disc 16: G 0.69M params, 0.37 s/step (0.69 CPU-s)  <- small
-#   base 16 / depth 3 / disc 16: G 0.69M params, 0.46 s/step (0.87 CPU-s)
-#   base 16 / depth 4 / disc 16: G 2.76M params, ~1.0 s/step (1.1 CPU-s)
-# No candidate with base >= 8 reaches 0.15 s/step on this CPU (XLA on CPU did not help).
-# base 8 / depth 4 costs ~20% more than depth 3 but has 4x the parameters and one more 2x
-# down-sampling (larger receptive field; CT noise is spatially correlated), and is 20% faster
-# than base 16 / depth 3 with the same parameter count.
-# Version of the network definition. 2 = the official CNCL code layer for layer (linear finest
-# decoder level, bilinear up-sampling with aligned corners, [up, skip] concatenation, PatchGAN
-# with affine-free instance norm and the official asymmetric padding before a bias-free last conv).
-# Weights of version 1 (before 2026-12) have other shapes and are refused, not loaded wrongly.
-ARCH = 2
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"base_filters": 64, "depth": 4, "norm": "batch", "disc_filters": 64},
-    "small": {"base_filters": 8, "depth": 4, "norm": "batch", "disc_filters": 16},
-}
-
-
-def model_config(preset: str, **overrides: Any) -> dict[str, Any]:
-    """Return the JSON-serialisable model configuration of a preset.
-
-    Args:
-        preset: Name of a preset in :data:`PRESETS` (``"paper"`` or ``"small"``).
-        **overrides: Replacement values for ``base_filters``, ``depth``, ``norm``
-            or ``disc_filters``. ``None`` values are ignored, so command-line
-            options that default to ``None`` can be passed straight through.
-
-    Returns:
-        ``{"preset", "arch", "base_filters", "depth", "norm", "disc_filters"}``.
-
-    Raises:
-        ValueError: unknown preset, unknown override key, invalid value, or a saved
-            configuration of another network version (``arch``; missing = version 1).
-    """
-    arch = overrides.pop("arch", ARCH)
-    if arch != ARCH:
-        raise ValueError(
-            f"the model was made by an older version of this tool (network version {arch}); "
-            f"its weights do not fit the current network (version {ARCH}, the official CNCL "
-            "layer for layer): train it again"
-        )
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset '{preset}' (choose from: {', '.join(PRESETS)})")
-    cfg: dict[str, Any] = {"preset": preset, "arch": ARCH, **PRESETS[preset]}
-    for key, value in overrides.items():
-        if key not in PRESETS[preset]:
-            raise ValueError(
-                f"unknown model option '{key}' (choose from: {', '.join(PRESETS[preset])})"
-            )
-        if value is not None:
-            cfg[key] = value
-    for key in ("base_filters", "depth", "disc_filters"):
-        cfg[key] = int(cfg[key])
-        if cfg[key] < 1:
-            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["base_filters"] < 2:
-        raise ValueError("base_filters must be >= 2 (the last decoder conv has base//2)")
-    cfg["norm"] = str(cfg["norm"])
-    if cfg["norm"] not in NORMS:
-        raise ValueError(f"unknown norm '{cfg['norm']}' (choose from: {', '.join(NORMS)})")
-    return cfg
-
 
 # --------------------------------------------------------------------------------------
 # Initialisers
@@ -227,18 +153,6 @@ def _conv_norm_relu(x: keras.KerasTensor, filters: int, norm: str, name: str) ->
     return layers.ReLU(name=f"{name}_relu")(x)  # (B, H, W, filters)
 
 
-def saved_model_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """:func:`model_config` of a run's saved ``config.json`` model section.
-
-    A section without ``arch`` was written before network versions existed (version 1).
-
-    Raises:
-        ValueError: as :func:`model_config`, e.g. for a version-1 model.
-    """
-    saved = dict(saved)
-    return model_config(saved.pop("preset", "small"), **{"arch": 1, **saved})
-
-
 # --------------------------------------------------------------------------------------
 # Up-sampling
 # --------------------------------------------------------------------------------------
@@ -305,7 +219,8 @@ def build_unet(
     ``3x3 conv(base*2^i) -> norm -> ReLU -> 3x3 conv(base*2^(i-1)) -> norm -> ReLU``; the
     finest level ``i = 0`` is linear: ``3x3 conv(base/2)`` then the ``3x3 conv(1)`` head
     (no norm, no ReLU). With ``base=64, depth=4``: 21,912,513 trainable parameters, as the
-    official branch.
+    official branch. One function on purpose: it reads top to bottom as the official layer
+    table that tests/test_model.py compares layer by layer.
 
     Args:
         base_filters: Channels of the first encoder level.

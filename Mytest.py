@@ -29,21 +29,20 @@ with a made-up header, whose invented geometry would be wrong in a viewer.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 import ctio
+import ctrun
 from MyDataLoader_test import TestSlice, load_test_dataset, read_record
 
 REPO = Path(__file__).resolve().parent
-RUNS_DIR = REPO / "runs"
 DEMO_DIR = REPO / "data" / "demo"
 FORMATS = ("png", "tiff", "npy", "dicom")
 _FORMAT_ALIASES = {"tif": "tiff", "dcm": "dicom", "numpy": "npy"}
@@ -51,11 +50,7 @@ DEFAULT_WINDOW = ctio.EVAL_WINDOW  # PNGs show the evaluation window by default
 MAX_SIDE = 1024  # slices with a (padded) side above this are denoised in overlapping tiles
 TILE = 512  # tile side (rounded up to a multiple of 2**depth); tiles overlap by TILE // 4
 DIFF_RANGE_HU = 100.0  # |denoised - FD| panel of the figures: 0..100 HU -> black..white
-MANIFEST = "manifest.csv"
 PRECISIONS = ("auto", "float32", "bfloat16")  # --precision (ctio.PRECISION_POLICIES)
-MANIFEST_FIELDS = ("patient", "slice_id", "position", "height", "width", "ld_path", "fd_path",
-                   "pred_npy", "png", "tiff", "dicom", "figure", "series_uid", "window", "run",
-                   "weights", "weights_sha256")
 # Manifest column holding the output of each --format ('npy' is the always-written pred_npy).
 FORMAT_COLUMN = {"png": "png", "tiff": "tiff", "npy": "pred_npy", "dicom": "dicom"}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -123,57 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def find_latest_run(runs_dir: Optional[Path] = None) -> Path:
-    """The most recently modified ``runs_dir/*/`` (default ``runs/``) holding a config.json (the
-    modification times of its files count too)."""
-    runs_dir = RUNS_DIR if runs_dir is None else Path(runs_dir)
-    candidates = []
-    if runs_dir.is_dir():
-        for d in runs_dir.iterdir():
-            cfg = d / "config.json"
-            if d.is_dir() and not d.name.startswith(".") and cfg.is_file():
-                mtimes = [d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir()
-                                                if f.is_file()]
-                candidates.append((max(mtimes), d))
-    if not candidates:
-        raise ctio.CTDataError(f"{runs_dir}: no training run with a config.json found; train "
-                               "one with Mytrain.py or pass --run RUN_DIR")
-    return max(candidates)[1]
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """Model part of RUN/config.json, checked: {base_filters, depth, norm, preset?}."""
-    path = run_dir / "config.json"
-    cfg = ctio.read_json(path, f"{path}: no such file (is {run_dir} a training run folder?)")
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    if not isinstance(model, dict):
-        raise ctio.CTDataError(f"{path}: no \"model\" section")
-    for key in ("base_filters", "depth", "norm"):
-        if key not in model:
-            raise ctio.CTDataError(f"{path}: model.{key} missing")
-    for key in ("base_filters", "depth"):
-        value = model[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ctio.CTDataError(f"{path}: model.{key} must be a positive integer, got {value!r}")
-    if not isinstance(model["norm"], str):
-        raise ctio.CTDataError(f"{path}: model.norm must be a string, got {model['norm']!r}")
-    norm = cfg.get("normalization", {})
-    if isinstance(norm, dict):
-        for key, want in (("hu_min", ctio.HU_MIN), ("hu_max", ctio.HU_MAX)):
-            if key in norm and float(norm[key]) != want:
-                raise ctio.CTDataError(f"{path}: normalization.{key} = {norm[key]} differs from "
-                                       f"this code's {want:g}; the weights expect another scaling")
-    return dict(model)
-
-
-def default_weights(run_dir: Path) -> Path:
-    for name in ("generator_best.weights.h5", "generator_latest.weights.h5"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise ctio.CTDataError(f"{run_dir}: no generator_best.weights.h5 or "
-                           "generator_latest.weights.h5 (train first, or pass --weights FILE)")
-
-
 def check_weights_file(path: Path) -> None:
     if not path.is_file():
         raise ctio.CTDataError(f"{path}: weights file not found")
@@ -226,7 +170,6 @@ class Plan:
     figures: bool
     max_side: int
     tile: int
-    patients: Optional[list[str]] = field(default=None)
     precision: tuple[str, str] = ("float32", "default")  # (precision, why): choose_precision
 
 
@@ -244,12 +187,12 @@ def prepare(args: argparse.Namespace) -> Plan:
     if "npy" not in formats:
         formats = [*formats, "npy"]
 
-    run_dir = Path(args.run) if args.run else find_latest_run()
+    run_dir = Path(args.run) if args.run else ctrun.find_latest_run()
     if not run_dir.is_dir():
         raise ctio.CTDataError(f"{run_dir}: run folder not found")
     run_dir = run_dir.resolve()
-    model = read_run_config(run_dir)
-    weights = Path(args.weights) if args.weights else default_weights(run_dir)
+    model = ctrun.read_run_config(run_dir)["model"]
+    weights = Path(args.weights) if args.weights else ctrun.generator_weights(run_dir, "best")
     check_weights_file(weights)
 
     patients = args.patients
@@ -282,45 +225,10 @@ def prepare(args: argparse.Namespace) -> Plan:
     return Plan(data=data, dataset=dataset, run_dir=run_dir, model=model,
                 weights=weights.resolve(), out=out, formats=formats, window=(lo, hi),
                 batch=int(args.batch), overwrite=bool(args.overwrite),
-                figures=not args.no_figures, max_side=int(args.max_side), tile=int(args.tile),
-                patients=patients)
+                figures=not args.no_figures, max_side=int(args.max_side), tile=int(args.tile))
 
 
-# --- Manifest -----------------------------------------------------------------------------------
-def read_manifest(path: Path) -> dict[tuple[str, str], dict]:
-    """{(patient, slice_id): row} of an existing manifest ({} if there is none)."""
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"patient", "slice_id", "pred_npy"} - set(reader.fieldnames or ())
-            if missing:
-                raise ctio.CTDataError(f"{path}: not a Mytest manifest (missing columns "
-                                       f"{', '.join(sorted(missing))}); use another --out")
-            return {(r["patient"], r["slice_id"]): {k: (r.get(k) or "") for k in MANIFEST_FIELDS}
-                    for r in reader}
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ctio.CTDataError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
-
-
-def _sort_key(row: dict):
-    try:
-        pos = float(row["position"])
-    except ValueError:
-        pos = 0.0
-    return row["patient"], pos, row["slice_id"]
-
-
-def write_manifest(path: Path, rows: dict[tuple[str, str], dict]) -> None:
-    with ctio.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            w.writeheader()
-            for row in sorted(rows.values(), key=_sort_key):
-                w.writerow(row)
-
-
+# --- Manifest rows ------------------------------------------------------------------------------
 def _window_str(window) -> str:
     return f"{window[0]:g} {window[1]:g}"
 
@@ -480,17 +388,6 @@ class Denoiser:
 
 
 # --- Figures ------------------------------------------------------------------------------------
-def _label(img: np.ndarray, text: str) -> None:
-    import cv2
-
-    scale = max(0.35, min(img.shape[:2]) / 512 * 0.6)
-    org = (max(2, int(6 * scale)), max(10, int(22 * scale)))
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    thick = max(1, int(round(scale * 1.5)))
-    cv2.putText(img, text, org, font, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
-    cv2.putText(img, text, org, font, scale, (255, 255, 255), thick, cv2.LINE_AA)
-
-
 def make_figure(ld: np.ndarray, pred: np.ndarray, fd: np.ndarray, window) -> np.ndarray:
     """LD | denoised | FD | |denoised - FD| as one BGR uint8 image with small labels."""
     lo, hi = window
@@ -503,7 +400,7 @@ def make_figure(ld: np.ndarray, pred: np.ndarray, fd: np.ndarray, window) -> np.
     parts = []
     for gray, text in panels:
         rgb = np.repeat(gray[..., None], 3, axis=2)
-        _label(rgb, text)
+        ctio.label_panel(rgb, text)
         parts += [rgb, gap]
     return np.concatenate(parts[:-1], axis=1)
 
@@ -533,7 +430,7 @@ class Writer:
         pdir = out / s.patient
         pdir.mkdir(parents=True, exist_ok=True)
         rel = f"{s.patient}/{s.slice_id}"
-        row = {k: "" for k in MANIFEST_FIELDS}
+        row = {k: "" for k in ctrun.MANIFEST_FIELDS}
         row.update(patient=s.patient, slice_id=s.slice_id, position=repr(float(s.position)),
                    height=str(pred.shape[0]), width=str(pred.shape[1]),
                    ld_path=str(Path(s.ld_path).resolve()),
@@ -578,33 +475,34 @@ class Writer:
         self.rows[(s.patient, s.slice_id)] = row
 
     def save_manifest(self) -> None:
-        write_manifest(self.plan.out / MANIFEST, self.rows)
+        ctrun.write_manifest(self.plan.out, self.rows.values())
+
+
+def pending(plan: Plan, sha: str) -> tuple[dict, list, int]:
+    """``(manifest rows to keep, records to denoise, rows dropped)``: slices already done with
+    these weights (every requested output present) are skipped; rows of other weights are an
+    error unless --overwrite, which drops them."""
+    rows = {(r["patient"], r["slice_id"]): r for r in ctrun.read_manifest(plan.out)}
+    other = {r["weights"] or "?" for r in rows.values() if r["weights_sha256"] != sha}
+    if other and not plan.overwrite:
+        raise ctio.CTDataError(f"{plan.out / ctrun.MANIFEST}: outputs there were made with other "
+                               f"weights ({sorted(other)[0]}); pass --overwrite to replace them "
+                               "or choose another --out")
+    kept = {k: r for k, r in rows.items() if r["weights_sha256"] == sha}
+    todo = [r for r in plan.dataset.records
+            if plan.overwrite or not is_done(kept.get((r.patient, r.slice_id)), r, plan, sha)]
+    return kept, todo, len(rows) - len(kept)
 
 
 def run(plan: Plan) -> dict:
     """Denoise every selected slice not already done; returns counts."""
-    manifest = plan.out / MANIFEST
-    rows = read_manifest(manifest)
     sha = file_sha256(plan.weights)
-    other = {r["weights"] or "?" for r in rows.values() if r["weights_sha256"] != sha}
-    if other and not plan.overwrite:
-        raise ctio.CTDataError(f"{manifest}: outputs there were made with other weights "
-                               f"({sorted(other)[0]}); pass --overwrite to replace them or choose "
-                               "another --out")
-    dropped = 0
-    if other:  # --overwrite: forget rows of other weights (their files are replaced or orphaned)
-        dropped = sum(r["weights_sha256"] != sha for r in rows.values())
-        rows = {k: r for k, r in rows.items() if r["weights_sha256"] == sha}
-
+    rows, todo, dropped = pending(plan, sha)
     records = plan.dataset.records
-    todo = [r for r in records
-            if plan.overwrite or not is_done(rows.get((r.patient, r.slice_id)), r, plan, sha)]
-
-    n_pat = len(plan.dataset.patients)
     print(f"run:     {plan.run_dir}")
     print(f"weights: {plan.weights}")
-    print(f"data:    {plan.data} ({plan.dataset.layout}, {n_pat} patient(s), "
-          f"{len(records)} slices)")
+    print(f"data:    {plan.data} ({plan.dataset.layout}, {len(plan.dataset.patients)} "
+          f"patient(s), {len(records)} slices)")
     print(f"out:     {plan.out} (formats: {', '.join(plan.formats)})")
     if dropped:
         print(f"note: {dropped} manifest rows made with other weights were dropped")
@@ -622,13 +520,22 @@ def run(plan: Plan) -> dict:
     with ctio.precision_policy(plan.precision[0]):  # the layers keep it
         generator = load_generator(plan.model, plan.weights)
     denoiser = Denoiser(generator, plan.model["depth"], plan.batch, plan.max_side, plan.tile)
-    writer = Writer(plan, rows, sha)
+    t0 = time.perf_counter()
+    done = stream(todo, denoiser, Writer(plan, rows, sha), plan.batch)
+    dt = time.perf_counter() - t0
+    print(f"denoised {done} slice(s) in {dt:.1f} s ({dt / done:.2f} s/slice), skipped {skipped}; "
+          f"manifest: {plan.out / ctrun.MANIFEST}")
+    return {"done": done, "skipped": skipped}
 
+
+def stream(todo: list, denoiser: Denoiser, writer: Writer, batch: int) -> int:
+    """Read, denoise and write ``todo`` in batches of equal-sized slices: at most ``batch``
+    decoded slices in memory; the manifest is saved after every batch. Returns slices done."""
     import keras
 
     bar = keras.utils.Progbar(len(todo), unit_name="slice",
                               verbose=1 if sys.stdout.isatty() else 2)
-    t0, done = time.perf_counter(), 0
+    done = 0
     buffer: list[TestSlice] = []
 
     def flush() -> None:
@@ -645,16 +552,13 @@ def run(plan: Plan) -> dict:
         bar.update(done)
         buffer.clear()
 
-    for rec in todo:  # stream: at most --batch decoded slices in memory
+    for rec in todo:
         s = read_record(rec)
-        if buffer and (s.ld_hu.shape != buffer[0].ld_hu.shape or len(buffer) >= plan.batch):
+        if buffer and (s.ld_hu.shape != buffer[0].ld_hu.shape or len(buffer) >= batch):
             flush()
         buffer.append(s)
     flush()
-    dt = time.perf_counter() - t0
-    print(f"denoised {done} slice(s) in {dt:.1f} s ({dt / done:.2f} s/slice), skipped {skipped}; "
-          f"manifest: {manifest}")
-    return {"done": done, "skipped": skipped}
+    return done
 
 
 def choose_precision(flag: str) -> tuple[str, str]:

@@ -4,37 +4,35 @@
     python Mytrain.py --data PATH --out runs/mine --preset small --epochs 20
     python Mytrain.py --out runs/mine --resume --epochs 30   # continue a run
 
-RUN_DIR receives:
-  config.json                    everything needed to rebuild the model and the normalisation
-  generator_latest.weights.h5    generator after the last finished epoch
-  generator_best.weights.h5      generator with the best validation PSNR so far
-  state/                         full training state (G, D, both optimizers, epoch) for --resume
-  history.csv                    one row per finished epoch
-  tensorboard/                   scalars and LD / denoised / FD panels
+RUN_DIR holds config.json, generator_{latest,best}.weights.h5, state/ (G, D, both optimizers and the
+epoch: the one checkpoint, for --resume and for restarted multi-worker runs), history.csv,
+tensorboard/ and the slice cache (see ctrun.py, which owns these names). Every file is written
+under a temporary name and renamed, and state/state.json (the epoch counter) is written last, so
+killing the process at any moment leaves the previous epoch's complete state.
 
-Every file is written under a temporary name and renamed, and state/state.json (the epoch counter)
-is written last, so killing the process at any moment leaves the previous epoch's complete state.
+Steps: ``prepare`` (flags, cluster role, run folder, model and data split; no TensorFlow) ->
+``Plan`` -> ``run`` (strategy, model, state, config.json, tf.data, fit).
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import csv
-import io
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import ctio
+import ctrun
 
 REPO = Path(__file__).resolve().parent
 DEMO_DIR = REPO / "data" / "demo"  # where the built-in demo dataset is created
-CONFIG_VERSION = 1
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 # The official loss balance in this project's normalisation. The official code normalises each
@@ -80,12 +78,14 @@ TRAIN_PRECISIONS = ("float32", "bfloat16", "float16")  # --precision (ctio.PRECI
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (one add_argument per flag: a table rather than logic, hence one piece).
+    Recipe flags default to None and are filled by :func:`apply_recipe`."""
     ap = ctio.ArgumentParser(
         description="Train CNCL on paired (or simulated) low-dose / full-dose CT.",
         formatter_class=ctio.HelpFormatter)
     ap.add_argument("--data", nargs="+", default=None,
                     help="dataset folder(s), any layout the loaders read; default: the built-in "
-                         f"demo data in {DEMO_DIR.relative_to(REPO)} (created if absent)")
+                         f"demo data in {os.path.relpath(DEMO_DIR, REPO)} (created if absent)")
     ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
                     help="override layout auto-detection")
     ap.add_argument("--simulate-dose", type=float, default=None,
@@ -191,36 +191,6 @@ def train_precision(args) -> str:
                                    f"contradicts --precision {precision}")
         return "float16"
     return precision
-
-
-def check_run_dir(out: Path, resume: bool) -> None:
-    if resume:
-        if not (out / "state" / "state.json").is_file():
-            raise ctio.CTDataError(f"--resume: {out} holds no training state to resume "
-                                   "(no state/state.json)")
-        return
-    if out.exists() and not out.is_dir():
-        raise ctio.CTDataError(f"--out {out}: exists and is not a folder")
-    if (out / "config.json").exists():
-        raise ctio.CTDataError(f"--out {out}: already holds a run; add --resume to continue "
-                               "it or choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        raise ctio.CTDataError(f"--out {out}: folder is not empty")
-
-
-def load_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    cfg = ctio.read_json(path, f"{path}: no config.json in the run folder")
-    try:
-        cfg["model"]["base_filters"], cfg["model"]["depth"]  # noqa: B018 (presence check)
-    except (KeyError, TypeError) as e:
-        raise ctio.CTDataError(f"{path}: not a valid run configuration ({e})") from None
-    return cfg
-
-
-def write_json(path: Path, obj) -> None:
-    with ctio.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # --- Distribution -------------------------------------------------------------------------------
@@ -354,66 +324,33 @@ def prepare_for_fit(gan, strategy, size: int, n_workers: int, tf) -> None:
     gan.test_step = global_logs(gan.test_step)
 
 
-def backup_epoch(backup_dir: Path) -> int:
-    """Epochs finished according to a BackupAndRestore folder (0: none saved yet)."""
-    try:
-        return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+def sync_from_chief(gan, epoch: int, is_chief: bool, strategy, tf) -> int:
+    """Give every worker the chief's finished-epoch count and its G, D and optimizer variables.
 
+    Only the chief has the run folder (state/, possibly on its own disk), so a worker restarted
+    on another machine, with no files, must take the chief's state to continue in step instead of
+    training from scratch beside the others. Called on every worker with several workers, always
+    (fresh runs too), so the collectives always match. Each value is one all-reduce (sum, one per
+    dtype) of the chief's value and zeros from the others."""
+    values = [tf.constant(epoch, tf.int64)] + list(
+        {id(v): v for v in gan.variables + _optimizer_variables(gan)}.values())
 
-def make_backup_callback(backup_dir: Path, is_chief: bool, strategy, keras, tf):
-    """keras.callbacks.BackupAndRestore for multi-worker runs: a restarted cluster resumes.
+    def replica_fn():
+        mine = [tf.identity(v) if is_chief else tf.zeros(v.shape, v.dtype) for v in values]
+        out = list(mine)
+        for dtype in {t.dtype for t in mine}:
+            idx = [i for i, t in enumerate(mine) if t.dtype == dtype]
+            summed = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, [mine[i] for i in idx])
+            for i, t in zip(idx, summed):
+                out[i] = t
+        return out
 
-    Only the chief keeps a backup (RUN_DIR/backup, deleted by Keras when fit ends). On start the
-    chief restores it and every worker then takes the chief's epoch and weights (G, D, both
-    optimizers) by an all-reduce, so a worker restarted on another machine, with no files of its
-    own, continues in step instead of training from scratch beside the others.
-    """
-
-    class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
-        def on_train_begin(self, logs=None):
-            epoch = 0
-            if is_chief and (backup_dir / "latest.weights.h5").is_file():
-                # load_weights directly: the stock restore would first build the wrapper's unused
-                # default optimizer on the chief only (variable creation is collective: a hang).
-                self.model.load_weights(str(backup_dir / "latest.weights.h5"))
-                epoch = backup_epoch(backup_dir)
-            epoch = int(from_chief([tf.constant(epoch, tf.int64)])[0])
-            if epoch:
-                variables = list({id(v): v for v in self.model.variables
-                                  + _optimizer_variables(self.model)}.values())
-                for v, value in zip(variables, from_chief(variables)):
-                    v.assign(value)
-                self.model._initial_epoch = epoch
-
-        def _save_model(self):
-            if is_chief:
-                super()._save_model()
-
-        def on_train_end(self, logs=None):
-            if is_chief:
-                super().on_train_end(logs)
-
-    def from_chief(values: list) -> list:
-        """The chief's values on every worker: all-reduces (sum, one per dtype) of the chief's
-        values and zeros from the others."""
-
-        def replica_fn():
-            mine = [tf.identity(v) if is_chief else tf.zeros(v.shape, v.dtype) for v in values]
-            out = list(mine)
-            for dtype in {t.dtype for t in mine}:
-                idx = [i for i, t in enumerate(mine) if t.dtype == dtype]
-                summed = tf.distribute.get_replica_context().all_reduce(
-                    tf.distribute.ReduceOp.SUM, [mine[i] for i in idx])
-                for i, t in zip(idx, summed):
-                    out[i] = t
-            return out
-
-        summed = tf.function(lambda: strategy.run(replica_fn))()
-        return [strategy.experimental_local_results(t)[0] for t in summed]
-
-    return ChiefBackupAndRestore(str(backup_dir))
+    summed = tf.function(lambda: strategy.run(replica_fn))()
+    summed = [strategy.experimental_local_results(t)[0] for t in summed]
+    for v, value in zip(values[1:], summed[1:]):
+        v.assign(value)
+    return int(summed[0])
 
 
 def _optimizer_variables(model) -> list:
@@ -422,12 +359,12 @@ def _optimizer_variables(model) -> list:
 
 
 # --- Callbacks ----------------------------------------------------------------------------------
-def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, keras, tf,
+def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
                    time_limit: float = 0.0, snapshot_every: int = 0):
-    """The run's own checkpointing (atomic, resumable) and TensorBoard panels.
+    """The run's one checkpoint (state/, atomic, resumable) and TensorBoard panels.
 
-    ``snapshot_every`` > 0 also keeps the generator of every such epoch in
-    ``snapshots/generator_epochNNNN.weights.h5`` (history.csv gives its training minutes)."""
+    ``snapshot_every`` > 0 also keeps the generator of every such epoch in ``snapshots/``
+    (history.csv gives its training minutes)."""
 
     class RunState(keras.callbacks.Callback):
         """After each epoch: latest/best generator, full state, history.csv; state.json last."""
@@ -436,35 +373,29 @@ def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, ker
             self.start = time.monotonic() - 60.0 * state.get("minutes", 0.0)
 
         def on_epoch_end(self, epoch, logs=None):
+            done = epoch + 1
             logs = {k: float(v) for k, v in (logs or {}).items()}
             state["minutes"] = (time.monotonic() - self.start) / 60.0  # training time, resumes add
-            row = {"epoch": epoch + 1, "minutes": round(state["minutes"], 3), **logs}
-            state["history"].append(row)
+            state["history"].append({"epoch": done, "minutes": round(state["minutes"], 3),
+                                     **logs})
             if time_limit and state["minutes"] >= time_limit:
                 self.model.stop_training = True
                 print(f"time limit: {state['minutes']:.1f} of {time_limit:g} minutes used, "
                       "stopping after this epoch", flush=True)
             gen = gan.generator
-            save_weights(gen, write_dir / "generator_latest.weights.h5")
-            if snapshot_every and (epoch + 1) % snapshot_every == 0:
-                (write_dir / "snapshots").mkdir(exist_ok=True)
-                save_weights(gen, write_dir / "snapshots" /
-                             f"generator_epoch{epoch + 1:04d}.weights.h5")
+            save_weights(gen, write_dir / ctrun.LATEST)
+            if snapshot_every and done % snapshot_every == 0:
+                save_weights(gen, ctrun.snapshot_path(write_dir, done))
             score = logs.get("val_psnr")
             if score is not None and score > state.get("best_val_psnr", -1e9):
-                state["best_val_psnr"], state["best_epoch"] = score, epoch + 1
-                save_weights(gen, write_dir / "generator_best.weights.h5")
-            elif score is None and not (write_dir / "generator_best.weights.h5").exists():
-                save_weights(gen, write_dir / "generator_best.weights.h5")
-            (write_dir / "state").mkdir(exist_ok=True)
-            name = f"gan_epoch{epoch + 1:04d}.weights.h5"
-            save_weights(gan, write_dir / "state" / name)
-            state["epoch"], state["weights"] = epoch + 1, name
-            write_history(write_dir / "history.csv", state["history"])
-            write_json(write_dir / "state" / "state.json", state)
-            for old in (write_dir / "state").glob("gan_epoch*.weights.h5"):
-                if old.name != name:
-                    old.unlink()
+                state["best_val_psnr"], state["best_epoch"] = score, done
+                save_weights(gen, write_dir / ctrun.BEST)
+            elif score is None and not (write_dir / ctrun.BEST).exists():
+                save_weights(gen, write_dir / ctrun.BEST)
+            state["epoch"], state["weights"] = done, ctrun.state_weights_name(done)
+            save_weights(gan, write_dir / ctrun.STATE / state["weights"])
+            ctrun.write_history(write_dir, state["history"])
+            ctrun.write_state(write_dir, state)  # last: names the complete epoch
 
     class Panels(keras.callbacks.Callback):
         """LD | denoised | FD panels of the first validation slices in TensorBoard."""
@@ -472,7 +403,8 @@ def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, ker
         def __init__(self, batch):
             super().__init__()
             self.ld, self.fd = batch[0], batch[1]
-            self.writer = tf.summary.create_file_writer(str(write_dir / "tensorboard" / "images"))
+            self.writer = tf.summary.create_file_writer(
+                str(write_dir / ctrun.TENSORBOARD / "images"))
 
         def on_epoch_end(self, epoch, logs=None):
             out = gan(self.ld, training=False)
@@ -481,7 +413,7 @@ def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, ker
             with self.writer.as_default():
                 tf.summary.image("LD | CNCL | FD", panel, step=epoch + 1, max_outputs=2)
 
-    cbs = [RunState(), keras.callbacks.TensorBoard(log_dir=str(write_dir / "tensorboard"),
+    cbs = [RunState(), keras.callbacks.TensorBoard(log_dir=str(write_dir / ctrun.TENSORBOARD),
                                                    write_graph=False, profile_batch=0)]
     if val_ds is not None:
         cbs.append(Panels(next(iter(val_ds.take(1)))))
@@ -489,264 +421,267 @@ def make_callbacks(run_dir: Path, write_dir: Path, gan, state: dict, val_ds, ker
 
 
 def save_weights(model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with ctio.atomic_path(path) as tmp:
         model.save_weights(str(tmp))
 
 
-def write_history(path: Path, rows: list[dict]) -> None:
-    keys = ["epoch"] + sorted({k for r in rows for k in r} - {"epoch"})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    with ctio.atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+# --- Steps of a training run: prepare (no TensorFlow) -> Plan -> run ----------------------------
+@dataclass
+class Plan:
+    """Everything :func:`run` needs, checked before TensorFlow is imported."""
+
+    args: argparse.Namespace  # every training flag; a continued run's come from its config.json
+    out: Path  # the run folder (only the chief writes into it)
+    is_chief: bool
+    n_workers: int
+    model: dict  # ctrun.model_config, or the continued run's saved one
+    continues: str  # "": new run; "resume": --resume; "restart": a multi-worker run rerun
+    data: list[str]
+    dataset: ctio.CTDataset
+    split: object  # MyDataLoader_train.Split
+    notes: list[str]  # printed once training is about to start
 
 
-# --- Main ---------------------------------------------------------------------------------------
-def resolve_data(args) -> tuple[list[str], list[str] | None, str]:
-    """Data folders, patients to leave out, and a note; builds the demo data when needed."""
+def resolve_run(args: argparse.Namespace, is_chief: bool,
+                n_workers: int) -> tuple[argparse.Namespace, Optional[dict], str]:
+    """``(args, saved config or None, continues)``: a new run, ``--resume``, or the rerun of an
+    interrupted multi-worker run (the same command, as a cluster manager reruns it; decided by
+    the chief's run folder). A continued run takes every flag from its config.json (read once,
+    here) except --epochs, --verbose and --strategy."""
+    out = Path(args.out) if args.out else None
+    if args.resume and out is None:
+        raise ctio.CTDataError("--resume needs --out RUN_DIR")
+    if args.resume:
+        if not ctrun.has_state(out):
+            raise ctio.CTDataError(f"--resume: {out} holds no training state to resume "
+                                   f"(no {ctrun.STATE}/{ctrun.STATE_JSON})")
+        continues = "resume"
+    elif n_workers > 1 and is_chief and out is not None and (out / ctrun.CONFIG).is_file():
+        continues = "restart"
+    else:
+        return args, None, ""
+    ctio.remove_stale_temporaries([out, out / ctrun.STATE, out / ctrun.SNAPSHOTS])
+    cfg = ctrun.read_run_config(out)
+    keep = {k: getattr(args, k) for k in ("epochs", "verbose", "strategy")}
+    merged = {**vars(parse_args([])), **cfg["train"], **keep, "out": str(out),
+              "resume": continues == "resume"}
+    return argparse.Namespace(**merged), cfg, continues
+
+
+def resolve_data(args) -> tuple[list[str], str]:
+    """Data folders and a note; with no --data the built-in demo data (built when absent), its
+    test patient held out through ``args.exclude`` like any --exclude."""
     if args.data:
-        return args.data, None, ""
+        return list(args.data), ""
     import Mysimulate
 
     note = f"no --data: training on the built-in demo data in {DEMO_DIR}"
     if not (DEMO_DIR / "README.txt").is_file():
         print(f"{note} (creating it now)", flush=True)
         Mysimulate.make_demo(DEMO_DIR)
-    return [str(DEMO_DIR)], [Mysimulate.DEMO_TEST_PATIENT], note
+    args.exclude = [*(args.exclude or []), Mysimulate.DEMO_TEST_PATIENT]
+    return [str(DEMO_DIR)], note
 
 
-def main(argv=None) -> int:
+def prepare(argv=None) -> Plan:
+    """Parse and check everything cheap: flags, cluster role, run folder, model, data, split."""
     args = parse_args(argv)
     is_chief, n_workers = worker_role(args.strategy)
-    if args.resume:
-        if args.out is None:
-            raise ctio.CTDataError("--resume needs --out RUN_DIR")
-        out = Path(args.out)
-        check_run_dir(out, resume=True)
-        # temporaries left by a save that was killed
-        ctio.remove_stale_temporaries([out, out / "state", out / "snapshots"])
-        cfg = load_config(out)
-        saved_model = cfg["model"]
-        epochs = args.epochs
-        args = argparse.Namespace(**{"recipe": DEFAULT_RECIPE, **cfg["train"], "epochs": epochs,
-                                     "resume": True, "verbose": args.verbose,
-                                     "strategy": args.strategy, "out": str(out)})
-    else:
-        saved_model = None
-    args = apply_recipe(args)  # a resumed run's config.json holds every value already
+    args, saved, continues = resolve_run(args, is_chief, n_workers)
+    args = apply_recipe(args)
     check_args(args)
     args.precision = train_precision(args)
-    args.mixed_precision = args.precision == "float16"  # config.json: both keys agree
-    if n_workers > 1 and getattr(args, "time_limit", 0.0):
+    args.mixed_precision = False  # folded into --precision (config.json has one key)
+    if n_workers > 1 and args.time_limit:
         raise ctio.CTDataError("--time-limit is for single-machine runs: each worker would stop "
                                "on its own clock; use --epochs with several workers")
-    data, exclude, note = resolve_data(args)
-    if args.out is None:
-        args.out = str(REPO / "runs" / f"{args.preset}-{Path(data[0]).name}")
-    out = Path(args.out)
-    # A multi-worker run that stopped before it finished left RUN_DIR/backup: the same command
-    # (as a cluster manager reruns it) continues it from there.
-    restart = is_chief and n_workers > 1 and not args.resume and (out / "backup").is_dir()
-    if not args.resume and is_chief and not restart:
-        check_run_dir(out, resume=False)
+    data, note = resolve_data(args)
+    out = Path(args.out or ctrun.RUNS_DIR / f"{args.preset}-{Path(data[0]).name}")
+    args.out = str(out)
+    if is_chief and not continues:
+        ctrun.check_new_run(out)
+    try:  # a continued run rebuilds exactly the saved model, even if the preset changed since
+        model = saved["model"] if saved else ctrun.model_config(args.preset)
+    except ValueError as e:
+        raise ctio.CTDataError(f"--preset: {e}") from None
+    multiple = 2 ** model["depth"]
+    if args.patch % multiple:
+        raise ctio.CTDataError(f"--patch {args.patch} is not divisible by 2^depth = {multiple} "
+                               f"(preset {model['preset']})")
 
     import MyDataLoader_train as loader
 
     dataset = loader.find_training_data(data, args.layout, args.simulate_dose,
-                                        exclude=getattr(args, "exclude", None))
-    if exclude:
-        dataset = dataset.for_patients([p for p in dataset.patients if p not in exclude])
+                                        exclude=args.exclude)
     split = loader.split_patients(dataset, args.val_patients)
     split.val = loader.pick_val_slices(split.val, args.val_slices)
     if args.steps_per_epoch == 0:  # one pass over the training slices (or their patches)
         per_slice = args.patches_per_slice if args.patch else 1
         args.steps_per_epoch = max(1, -(-len(split.train) * per_slice // args.batch))
-
-    preset = saved_model.get("preset") if saved_model else args.preset
-    kernels = ctio.choose_cpu_kernels(preset == "small" and args.patch > 0,
+    kernels = ctio.choose_cpu_kernels(model["preset"] == "small" and args.patch > 0,
                                       "small-preset patch training: 1.8x faster steps measured")
+    return Plan(args=args, out=out, is_chief=is_chief, n_workers=n_workers, model=model,
+                continues=continues, data=data, dataset=dataset, split=split,
+                notes=[n for n in (note, kernels) if n])
+
+
+def build_gan(plan: Plan, strategy, keras):
+    """G, D and the CNCLGAN wrapper, compiled with two Adam optimizers, in ``strategy``."""
+    import Mymodel
+
+    args = plan.args
+    lr = args.lr
+    if args.lr_decay == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(args.lr, args.epochs * args.steps_per_epoch,
+                                                    alpha=0.05)
+    with strategy.scope():
+        gan = Mymodel.CNCLGAN(*Mymodel.build_models(plan.model))
+        try:
+            gan.compile(g_optimizer=keras.optimizers.Adam(lr, args.beta_1, args.beta_2),
+                        d_optimizer=keras.optimizers.Adam(lr, args.beta_1, args.beta_2),
+                        lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
+                        jit_compile=args.jit)
+        except ValueError as e:
+            raise ctio.CTDataError(f"--precision {args.precision}: {e}") from None
+    return gan
+
+
+def start_state(plan: Plan, gan, strategy, tf) -> dict:
+    """RunState's state: fresh, or the continued run's (G, D and optimizers restored from state/
+    on the chief, then, with several workers, taken by every worker from the chief)."""
+    state = {"epoch": 0, "history": []}
+    if plan.continues and plan.is_chief and ctrun.has_state(plan.out):
+        state = ctrun.read_state(plan.out)
+        restore_state(gan, plan.out / ctrun.STATE / state["weights"])
+    if plan.n_workers > 1:
+        state["epoch"] = sync_from_chief(gan, state["epoch"], plan.is_chief, strategy, tf)
+    if plan.continues and state["epoch"]:
+        what = ("resuming" if plan.continues == "resume"
+                else "restarting the interrupted multi-worker run")
+        print(f"{what} {plan.out} after epoch {state['epoch']}", flush=True)
+    return state
+
+
+def run_config(plan: Plan, tf, keras) -> dict:
+    """config.json of a new run: the model, the normalisation, every flag, the data split."""
+    split, train = plan.split, vars(plan.args)
+    return {
+        "model": plan.model,
+        "normalization": {"hu_min": ctio.HU_MIN, "hu_max": ctio.HU_MAX,
+                          "formula": "(clip(HU, hu_min, hu_max) - hu_min) / (hu_max - hu_min)"},
+        "train": {k: v for k, v in train.items()
+                  if k not in ("resume", "verbose", "strategy", "out", "mixed_precision")}
+        | {"data": plan.data},
+        "data": {"layout": plan.dataset.layout, "patients": plan.dataset.patients,
+                 "train_patients": sorted({r.patient for r in split.train}),
+                 "val_patients": sorted({r.patient for r in split.val}),
+                 "excluded": plan.args.exclude or [], "split": split.how,
+                 "train_slices": len(split.train), "val_slices": len(split.val)},
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+
+
+def make_datasets(plan: Plan, write_dir: Path, replicas: int, tf):
+    """Training and validation tf.data pipelines (every training slice decoded into the slice
+    cache first: a broken file stops here, in one line)."""
+    import MyDataLoader_train as loader
+
+    args, multiple = plan.args, 2 ** plan.model["depth"]
+    cache_dir = args.cache_dir or write_dir / ctrun.CACHE
+    print(f"slice cache: {cache_dir} (decoding what is not there yet)", flush=True)
+    train_ds = loader.make_train_dataset(
+        plan.split.train, patch=args.patch, batch=args.batch,
+        patches_per_slice=args.patches_per_slice, simulate_dose=args.simulate_dose,
+        seed=args.seed, augment_data=args.augment, skip_air=not args.keep_air,
+        multiple=multiple, cache_dir=cache_dir)
+    val_ds = None
+    if plan.split.val:  # one whole slice per replica and step, never an empty batch
+        val_ds = loader.make_val_dataset(plan.split.val, multiple=multiple, replicas=replicas,
+                                         simulate_dose=args.simulate_dose, seed=args.seed)
+    if plan.n_workers > 1:
+        train_ds = shard_by_data(train_ds, tf)
+        val_ds = None if val_ds is None else shard_by_data(val_ds, tf)
+    return train_ds, val_ds
+
+
+def run(plan: Plan) -> int:
+    """Train: TensorFlow, strategy, model, state, config.json, data, fit. A new run that fails
+    before its first epoch is saved leaves nothing behind."""
+    args, out = plan.args, plan.out
     tf = ctio.import_tensorflow()
     import keras
 
-    import Mymodel
-
-    try:  # a resumed run rebuilds exactly the saved model, even if the preset changed since
-        model_cfg = (Mymodel.saved_model_config(saved_model) if saved_model
-                     else Mymodel.model_config(args.preset))
-    except (ValueError, TypeError) as e:
-        raise ctio.CTDataError(f"{out / 'config.json'}: {e}" if saved_model
-                               else f"--preset: {e}") from None
-    multiple = 2 ** model_cfg["depth"]
-    if args.patch % multiple:
-        raise ctio.CTDataError(f"--patch {args.patch} is not divisible by 2^depth = {multiple} "
-                               f"(preset {args.preset})")
     ctio.set_seed(args.seed)
     ctio.set_precision(args.precision)  # for every model built from here on
     strategy = make_strategy(args.strategy, tf)
     if args.batch % strategy.num_replicas_in_sync:
         raise ctio.CTDataError(f"--batch {args.batch} (the global batch) is not divisible by the "
                                f"{strategy.num_replicas_in_sync} replicas")
-    if n_workers > 1:  # the first collective waits, without a time limit, for every worker
-        print(f"{'chief' if is_chief else 'worker'} of {n_workers} workers: training starts when "
-              "all are up", flush=True)
-
+    if plan.n_workers > 1:  # the first collective waits, without a time limit, for every worker
+        print(f"{'chief' if plan.is_chief else 'worker'} of {plan.n_workers} workers: training "
+              "starts when all are up", flush=True)
     # Only the chief writes into RUN_DIR; other workers write to a folder that is removed.
-    write_dir = out if is_chief else Path(tempfile.mkdtemp(prefix="cncl-worker-"))
+    write_dir = out if plan.is_chief else Path(tempfile.mkdtemp(prefix="cncl-worker-"))
     write_dir.mkdir(parents=True, exist_ok=True)
-    if not is_chief:  # also when main() fails before fit
+    if not plan.is_chief:  # also when run() fails before fit
         atexit.register(shutil.rmtree, write_dir, ignore_errors=True)
-    total_steps = args.epochs * args.steps_per_epoch
-    with strategy.scope():
-        generator, discriminator = Mymodel.build_models(model_cfg)
-        gan = Mymodel.CNCLGAN(generator, discriminator)
 
-        def lr():
-            if args.lr_decay == "cosine":
-                return keras.optimizers.schedules.CosineDecay(args.lr, total_steps, alpha=0.05)
-            return args.lr
-
-        def adam():
-            return keras.optimizers.Adam(lr(), beta_1=args.beta_1, beta_2=args.beta_2)
-
-        try:
-            gan.compile(g_optimizer=adam(), d_optimizer=adam(),
-                        lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
-                        jit_compile=bool(getattr(args, "jit", False)))
-        except ValueError as e:
-            raise ctio.CTDataError(f"--precision {args.precision}: {e}") from None
-    prepare_for_fit(gan, strategy, multiple, n_workers, tf)
-
-    state = {"epoch": 0, "history": []}
-    if args.resume:
-        state = json.loads((out / "state" / "state.json").read_text())
-        restore_state(gan, out / "state" / state["weights"])
-        print(f"resuming {out} after epoch {state['epoch']}", flush=True)
-        if state["epoch"] >= args.epochs:
-            print(f"nothing to do: {state['epoch']} epochs done, --epochs {args.epochs}")
-            return 0
-    elif restart and (out / "config.json").is_file():
-        state = restart_state(out)
-        print(f"restarting the interrupted multi-worker run {out} after epoch {state['epoch']}",
-              flush=True)
-    elif is_chief:
-        config = {
-            "version": CONFIG_VERSION,
-            "model": model_cfg,
-            "normalization": {"hu_min": ctio.HU_MIN, "hu_max": ctio.HU_MAX,
-                              "formula": "(clip(HU, hu_min, hu_max) - hu_min) / "
-                                         "(hu_max - hu_min)"},
-            "train": {k: v for k, v in vars(args).items()
-                      if k not in ("resume", "verbose", "strategy", "out")} | {"data": data},
-            "data": {"layout": dataset.layout, "patients": dataset.patients,
-                     "train_patients": sorted({r.patient for r in split.train}),
-                     "val_patients": sorted({r.patient for r in split.val}),
-                     "excluded_patients": exclude or [], "split": split.how,
-                     "train_slices": len(split.train), "val_slices": len(split.val)},
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        }
-        write_json(out / "config.json", config)
-
-    # After the model and any --resume state: a failed restore writes nothing (no cache).
-    cache_dir = getattr(args, "cache_dir", None) or write_dir / "cache"
-    print(f"slice cache: {cache_dir} (decoding what is not there yet)", flush=True)
-    try:  # decodes every training slice first: a broken file stops here, in one line
-        train_ds = loader.make_train_dataset(
-            split.train, patch=args.patch, batch=args.batch,
-            patches_per_slice=args.patches_per_slice, simulate_dose=args.simulate_dose,
-            seed=args.seed, augment_data=args.augment, skip_air=not args.keep_air,
-            multiple=multiple, cache_dir=cache_dir)
-    except BaseException:
-        if is_chief and not args.resume and not restart:
-            discard_unstarted_run(out)
-        raise
-    val_ds = None
-    if split.val:  # one whole slice per replica and step, never an empty batch
-        val_ds = loader.make_val_dataset(split.val, multiple=multiple,
-                                         replicas=strategy.num_replicas_in_sync,
-                                         simulate_dose=args.simulate_dose, seed=args.seed)
-    if n_workers > 1:
-        train_ds = shard_by_data(train_ds, tf)
-        if val_ds is not None:
-            val_ds = shard_by_data(val_ds, tf)
-
-    if note:
-        print(note)
-    if kernels:
-        print(kernels)
-    print(f"data: {len(split.train)} training slices, {len(split.val)} validation slices; "
-          f"{split.how}", flush=True)
-    trainable = sum(math.prod(v.shape) for v in generator.trainable_variables)
-    print(f"model: preset {args.preset}, generator {trainable:,} trainable parameters; "
-          f"run folder {out}", flush=True)
+    gan = build_gan(plan, strategy, keras)
+    prepare_for_fit(gan, strategy, 2 ** plan.model["depth"], plan.n_workers, tf)
+    state = start_state(plan, gan, strategy, tf)
+    if state["epoch"] >= args.epochs:
+        print(f"nothing to do: {state['epoch']} epochs done, --epochs {args.epochs}")
+        return 0
+    new_run = plan.is_chief and not ctrun.has_state(out)
+    if new_run:
+        ctrun.write_run_config(out, run_config(plan, tf, keras))
     try:
-        callbacks = make_callbacks(out, write_dir, gan, state, val_ds, keras, tf,
-                                   time_limit=getattr(args, "time_limit", 0.0),
-                                   snapshot_every=getattr(args, "snapshot_every", 0))
-        if n_workers > 1:
-            # After RunState, so state/ is never behind the backup. --resume restores state/.
-            if is_chief and args.resume:
-                shutil.rmtree(write_dir / "backup", ignore_errors=True)
-            if is_chief:
-                (write_dir / "backup").mkdir(exist_ok=True)  # marks the run as in progress
-            callbacks.append(make_backup_callback(write_dir / "backup", is_chief, strategy,
-                                                  keras, tf))
+        train_ds, val_ds = make_datasets(plan, write_dir, strategy.num_replicas_in_sync, tf)
+        for line in [*plan.notes, f"data: {len(plan.split.train)} training slices, "
+                     f"{len(plan.split.val)} validation slices; {plan.split.how}"]:
+            print(line, flush=True)
+        trainable = sum(math.prod(v.shape) for v in gan.generator.trainable_variables)
+        print(f"model: preset {plan.model['preset']}, generator {trainable:,} trainable "
+              f"parameters; run folder {out}", flush=True)
+        callbacks = make_callbacks(write_dir, gan, state, val_ds, keras, tf,
+                                   time_limit=args.time_limit,
+                                   snapshot_every=args.snapshot_every)
         gan.fit(train_ds, epochs=args.epochs, initial_epoch=state["epoch"],
                 steps_per_epoch=args.steps_per_epoch, validation_data=val_ds,
                 callbacks=callbacks, verbose=args.verbose, shuffle=False)
     except BaseException as e:
-        if is_chief and not args.resume and not restart:
-            discard_unstarted_run(out)
-        if not isinstance(e, tf.errors.OpError):
-            raise
-        # A CTDataError raised while decoding inside tf.data (in fit, or for the first validation
-        # slice taken by make_callbacks) arrives wrapped in an OpError with TF's node names and a
-        # Python traceback: keep the CTDataError's own line.
-        msg = " ".join(e.message.split())
-        if "CTDataError:" in msg:
-            msg = msg.split("CTDataError:")[-1]
-            for tail in (" Traceback (most recent call last)", " [[", " {{"):
-                msg = msg.split(tail)[0]
-            raise ctio.CTDataError(msg.strip()) from None
-        if n_workers > 1 and isinstance(e, (tf.errors.UnavailableError,
-                                            tf.errors.CancelledError)):
-            raise RuntimeError(f"lost contact with another worker ({type(e).__name__}); run the "
-                               "same command on every worker again to continue from the last "
-                               "finished epoch") from None
+        if new_run:
+            ctrun.discard_unstarted_run(out)
+        if isinstance(e, tf.errors.OpError):
+            raise_clean(e, plan.n_workers, tf)
         raise
     finally:
-        if not is_chief:
+        if not plan.is_chief:
             shutil.rmtree(write_dir, ignore_errors=True)
-    if is_chief:
+    if plan.is_chief:
         best = state.get("best_val_psnr")
         print(f"done: {state['epoch']} epochs; generator weights in {out}"
               + (f" (best val PSNR {best:.2f} dB at epoch {state['best_epoch']})" if best else ""))
     return 0
 
 
-def discard_unstarted_run(out: Path) -> None:
-    """Remove what a new run wrote before its first epoch was saved: a config.json without
-    state/state.json would block both the same command ("already holds a run") and --resume."""
-    if (out / "state" / "state.json").is_file():
-        return
-    for name in ("config.json", "history.csv", "generator_latest.weights.h5",
-                 "generator_best.weights.h5"):
-        (out / name).unlink(missing_ok=True)
-    for name in ("tensorboard", "state", "snapshots", "cache"):
-        shutil.rmtree(out / name, ignore_errors=True)
+def raise_clean(e, n_workers: int, tf) -> None:
+    """Re-raise a TensorFlow OpError from fit as the error a user can act on.
 
-
-def restart_state(out: Path) -> dict:
-    """RunState's state for a restarted multi-worker run, cut back to the backup's epoch."""
-    epoch = backup_epoch(out / "backup")
-    try:
-        state = json.loads((out / "state" / "state.json").read_text())
-    except (OSError, ValueError):
-        state = {"history": []}
-    state["history"] = [r for r in state.get("history", []) if r.get("epoch", 0) <= epoch]
-    state["epoch"] = epoch
-    return state
+    A CTDataError raised while decoding inside tf.data (in fit, or for the first validation slice
+    taken by make_callbacks) arrives wrapped in an OpError with TF's node names and a Python
+    traceback: keep the CTDataError's own line. A lost worker says what to do."""
+    msg = " ".join(e.message.split())
+    if "CTDataError:" in msg:
+        msg = msg.split("CTDataError:")[-1]
+        for tail in (" Traceback (most recent call last)", " [[", " {{"):
+            msg = msg.split(tail)[0]
+        raise ctio.CTDataError(msg.strip()) from None
+    if n_workers > 1 and isinstance(e, (tf.errors.UnavailableError, tf.errors.CancelledError)):
+        raise RuntimeError(f"lost contact with another worker ({type(e).__name__}); run the "
+                           "same command on every worker again to continue from the last "
+                           "finished epoch") from None
 
 
 def restore_state(gan, weights: Path) -> None:
@@ -758,6 +693,10 @@ def restore_state(gan, weights: Path) -> None:
         gan.load_weights(str(weights))
     except Exception as e:
         raise ctio.CTDataError(f"{weights}: cannot restore the training state ({e})") from None
+
+
+def main(argv=None) -> int:
+    return run(prepare(argv))
 
 
 if __name__ == "__main__":

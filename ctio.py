@@ -229,12 +229,15 @@ def _check_decodable(ds, path) -> None:
 def read_dicom(path) -> tuple[np.ndarray, object]:
     """DICOM slice -> (HU float32 [H, W], header without pixel data).
 
-    HU = pixel * RescaleSlope + RescaleIntercept. Pixels equal to PixelPaddingValue and anything
-    below -1024 HU (out-of-field) become -1024 HU. Compressed transfer syntaxes are decoded by
-    pydicom (RLE) and its plug-ins in requirements.txt: pylibjpeg-openjpeg (JPEG 2000),
-    pylibjpeg-libjpeg (JPEG Lossless process 14, JPEG baseline/extended, JPEG-LS), pyjpegls
+    HU = pydicom's modality LUT (RescaleSlope / RescaleIntercept, or a Modality LUT Sequence).
+    Pixels equal to PixelPaddingValue and anything below -1024 HU (out-of-field) become -1024 HU.
+    Compressed transfer syntaxes are decoded by pydicom (RLE) and its plug-ins in
+    requirements.txt: pylibjpeg-openjpeg (JPEG 2000), pylibjpeg-libjpeg (JPEG Lossless process
+    14, JPEG baseline/extended, JPEG-LS), pyjpegls
     (JPEG-LS). A syntax without an installed decoder is a CTDataError naming the package.
     """
+    from pydicom.pixels import apply_modality_lut
+
     ds = read_dicom_header(path, with_pixels=True)
     if "PixelData" not in ds:
         raise CTDataError(f"{path}: DICOM without pixel data")
@@ -247,9 +250,10 @@ def read_dicom(path) -> tuple[np.ndarray, object]:
         raise CTDataError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from None
     if raw.ndim != 2:
         raise CTDataError(f"{path}: expected one 2-D frame, got pixel array of shape {raw.shape}")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    hu = raw.astype(np.float32) * slope + intercept
+    if "ModalityLUTSequence" not in ds:  # absent or EMPTY rescale tags (seen in the wild): identity
+        ds.RescaleSlope = float(ds.get("RescaleSlope") or 1.0)
+        ds.RescaleIntercept = float(ds.get("RescaleIntercept") or 0.0)
+    hu = apply_modality_lut(raw, ds).astype(np.float32)
     pad = ds.get("PixelPaddingValue")
     if pad is not None:
         hu[raw == pad] = HU_MIN
@@ -741,6 +745,19 @@ def window_to_uint8(hu: np.ndarray, window=EVAL_WINDOW) -> np.ndarray:
     return np.round(window01(hu, window) * 255.0).astype(np.uint8)
 
 
+def label_panel(img: np.ndarray, text: str) -> None:
+    """Write ``text`` into the top-left corner of an RGB uint8 panel (white on a black outline,
+    sized with the panel), in place."""
+    import cv2
+
+    scale = max(0.35, min(img.shape[:2]) / 512 * 0.6)
+    org = (max(2, int(6 * scale)), max(10, int(22 * scale)))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    thick = max(1, int(round(scale * 1.5)))
+    cv2.putText(img, text, org, font, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    cv2.putText(img, text, org, font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+
+
 def write_png(path, image: np.ndarray) -> None:
     """Write an 8-bit (gray or BGR) image atomically."""
     import cv2
@@ -830,7 +847,6 @@ def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: s
         del ds.PixelData
     hu = np.asarray(hu, np.float32)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.BitsStored = 16
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = hu.shape
     if "PixelRepresentation" not in ds:

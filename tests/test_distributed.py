@@ -97,19 +97,20 @@ def test_two_workers_train_and_restart_after_interruption(mayo_tree, tmp_path):
     """Two workers train 2 epochs with validation (3 slices of P02: one worker gets a weight-0
     copy at the last step), oneDNN on; only the chief writes. Worker 1 is killed after epoch 1,
     the chief stops with one error line, and the same two commands run again continue from the
-    chief's BackupAndRestore backup; the finished run looks like any other."""
+    chief's state/ (the one checkpoint of every run; worker 1 takes it from the chief, it has no
+    files of its own); the finished run looks like any other."""
     outs = [tmp_path / "run", tmp_path / "run-worker1"]  # different --out: nothing may land in #1
     args = ["--data", mayo_tree, *TRAIN, "--val-slices", "3", "--epochs", "2"]
-    meta = outs[0] / "backup" / "training_metadata.json"
+    meta = outs[0] / "state" / "state.json"
 
     procs, logs = start_workers(tmp_path, outs, args, "first", tf_configs(2))
-    try:  # kill worker 1 once the first epoch is backed up (as a preemption would)
+    try:  # kill worker 1 once the first epoch is saved (as a preemption would)
         deadline = time.monotonic() + TIMEOUT
         while not meta.is_file() and time.monotonic() < deadline:
             assert all(p.poll() is None for p in procs), \
                 "a worker stopped early:\n" + "\n".join(f.read_text() for f in logs)
             time.sleep(0.1)
-        assert meta.is_file(), "no backup after the first epoch:\n" + logs[0].read_text()
+        assert meta.is_file(), "no state after the first epoch:\n" + logs[0].read_text()
     finally:
         kill(procs[1:])
     assert wait_all(procs[:1], timeout=120) == [1]  # the chief notices and stops by itself
@@ -137,7 +138,6 @@ def test_two_workers_train_and_restart_after_interruption(mayo_tree, tmp_path):
     assert weights == [outs[0] / "generator_latest.weights.h5"], weights
     assert (outs[0] / "config.json").is_file()
     assert json.loads((outs[0] / "state" / "state.json").read_text())["epoch"] == 2
-    assert not (outs[0] / "backup").exists(), "the backup is removed when training finishes"
     assert not outs[1].exists()
     assert set((tmp_path / "tmp1").iterdir()) == killed, "the worker's temporary folder stays"
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import make_run
 
 import ctio
+import ctrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,7 +210,8 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
     assert Myevaluation.main(["--pred", str(out)]) == 0
     run = tmp_path / "runB"
     (run / "state").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"train": {"steps_per_epoch": 50}}))
+    ctrun.write_run_config(run, {"model": ctrun.model_config("small"),
+                                 "train": {"steps_per_epoch": 50}})
     (run / "history.csv").write_text("epoch,minutes\n1,1.5\n2,3.25\n3,4.0\n")
     (run / "state" / "state.json").write_text(json.dumps({"best_epoch": 2, "epoch": 3}))
     other = tmp_path / "other"
@@ -238,7 +240,7 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
     assert ctio.PROTOCOL in lines
 
     # A snapshot's epoch wins over the last one; folders that scored other slices are refused.
-    assert Myevaluation.run_training_summary(str(run), "x/generator_epoch0001.weights.h5") == \
+    assert ctrun.training_summary(str(run), "x/generator_epoch0001.weights.h5") == \
         {"epochs": 1, "minutes": 1.5, "steps": 50, "snapshot": True}
     with open(other / "metrics.csv") as f:
         head, *rows_csv = f.readlines()

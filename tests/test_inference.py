@@ -16,6 +16,7 @@ import pytest
 from conftest import make_run
 
 import ctio
+import ctrun
 import Mysimulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_ld_only_odd_size(tiny_run, tmp_path):
 def test_tiling_and_padding_match_input(tiny_run):
     import Mytest
 
-    gen = Mytest.load_generator(Mytest.read_run_config(tiny_run),
+    gen = Mytest.load_generator(ctrun.read_run_config(tiny_run)["model"],
                                 tiny_run / "generator_best.weights.h5")
     rng = np.random.default_rng(3)
     imgs = [np.maximum(phantom((100, 76), rng) + rng.normal(0, 20, (100, 76)), -1024)
@@ -207,7 +208,7 @@ def test_mismatched_weights_are_one_ctdataerror(tiny_run, tmp_path):
 
     other = make_run(tmp_path / "tiny", base=4, depth=DEPTH)
     with pytest.raises(ctio.CTDataError, match="cannot load generator weights") as e:
-        Mytest.load_generator(Mytest.read_run_config(tiny_run),
+        Mytest.load_generator(ctrun.read_run_config(tiny_run)["model"],
                               other / "generator_best.weights.h5")
     assert str(other / "generator_best.weights.h5") in str(e.value)
     assert "\n" not in str(e.value)
@@ -248,10 +249,10 @@ def test_cheap_argument_errors(tiny_run, mayo, tmp_path, monkeypatch):
     with pytest.raises(ctio.CTDataError, match="no HDF5 signature"):
         Mytest.main(base + ["--weights", str(notes)])
     # --run defaults to the newest runs/*/ with a config.json
-    monkeypatch.setattr(Mytest, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(ctrun, "RUNS_DIR", tmp_path / "runs")
     with pytest.raises(ctio.CTDataError, match="no training run"):
-        Mytest.find_latest_run(Mytest.RUNS_DIR)
-    assert Mytest.find_latest_run(tiny_run.parent) == tiny_run
+        ctrun.find_latest_run()
+    assert ctrun.find_latest_run(tiny_run.parent) == tiny_run
     # errors before TensorFlow: a CLI failure here is one line and fast
     res = run_cli("--data", mayo, "--run", tiny_run, "--window", "1", "1")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
@@ -268,7 +269,7 @@ def test_defaults_demo_data_and_newest_run(tiny_run, mayo, tmp_path, monkeypatch
     write_mayo(mayo_copy, "P1", (32, 40), 2, seed=6)
     monkeypatch.setattr(Mytest, "DEMO_DIR", mayo_copy)
     monkeypatch.setattr(Mytest, "demo_test_patient", lambda: "P1")
-    monkeypatch.setattr(Mytest, "RUNS_DIR", tiny_run.parent)
+    monkeypatch.setattr(ctrun, "RUNS_DIR", tiny_run.parent)
     assert Mytest.main(["--no-figures"]) == 0
     rows = read_rows(tiny_run / "test")
     assert {r["patient"] for r in rows} == {"P1"} and len(rows) == 2

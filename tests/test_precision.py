@@ -146,7 +146,7 @@ def test_mytrain_bfloat16_trains_and_records_precision(mayo_tree, tmp_path):
                 "--epochs", "1", "--val-slices", "1", "--verbose", "2", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     train = json.loads((out / "config.json").read_text())["train"]
-    assert train["precision"] == "bfloat16" and train["mixed_precision"] is False
+    assert train["precision"] == "bfloat16" and "mixed_precision" not in train  # one key
     with open(out / "history.csv") as f:
         row = next(csv.DictReader(f))
     assert all(np.isfinite(float(row[k])) for k in ("l1_content", "l1_noise", "val_psnr"))

@@ -41,6 +41,7 @@ import pytest
 from conftest import REPO, history_epochs, make_run, write_mayo_tree
 
 import ctio
+import ctrun
 
 SCRIPTS = ("MyDataLoader_train.py", "MyDataLoader_test.py", "Mytrain.py", "Mytest.py",
            "Mysimulate.py", "Myevaluation.py")
@@ -437,10 +438,9 @@ def _args(script: str, t: Path, data: Path, run: Path) -> list:
 
 def _another_models_outputs(out: Path) -> Path:
     """OUT holding outputs of other weights (Mytest.py must not mix two models in one folder)."""
-    import Mytest
 
     out.mkdir()
-    row = dict.fromkeys(Mytest.MANIFEST_FIELDS, "")
+    row = dict.fromkeys(ctrun.MANIFEST_FIELDS, "")
     row.update(patient="P01", slice_id="0000", pred_npy="P01/0000.npy",
                weights="/elsewhere/other.weights.h5", weights_sha256="0" * 64)
     write_csv(out / "manifest.csv", [row])
@@ -568,7 +568,8 @@ def _resume_truncated_state(root: Path, run: Path) -> Case:
     args = Mytrain.parse_args(["--data", str(data), *TINY, "--epochs", "1"])
     train = {k: v for k, v in vars(args).items() if k not in ("resume", "verbose", "strategy",
                                                                "out")}
-    cfg = {"version": Mytrain.CONFIG_VERSION, "model": Mymodel.model_config("small"),
+    cfg = {"version": 1,  # an older config.json: migrated on --resume
+            "model": Mymodel.model_config("small"),
            "normalization": {"hu_min": ctio.HU_MIN, "hu_max": ctio.HU_MAX}, "train": train}
     (out / "config.json").write_text(json.dumps(cfg))
     good = (run / "generator_latest.weights.h5").read_bytes()
