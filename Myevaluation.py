@@ -969,6 +969,7 @@ QA_ROI_PER_DIAMETER = 2.0  # d' ROIs: squares of 2 insert diameters
 QA_CNR_CORE = 0.6  # CNR: mean over the central disc of 0.6 insert radii (edge blur excluded)
 QA_NPS_MARGIN_MM = 4.0  # NPS ROIs keep this far from inserts and the body edge
 QA_REFERENCE_DOSE = 0.25  # dose equivalence: the dose at which FBP matches CNCL at this dose
+QA_WINDOW = (-40.0, 60.0)  # phantom.png: full dose | LDCT | CNCL, one realisation at 25 %
 QA_PROTOCOL = (
     "TTF: mean image over the realisations; radial ESF around the insert's known centre in "
     f"{QA_ESF_BIN_PX:g} px bins out to 2 insert radii; LSF = dESF/dr (numpy.gradient) times a "
@@ -983,6 +984,8 @@ QA_PROTOCOL = (
     "d' = (mean t_SP - mean t_SA) / sqrt((var t_SP + "
     "var t_SA) / 2); AUC = Mann-Whitney U / (n_SP n_SA) (scipy.stats.mannwhitneyu); signal "
     "absent = the 8 background positions of the insert's ring in every realisation. "
+    "Background structure: std of the realisation-mean image in uniform water with its "
+    "remaining noise (noise variance / N) removed. "
     "NPS: noise = (X_k - mean_k X) * sqrt(N / (N - 1)), 32x32 ROIs (50 % overlap) in uniform "
     "water away from inserts, plane removed, AAPM TG-233 NPS. "
     "Dose equivalence: the FBP dose whose mean d' (over the 16 low-contrast inserts) equals "
@@ -1211,6 +1214,29 @@ def dose_equivalent(doses, dprimes, target: float) -> tuple[Optional[float], str
     return None, "not determined (d' flat on the ladder)"
 
 
+def per_insert_equivalence(results: dict, names: list, doses: list) -> dict:
+    """Dose equivalence of every low-contrast insert (:func:`dose_equivalent` of its own FBP d'
+    against CNCL's at QA_REFERENCE_DOSE) and their median: inserts beyond the ladder count as
+    above its top dose, those below it as under its lowest, so the median is defined whenever
+    more than half of the inserts fall inside the ladder."""
+    ref = names[doses.index(QA_REFERENCE_DOSE)]
+    per, ranks = {}, []
+    for ins, det in results[ref]["cncl"]["detect"].items():
+        fbp = [results[n]["ldct"]["detect"][ins]["dprime"] for n in names]
+        dose, note = dose_equivalent(doses, fbp, det["dprime"])
+        per[ins] = {"fbp_equivalent_dose": dose, "note": note}
+        ranks.append(dose if dose is not None else
+                     (math.inf if note.startswith("beyond") else
+                      0.0 if note.startswith("below") else math.nan))
+    ranks = [r for r in ranks if not math.isnan(r)]
+    median = float(np.median(ranks)) if ranks else math.nan
+    if not math.isfinite(median) or not min(doses) <= median <= max(doses):
+        median = None
+    return {"per_insert": per, "median_fbp_equivalent_dose": median,
+            "inserts_beyond": sum(r == math.inf for r in ranks),
+            "inserts_below": sum(r == 0.0 for r in ranks)}
+
+
 def read_qa_truth(qa_dir: Path) -> dict:
     """QA_DIR/qa_truth.json, checked: a folder written by Mysimulate.py --qa."""
     import Mysimulate
@@ -1253,6 +1279,10 @@ def qa_measure(images: np.ndarray, truth: dict, mask: np.ndarray) -> dict:
     px = truth["pixel_mm"]
     noise = qa_noise(images, mask, px)
     mean = images.mean(axis=0)
+    # deterministic structure of the uniform water: the variance of the realisation-mean image
+    # minus its remaining noise (noise variance / N)
+    structure = float(np.var(mean[mask]) - noise["noise_std"] ** 2 / len(images))
+    noise["structure_std"] = math.sqrt(max(structure, 0.0))
     ttf = {ins["name"]: qa_ttf(mean, ins, px, noise["noise_std"], len(images))
            for ins in _ttf_inserts(truth)}
     det = {}
@@ -1307,6 +1337,8 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
     fd_ttf = {ins["name"]: qa_ttf(fd[0], ins, px) for ins in _ttf_inserts(truth)}
     results: dict = {}
     n_images = 0
+    ref = min(truth["doses"], key=lambda d: abs(d - QA_REFERENCE_DOSE))
+    examples = {"fd": fd[0]}
     for dose in truth["doses"]:
         name = _series_of(truth, dose)
         ld = read_qa_series(qa_dir, truth, name)
@@ -1315,6 +1347,8 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
         methods = {"ldct": ld, "gaussian": np.stack([gaussian_baseline(x, sigma) for x in ld]),
                    "cncl": cncl}
         results[name] = {m: qa_measure(imgs, truth, mask) for m, imgs in methods.items()}
+        if dose == ref:
+            examples.update({m: imgs[0] for m, imgs in methods.items()})
         n_images += len(ld)
         print(f"qa: dose {dose:g}: {len(ld)} realisations measured "
               f"({time.time() - start:.0f} s)", flush=True)
@@ -1327,7 +1361,8 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
         dose, note = dose_equivalent(doses, [results[n]["ldct"]["mean_dprime"] for n in names],
                                      target)
         equivalence = {"cncl_dose": QA_REFERENCE_DOSE, "cncl_mean_dprime": target,
-                       "fbp_equivalent_dose": dose, "note": note}
+                       "fbp_equivalent_dose": dose, "note": note,
+                       **per_insert_equivalence(results, names, doses)}
     report = {
         "qa_dir": str(qa_dir.resolve()), "run": str(run_dir.resolve()),
         "weights": str(weights), "gaussian_sigma": sigma, "protocol": QA_PROTOCOL,
@@ -1335,6 +1370,7 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
         "full_dose": truth.get("full_dose"), "seconds": round(elapsed, 1),
         "images_per_s": round(n_images / max(elapsed, 1e-9), 3),
         "full_dose_ttf": {k: _json_ttf(v) for k, v in fd_ttf.items()},
+        "full_dose_structure": float(np.std(fd[0][mask])),
         "dose_equivalence": equivalence,
         "per_dose": {n: {m: {"noise": r["noise"], "mean_dprime": r["mean_dprime"],
                              "mean_auc": r["mean_auc"], "detect": r["detect"],
@@ -1348,6 +1384,8 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
     with ctio.atomic_path(out_dir / "qa.md") as tmp:
         tmp.write_text(text + "\n")
     plot_qa(out_dir, report)
+    strip = np.concatenate([examples[m] for m in ("fd", "ldct", "cncl")], axis=1)
+    ctio.write_png(out_dir / "phantom.png", ctio.window_to_uint8(strip, QA_WINDOW))
     report["out"] = str(out_dir)
     report["text"] = text
     return report
@@ -1389,17 +1427,20 @@ def qa_tables(report: dict) -> str:
              f"{report['realisations']} realisations per dose, {report['pixel_mm']:g} mm pixels; "
              f"full dose = {report['full_dose']}", "",
              "Dose ladder (noise, NPS, resolution, detectability):", "",
-             f"| dose | method | noise std (HU) | NPS mean freq (cycles/mm) | MTF50 {rod} "
-             f"(cycles/mm) | MTF50 {low} (cycles/mm) | mean d' | mean AUC |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| dose | method | noise std (HU) | NPS mean freq (cycles/mm) | background "
+             f"structure (HU) | MTF50 {rod} (cycles/mm) | MTF50 {low} (cycles/mm) | mean d' | "
+             "mean AUC |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fd = report["full_dose_ttf"]
-    lines.append(f"| full | {QA_LABELS['fd']} | 0 | | {_f(fd[rod]['mtf50'], 3)} | "
+    fds = report.get("full_dose_structure")
+    lines.append(f"| full | {QA_LABELS['fd']} | 0 | | {_f(fds)} | {_f(fd[rod]['mtf50'], 3)} | "
                  f"{_f(fd[low]['mtf50'], 3) if low else ''} | | |")
     for n in names:
         for m, r in report["per_dose"][n].items():
             lines.append(
                 f"| {doses[n]:.0%} | {QA_LABELS[m]} | {r['noise']['noise_std']:.2f} | "
-                f"{r['noise']['nps_mean_freq']:.3f} | {_f(r['ttf'][rod]['mtf50'], 3)} | "
+                f"{r['noise']['nps_mean_freq']:.3f} | {_f(r['noise']['structure_std'])} | "
+                f"{_f(r['ttf'][rod]['mtf50'], 3)} | "
                 f"{_f(r['ttf'][low]['mtf50'], 3) if low else ''} | {_f(r['mean_dprime'])} | "
                 f"{_f(r['mean_auc'], 3)} |")
     lines += ["", "TTF: MTF50 / MTF10 (cycles/mm) per insert ('n/m': total CNR below "
@@ -1433,6 +1474,13 @@ def qa_tables(report: dict) -> str:
                else "-")
         lines.append(f"Dose equivalence: CNCL at {eq['cncl_dose']:.0%} has mean d' "
                      f"{_f(eq['cncl_mean_dprime'])}; FBP reaches it at {got} ({eq['note']}).")
+        med = eq["median_fbp_equivalent_dose"]
+        lines.append(
+            "Per insert (each insert's FBP d' against CNCL's, same interpolation): median "
+            + (f"{med:.0%}" if med is not None else "outside the ladder")
+            + f" of full dose; {eq['inserts_beyond']} of {len(eq['per_insert'])} inserts beyond "
+            f"the ladder (FBP needs > {max(report['doses']):.0%}), {eq['inserts_below']} below "
+            f"it (FBP at {min(report['doses']):.0%} already does better).")
     else:
         lines.append(f"Dose equivalence: not computed (the ladder has no "
                      f"{QA_REFERENCE_DOSE:.0%} dose or only one dose).")
@@ -1597,7 +1645,8 @@ def main(argv=None) -> int:
         report = qa_evaluate(args.qa, args.run, args.out, batch=min(args.batch, 4), sigma=sigma,
                              weights=args.weights)
         print(report["text"])
-        print(f"QA report: {report['out']}/qa.md, qa.json, ttf.png, dprime.png, nps.png")
+        print(f"QA report: {report['out']}/qa.md, qa.json, ttf.png, dprime.png, nps.png, "
+              "phantom.png")
         return 0
     return score(args)
 

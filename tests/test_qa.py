@@ -173,7 +173,8 @@ def test_myevaluation_qa_end_to_end(qa_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Dose ladder" in printed and "Dose equivalence" in printed
     report = json.loads((out / "qa.json").read_text())
-    for name in ("qa.md", "ttf.png", "dprime.png", "nps.png"):
+    for name in ("qa.md", "ttf.png", "dprime.png", "nps.png",
+                 "phantom.png"):
         assert (out / name).stat().st_size > 0
     ld = {d: report["per_dose"][d]["ldct"] for d in ("dose100", "dose025")}
     assert ld["dose025"]["noise"]["noise_std"] / ld["dose100"]["noise"]["noise_std"] == \
@@ -187,7 +188,10 @@ def test_myevaluation_qa_end_to_end(qa_dir, tmp_path, capsys):
     assert fd["ttf"][0] == pytest.approx(1.0) and 0 < fd["mtf50"] < 0.5 / 1.33
     assert set(report["per_dose"]["dose025"]["cncl"]["detect"]) == {
         f"{d:g}mm_{c:+g}HU" for d in (10, 7, 5, 3) for c in (14, 7, 5, 3)}
-    assert report["dose_equivalence"]["cncl_dose"] == 0.25
+    eq = report["dose_equivalence"]
+    assert eq["cncl_dose"] == 0.25 and len(eq["per_insert"]) == 16
+    # an untrained (identity) generator: CNCL is the input, so FBP matches it at 25 %
+    assert eq["fbp_equivalent_dose"] == pytest.approx(0.25, rel=0.02)
 
 
 def cli(*args):
