@@ -960,7 +960,6 @@ def nps_sim_table(report: dict) -> str:
 # Measurements on the phantom of Mysimulate.py --qa (see README "Image quality beyond PSNR"):
 # task transfer function (TTF) from the radial edge of circular inserts, contrast-to-noise ratio,
 # a non-prewhitening matched-filter (NPW) observer's d' and AUC, the NPS, all against dose.
-QA_METHODS = ("ldct", "gaussian", "cncl")  # FBP input, the Gaussian baseline, the network
 QA_ESF_BIN_PX = 0.1  # radial ESF bins (oversampled: pixels at many sub-pixel distances)
 QA_TTF_PAD = 4096  # LSF samples after zero padding (frequency step 1 / (4096 * 0.1 px))
 QA_TTF_TAPER = 0.5  # Tukey window on the LSF: flat over the middle half, cosine (Hann) edges
@@ -999,8 +998,9 @@ def radial_esf(image: np.ndarray, centre_px, r_max_px: float,
     filled by linear interpolation between their neighbours."""
     r0, c0 = (float(v) for v in centre_px)
     m = int(np.ceil(r_max_px)) + 1
-    ys = slice(max(int(r0) - m, 0), int(r0) + m + 1)
-    xs = slice(max(int(c0) - m, 0), int(c0) + m + 1)
+    h, w = np.shape(image)
+    ys = slice(max(int(r0) - m, 0), min(int(r0) + m + 1, h))
+    xs = slice(max(int(c0) - m, 0), min(int(c0) + m + 1, w))
     yy, xx = np.mgrid[ys, xs]
     r = np.hypot(yy - r0, xx - c0).ravel()
     v = np.asarray(image, np.float64)[ys, xs].ravel()
