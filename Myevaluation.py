@@ -963,6 +963,7 @@ def nps_sim_table(report: dict) -> str:
 QA_ESF_BIN_PX = 0.1  # radial ESF bins (oversampled: pixels at many sub-pixel distances)
 QA_TTF_PAD = 4096  # LSF samples after zero padding (frequency step 1 / (4096 * 0.1 px))
 QA_TTF_TAPER = 0.5  # Tukey window on the LSF: flat over the middle half, cosine (Hann) edges
+QA_TTF_BOOTSTRAP = 50  # resamples of the realisations for the MTF50's standard deviation
 QA_TTF_MIN_CNR_TOTAL = 15.0  # TTF reported as measurable from this total CNR on (see qa_ttf)
 QA_ROI_PER_DIAMETER = 2.0  # d' ROIs: squares of 2 insert diameters
 QA_CNR_CORE = 0.6  # CNR: mean over the central disc of 0.6 insert radii (edge blur excluded)
@@ -974,7 +975,8 @@ QA_PROTOCOL = (
     f"{QA_ESF_BIN_PX:g} px bins out to 2 insert radii; LSF = dESF/dr (numpy.gradient) times a "
     f"Tukey window (alpha {QA_TTF_TAPER:g}); TTF = |FFT(LSF)| / |FFT(LSF)|(0); MTF50 / MTF10 = "
     "first crossing of 0.5 / 0.1 (linear interpolation), cycles/mm; 'n/m' where the total CNR "
-    f"(CNR x sqrt(insert pixels x realisations)) is below {QA_TTF_MIN_CNR_TOTAL:g}. "
+    f"(CNR x sqrt(insert pixels x realisations)) is below {QA_TTF_MIN_CNR_TOTAL:g}; MTF50 sd: "
+    f"bootstrap over the realisations ({QA_TTF_BOOTSTRAP} resamples, seed 0). "
     "CNR: (mean over the central 0.6-radius disc of the insert - the same disc at the ring's "
     "signal-absent positions) / pixel std of the signal-absent ROIs. "
     "d': non-prewhitening matched filter, template = mean signal-present ROI - mean "
@@ -1073,6 +1075,29 @@ def qa_ttf(mean_image: np.ndarray, insert: dict, pixel_mm: float,
             "cnr_total": cnr_total if math.isfinite(cnr_total) else None, "measurable": ok,
             "mtf50": mtf_crossing(freq, ttf, 0.5) if ok else None,
             "mtf10": mtf_crossing(freq, ttf, 0.1) if ok else None}
+
+
+def mtf50_bootstrap_sd(images: np.ndarray, insert: dict, pixel_mm: float,
+                       resamples: int = QA_TTF_BOOTSTRAP) -> Optional[float]:
+    """Bootstrap standard deviation of an insert's MTF50: the realisations resampled with
+    replacement (seed 0), the TTF of each resample's mean image (only the insert's window is
+    averaged). None with fewer than 4 realisations or when a resample has no MTF50."""
+    if len(images) < 4:
+        return None
+    radius = float(insert["radius_px"])
+    m = int(np.ceil(radius + max(radius, 4.0))) + 2
+    r0, c0 = (int(v) for v in insert["centre_px"])
+    crop = np.asarray(images[:, r0 - m:r0 + m + 1, c0 - m:c0 + m + 1], np.float64)
+    local = {**insert, "centre_px": [m, m]}
+    rng = np.random.default_rng(0)
+    got = []
+    for _ in range(resamples):
+        mean = crop[rng.integers(0, len(crop), len(crop))].mean(axis=0)
+        t = qa_ttf(mean, local, pixel_mm)
+        if t["mtf50"] is None:
+            return None
+        got.append(t["mtf50"])
+    return float(np.std(got, ddof=1))
 
 
 def _square(image: np.ndarray, centre_px, side: int) -> np.ndarray:
@@ -1285,6 +1310,8 @@ def qa_measure(images: np.ndarray, truth: dict, mask: np.ndarray) -> dict:
     noise["structure_std"] = math.sqrt(max(structure, 0.0))
     ttf = {ins["name"]: qa_ttf(mean, ins, px, noise["noise_std"], len(images))
            for ins in _ttf_inserts(truth)}
+    for ins in _ttf_inserts(truth):
+        ttf[ins["name"]]["mtf50_sd"] = mtf50_bootstrap_sd(images, ins, px)
     det = {}
     for ins in truth["inserts"]:
         if ins["kind"] != "low-contrast":
@@ -1416,6 +1443,11 @@ QA_LABELS = {"ldct": "FBP (LDCT input)", "gaussian": "Gaussian filter", "cncl": 
              "fd": "full dose (noiseless FBP)"}
 
 
+def _mtf50_text(t: dict) -> str:
+    sd = t.get("mtf50_sd")
+    return _f(t["mtf50"], 3) + (f" ±{sd:.3f}" if sd is not None else "")
+
+
 def qa_tables(report: dict) -> str:
     """The QA report as markdown: dose ladder, TTF, detectability, dose equivalence."""
     names = list(report["per_dose"])
@@ -1440,11 +1472,11 @@ def qa_tables(report: dict) -> str:
             lines.append(
                 f"| {doses[n]:.0%} | {QA_LABELS[m]} | {r['noise']['noise_std']:.2f} | "
                 f"{r['noise']['nps_mean_freq']:.3f} | {_f(r['noise']['structure_std'])} | "
-                f"{_f(r['ttf'][rod]['mtf50'], 3)} | "
-                f"{_f(r['ttf'][low]['mtf50'], 3) if low else ''} | {_f(r['mean_dprime'])} | "
+                f"{_mtf50_text(r['ttf'][rod])} | "
+                f"{_mtf50_text(r['ttf'][low]) if low else ''} | {_f(r['mean_dprime'])} | "
                 f"{_f(r['mean_auc'], 3)} |")
-    lines += ["", "TTF: MTF50 / MTF10 (cycles/mm) per insert ('n/m': total CNR below "
-              f"{QA_TTF_MIN_CNR_TOTAL:g}):", "",
+    lines += ["", "TTF: MTF50 ±sd / MTF10 (cycles/mm) per insert ('n/m': total CNR below "
+              f"{QA_TTF_MIN_CNR_TOTAL:g}; sd: bootstrap over the realisations):", "",
               "| dose | method | " + " | ".join(ttf_names) + " |",
               "|---|---|" + "---|" * len(ttf_names)]
     lines.append(f"| full | {QA_LABELS['fd']} | " + " | ".join(
@@ -1452,7 +1484,7 @@ def qa_tables(report: dict) -> str:
     for n in names:
         for m, r in report["per_dose"][n].items():
             lines.append(f"| {doses[n]:.0%} | {QA_LABELS[m]} | " + " | ".join(
-                f"{_f(r['ttf'][k]['mtf50'], 3)} / {_f(r['ttf'][k]['mtf10'], 3)}"
+                f"{_mtf50_text(r['ttf'][k])} / {_f(r['ttf'][k]['mtf10'], 3)}"
                 for k in ttf_names) + " |")
     inserts = list(report["per_dose"][names[0]]["ldct"]["detect"])
     methods = list(report["per_dose"][names[0]])

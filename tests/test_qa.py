@@ -78,6 +78,15 @@ def test_blurring_lowers_mtf50():
     assert soft < 0.8 * sharp
 
 
+def test_mtf50_bootstrap_sd_grows_with_noise():
+    img = blurred_disc(96, 15.0, 14.0, 1.0)
+    rng = np.random.default_rng(4)
+    ins = insert(96, 15.0)
+    assert E.mtf50_bootstrap_sd(np.stack([img] * 8), ins, PX) == pytest.approx(0.0, abs=1e-12)
+    sd = [E.mtf50_bootstrap_sd(img + rng.normal(0, s, (8, 96, 96)), ins, PX) for s in (2.0, 6.0)]
+    assert 0 < sd[0] < sd[1]
+
+
 def test_mtf_crossing_interpolates():
     f = np.array([0.0, 0.1, 0.2, 0.3])
     assert E.mtf_crossing(f, np.array([1.0, 0.8, 0.4, 0.1]), 0.5) == pytest.approx(0.175)
