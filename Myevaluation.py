@@ -860,11 +860,7 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     records = [r for r in ds.records if r.fd_path][:max_slices]
     if not records:
         raise ctio.CTDataError(f"{fd_path}: no full-dose slices found")
-    run_dir = Path(run) if run else ctrun.find_latest_run()
-    if not run_dir.is_dir():
-        raise ctio.CTDataError(f"{run_dir}: run folder not found")
-    model = ctrun.read_run_config(run_dir)["model"]
-    weights = ctrun.generator_weights(run_dir, "best")
+    run_dir, model, weights = Mytest.resolve_run(run)
     out_dir = Path(out) if out else run_dir / "nps_sim"
     denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
     acc = NoiseAccumulator()
@@ -1311,13 +1307,8 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
 
     qa_dir = Path(qa_dir)
     truth = read_qa_truth(qa_dir)
-    run_dir = Path(run) if run else Mytest.find_latest_run()
-    if not run_dir.is_dir():
-        raise ctio.CTDataError(f"{run_dir}: run folder not found")
-    model = Mytest.read_run_config(run_dir)
-    weights = Path(weights) if weights else Mytest.default_weights(run_dir)
-    Mytest.check_weights_file(weights)
-    out_dir = Path(out) if out else qa_dir / f"eval_{run_dir.resolve().name}"
+    run_dir, model, weights = Mytest.resolve_run(run, weights)
+    out_dir = Path(out) if out else qa_dir / f"eval_{run_dir.name}"
     denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
     px = truth["pixel_mm"]
     start = time.time()

@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def resolve_run(run: Optional[str], weights: Optional[str] = None) -> tuple[Path, dict, Path]:
+    """``(run folder, model config, weights file)``, all checked, without TensorFlow: RUN (default
+    the newest under runs/) and WEIGHTS (default its generator_best, else generator_latest)."""
+    run_dir = Path(run) if run else ctrun.find_latest_run()
+    if not run_dir.is_dir():
+        raise ctio.CTDataError(f"{run_dir}: run folder not found")
+    model = ctrun.read_run_config(run_dir)["model"]
+    path = Path(weights) if weights else ctrun.generator_weights(run_dir, "best")
+    check_weights_file(path)
+    return run_dir.resolve(), model, path
+
+
 def check_weights_file(path: Path) -> None:
     if not path.is_file():
         raise ctio.CTDataError(f"{path}: weights file not found")
@@ -187,13 +199,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     if "npy" not in formats:
         formats = [*formats, "npy"]
 
-    run_dir = Path(args.run) if args.run else ctrun.find_latest_run()
-    if not run_dir.is_dir():
-        raise ctio.CTDataError(f"{run_dir}: run folder not found")
-    run_dir = run_dir.resolve()
-    model = ctrun.read_run_config(run_dir)["model"]
-    weights = Path(args.weights) if args.weights else ctrun.generator_weights(run_dir, "best")
-    check_weights_file(weights)
+    run_dir, model, weights = resolve_run(args.run, args.weights)
 
     patients = args.patients
     if args.data is None:
