@@ -7,7 +7,7 @@ CT_SAMPLE_DATA ?= $(abspath ../shared/data)
 export CT_SAMPLE_DATA
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv test test-fast lint demo train-mayo train-mayo-psnr eval-mayo curve-mayo ablate-mayo \
+.PHONY: venv test test-fast lint demo qa train-mayo train-mayo-psnr eval-mayo curve-mayo ablate-mayo \
 	bench clean
 
 venv: $(STAMP)
@@ -42,6 +42,14 @@ demo: $(STAMP)
 	$(BIN)/python Mytest.py --run $(DEMO_RUN) --out $(DEMO_RUN)/test
 	$(BIN)/python Myevaluation.py --pred $(DEMO_RUN)/test
 	@echo "figures:"; ls -1 $(DEMO_RUN)/test/figures/*.png
+
+# Image-quality phantom (README "Image quality beyond PSNR"): TTF / MTF50, CNR, NPW d' / AUC and
+# the dose ladder of a run (default the demo run) on the digital QA phantom (built once).
+QA_DIR ?= data/qa
+QA_RUN ?= $(DEMO_RUN)
+qa: $(STAMP)
+	test -f $(QA_DIR)/qa_truth.json || $(BIN)/python Mysimulate.py --qa $(QA_DIR)
+	$(BIN)/python Myevaluation.py --qa $(QA_DIR) --run $(QA_RUN)
 
 # Throughput, MFU, loader ratio and memory (see README "Benchmark"); figures, not assertions.
 bench: $(STAMP)
