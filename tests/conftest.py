@@ -1,6 +1,9 @@
-"""Shared test fixtures: the repository on sys.path, the real-data folder, quiet TF."""
+"""Shared test helpers: the repository on sys.path, the real-data folder, quiet TF, one CLI
+runner (``cli``) and one check of a clean failure (``assert_one_error_line``), tiny DICOM trees
+and run folders."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +12,31 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+# The one environment of every CLI a test runs: TF quiet, no debug tracebacks, warnings default.
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": ""}
+ENV.pop("CNCL_DEBUG", None)
+
+
+def cli(script: str, *args, timeout: float = 600, env: dict = None) -> subprocess.CompletedProcess:
+    """Run ``python SCRIPT ARGS`` from the repository like a user (output captured); ``env``
+    entries are added to :data:`ENV`."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**ENV, **(env or {})})
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *needles, code: int = None) -> None:
+    """``proc`` failed cleanly: non-zero exit (``code`` if given), exactly one stderr line that
+    starts with "error: ", no traceback, every needle in that line."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 if code is None else proc.returncode == code, \
+        (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert str(needle) in lines[0], lines[0]
 
 
 def sample_data() -> Path:

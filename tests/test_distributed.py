@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import history_epochs
+from conftest import REPO, assert_one_error_line, cli, history_epochs
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "3",
          "--val-slices", "1", "--verbose", "2", "--strategy", "multiworker"]
 TIMEOUT = 240  # seconds for one multi-worker run (about 60-90 s on 2 busy cores)
@@ -289,25 +288,17 @@ W2 = {"worker": ["127.0.0.1:20001", "127.0.0.1:20002"]}
                  "task": {"type": "worker", "index": 0}}), "twice"),
 ])
 def test_malformed_tf_config_is_one_error_line(tmp_path, tf_config, needle):
-    start_time = time.monotonic()
-    p = subprocess.run([sys.executable, str(REPO / "Mytrain.py"), "--out", str(tmp_path / "run"),
-                        "--data", str(tmp_path / "no-data")], capture_output=True, text=True,
-                       cwd=REPO, timeout=60, env={**os.environ, "TF_CONFIG": tf_config})
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert lines[0].startswith("error: TF_CONFIG") and needle in lines[0], lines[0]
-    assert time.monotonic() - start_time < 20
+    p = cli("Mytrain.py", "--out", tmp_path / "run", "--data", tmp_path / "no-data",
+            timeout=60, env={"TF_CONFIG": tf_config})
+    assert_one_error_line(p, "error: TF_CONFIG", needle, code=2)
     assert not (tmp_path / "run").exists()
 
 
 def test_tf_config_needs_the_multiworker_strategy(tmp_path):
     cfg = json.dumps({"cluster": W2, "task": {"type": "worker", "index": 1}})
-    p = subprocess.run([sys.executable, str(REPO / "Mytrain.py"), "--strategy", "default",
-                        "--out", str(tmp_path / "run")], capture_output=True, text=True,
-                       cwd=REPO, timeout=60, env={**os.environ, "TF_CONFIG": cfg})
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "--strategy default with TF_CONFIG" in p.stderr
+    p = cli("Mytrain.py", "--strategy", "default", "--out", tmp_path / "run", timeout=60,
+            env={"TF_CONFIG": cfg})
+    assert_one_error_line(p, "--strategy default with TF_CONFIG", code=2)
 
 
 def test_worker_role(monkeypatch):

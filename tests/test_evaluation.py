@@ -8,19 +8,14 @@ analytic cases.
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_run
+from conftest import cli, make_run
 
 import ctio
 import ctrun
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_npy_pairs(root: Path, sizes: dict, with_fd: bool = True, seed: int = 0) -> Path:
@@ -64,9 +59,7 @@ def denoised(run_dir, tmp_path_factory):
 
 
 def run_eval_cli(*args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, str(REPO / "Myevaluation.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    return cli("Myevaluation.py", *args, timeout=180)
 
 
 # The published conventions, spelled out here independently of ctio.METRIC_PROTOCOLS:

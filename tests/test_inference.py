@@ -6,20 +6,16 @@ normalisation and every writer without a trained model.
 """
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_run
+from conftest import cli, make_run
 
 import ctio
 import ctrun
 import Mysimulate
 
-REPO = Path(__file__).resolve().parents[1]
 BASE, DEPTH = 8, 3  # tiny generator; depth 3 -> slices are padded to multiples of 8
 
 
@@ -70,9 +66,7 @@ def stamp(path: Path) -> tuple:
 
 
 def run_cli(*args, timeout=180):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, str(REPO / "Mytest.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return cli("Mytest.py", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

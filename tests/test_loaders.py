@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from conftest import assert_one_error_line, cli
 from numpy.lib.stride_tricks import sliding_window_view
 from pydicom.uid import JPEG2000Lossless
 
@@ -25,7 +24,6 @@ import ctio
 import MyDataLoader_test as test_loader
 import MyDataLoader_train as train_loader
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("MyDataLoader_train.py", "MyDataLoader_test.py")
 SHAPE = (16, 16)
 
@@ -356,18 +354,11 @@ def test_whole_slices_of_mixed_sizes_are_an_error(tmp_path, tf):
 
 
 # --- the check-my-data scripts ------------------------------------------------------------------
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": ""}
-ENV.pop("CNCL_DEBUG", None)
-
-
 def run_scripts(*args, scripts=SCRIPTS) -> dict:
     """Run the scripts concurrently with ``args``: {script: CompletedProcess}."""
-    def one(script):
-        return subprocess.run([sys.executable, str(REPO / script), *map(str, args)],
-                              capture_output=True, text=True, env=ENV, timeout=300)
-
     with ThreadPoolExecutor(len(scripts)) as pool:
-        return dict(zip(scripts, pool.map(one, scripts)))
+        return dict(zip(scripts, pool.map(lambda script: cli(script, *args, timeout=300),
+                                          scripts)))
 
 
 def assert_summary(out: str, layout: str, patients, pairs: int) -> None:
@@ -375,15 +366,6 @@ def assert_summary(out: str, layout: str, patients, pairs: int) -> None:
     line = next(x for x in out.splitlines() if x.startswith("patients:"))
     assert all(p in line for p in patients), out
     assert re.search(rf"pairs:\s*{pairs}\b", out), out
-
-
-def assert_one_clean_error(proc, *names) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0, proc.stdout
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for name in names:
-        assert str(name) in lines[0], lines[0]
 
 
 def good_mayo(root):
@@ -423,7 +405,7 @@ def test_scripts_layout_override_and_unknown_layout(tmp_path):
     for i in range(2):
         write_ct(tmp_path / "full_input" / f"{i}.dcm", np.zeros(SHAPE), z=float(i))
     auto = run_scripts("--data", tmp_path, scripts=SCRIPTS[1:])[SCRIPTS[1]]
-    assert_one_clean_error(auto, "only full-dose")
+    assert_one_error_line(auto, "only full-dose")
     forced = run_scripts("--data", tmp_path, "--layout", "dicom", scripts=SCRIPTS[1:])[SCRIPTS[1]]
     assert forced.returncode == 0, forced.stderr
     assert_summary(forced.stdout, "dicom", ("full_input",), 0)
@@ -435,7 +417,7 @@ def test_scripts_layout_override_and_unknown_layout(tmp_path):
 def test_train_script_rejects_low_dose_only(tmp_path):
     write_npy(tmp_path, "P_0_input.npy", np.zeros(SHAPE))
     proc = run_scripts("--data", tmp_path, scripts=SCRIPTS[:1])[SCRIPTS[0]]
-    assert_one_clean_error(proc, tmp_path / "P_0_input.npy")
+    assert_one_error_line(proc, tmp_path / "P_0_input.npy")
 
 
 def bad_missing(root):
@@ -505,7 +487,7 @@ def bad_nan(root):
 def test_scripts_fail_with_one_clean_line(tmp_path, build):
     data, names = build(tmp_path)
     for proc in run_scripts("--data", data).values():
-        assert_one_clean_error(proc, *names)
+        assert_one_error_line(proc, *names)
 
 
 @pytest.mark.parametrize("sub, layout, patient, slices, pairs", [

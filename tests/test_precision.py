@@ -4,12 +4,10 @@ The bfloat16 checks hold on any CPU: TF emulates bfloat16 where the CPU lacks it
 rounding, so only the speed depends on the machine, never these results."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import assert_one_error_line, cli
 
 import ctio
 
@@ -18,17 +16,6 @@ model name\t: Some CPU
 flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni avx512_bf16 amx_tile vaes
 cpu MHz\t\t: 2000.0
 """
-
-
-def run_cli(script, *args, timeout=120):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def one_error_line(proc, needle):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
 
 
 def test_cpu_features_and_auto_precision():
@@ -110,7 +97,7 @@ def test_auto_precision_is_stated_once(tmp_path, capsys):
      "--mixed-precision means --precision float16"),
 ])
 def test_bad_precision_one_error_line(script, args, needle, tmp_path):
-    one_error_line(run_cli(script, *args, "--out", tmp_path / "o"), needle)
+    assert_one_error_line(cli(script, *args, "--out", tmp_path / "o"), needle, code=2)
 
 
 def test_bfloat16_training_step_keeps_float32_losses_without_loss_scaling():
@@ -141,7 +128,7 @@ def test_mytrain_bfloat16_trains_and_records_precision(mayo_tree, tmp_path):
     import csv
 
     out = tmp_path / "run"
-    r = run_cli("Mytrain.py", "--data", mayo_tree, "--out", out, "--precision", "bfloat16",
+    r = cli("Mytrain.py", "--data", mayo_tree, "--out", out, "--precision", "bfloat16",
                 "--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
                 "--epochs", "1", "--val-slices", "1", "--verbose", "2", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -6,12 +6,10 @@ images; the phantom end to end on a coarse 192 px grid with an untrained run (co
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, make_run
+from conftest import assert_one_error_line, cli, make_run
 from scipy.stats import ncx2, norm
 
 import Myevaluation as E
@@ -203,20 +201,12 @@ def test_myevaluation_qa_end_to_end(qa_dir, tmp_path, capsys):
     assert eq["fbp_equivalent_dose"] == pytest.approx(0.25, rel=0.02)
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
 def test_bad_qa_input_is_one_error_line(tmp_path):
     (tmp_path / "notqa").mkdir()
     for args, words in (((str(tmp_path / "missing"),), "no such folder"),
                         ((str(tmp_path / "notqa"),), "not a QA phantom folder")):
-        r = cli("Myevaluation.py", "--qa", *args, "--run", str(tmp_path))
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.stderr
-    r = cli("Mysimulate.py", "--qa", str(tmp_path / "x"), "--realisations", "1")
-    assert r.returncode == 2 and "--realisations" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+        assert_one_error_line(cli("Myevaluation.py", "--qa", *args, "--run", tmp_path),
+                              words, code=2)
+    assert_one_error_line(cli("Mysimulate.py", "--qa", tmp_path / "x", "--realisations", "1"),
+                          "--realisations", code=2)
     assert not (tmp_path / "x").exists()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, history_epochs, make_run, write_mayo_tree
+from conftest import ENV, REPO, cli, history_epochs, make_run, write_mayo_tree
 
 import ctio
 import ctrun
@@ -49,19 +49,12 @@ TF_SCRIPTS = ("Mytrain.py", "Mytest.py")  # these import TensorFlow before readi
 TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
         "--val-slices", "1", "--verbose", "2"]
 BASE, DEPTH = 8, 3  # the untrained generator of the inference run folder
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": ""}
-ENV.pop("CNCL_DEBUG", None)
 TMP_NAME = re.compile(r"^\..*\.tmp")  # ctio.atomic_path temporaries: .<name>.tmp<pid>.<ext>
 TF_INTERNALS = ("{{node", "[Op:", "Traceback")
 PARALLEL = 3  # processes at a time; the machine has 2 cores shared with others
 
 
 # --- Running the CLIs ---------------------------------------------------------------------------
-def cli(script: str, *args, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV)
-
-
 def cli_parallel(commands: dict) -> dict:
     """{key: (script, args)} -> {key: CompletedProcess}, PARALLEL processes at a time."""
     with ThreadPoolExecutor(PARALLEL) as pool:

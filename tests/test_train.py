@@ -2,29 +2,18 @@
 
 import csv
 import json
-import subprocess
 import sys
 
 import h5py
 import pytest
-from conftest import REPO, history_epochs, write_mayo_tree
+from conftest import assert_one_error_line, cli, history_epochs, write_mayo_tree
 
 TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
         "--val-slices", "1", "--verbose", "2"]
 
 
 def train(*args, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / "Mytrain.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def one_clean_error(proc, *needles):
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+    return cli("Mytrain.py", *args, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -57,7 +46,7 @@ def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
     assert not list(run.rglob(".*tmp*")), "no temporary files left behind"
 
     # The same run folder again without --resume is refused.
-    one_clean_error(train("--data", mayo_tree, "--out", run, *TINY), "already holds a run")
+    assert_one_error_line(train("--data", mayo_tree, "--out", run, *TINY), "already holds a run")
 
 
 @pytest.mark.slow
@@ -72,7 +61,7 @@ def test_jit_flag_trains_with_xla_and_is_kept_for_resume(mayo_tree, tmp_path):
 
 
 def test_resume_with_nothing_to_resume(tmp_path):
-    one_clean_error(train("--out", tmp_path / "empty", "--resume"), "no training state")
+    assert_one_error_line(train("--out", tmp_path / "empty", "--resume"), "no training state")
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -88,7 +77,7 @@ def test_resume_with_nothing_to_resume(tmp_path):
 ])
 def test_bad_training_flags(mayo_tree, tmp_path, flags, needle):
     args = ["--data", mayo_tree, "--out", tmp_path / "run", *TINY, *flags]
-    one_clean_error(train(*args), needle)
+    assert_one_error_line(train(*args), needle)
     assert not (tmp_path / "run" / "generator_latest.weights.h5").exists()
 
 
@@ -125,7 +114,6 @@ def test_no_validation_trains_and_saves(mayo_tree, tmp_path):
 
 
 def test_recipes_fill_only_unset_flags():
-    sys.path.insert(0, str(REPO))
     import Mytrain
 
     args = Mytrain.apply_recipe(Mytrain.parse_args(["--recipe", "paper", "--epochs", "3"]))
@@ -139,7 +127,6 @@ def test_recipes_fill_only_unset_flags():
 
 
 def test_cpu_kernels_chosen_only_where_tf_would_not_and_the_user_did_not(monkeypatch):
-    sys.path.insert(0, str(REPO))
     import ctio
 
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
