@@ -279,15 +279,22 @@ def shard_by_data(ds, tf):
     return ds.with_options(opts)
 
 
+def skip_symbolic_build(gan) -> None:
+    """Turn off the symbolic build Keras 3.15 ``fit`` starts with (no public switch exists).
+
+    Under MultiWorkerMirroredStrategy it calls ``strategy.reduce("MEAN", (ld, fd))`` on the first
+    batch, which fails for a tuple (keras-team/keras#20585). The build only creates variables
+    that do not exist yet, and every variable here exists before ``fit``: G and D are functional
+    models, both optimizers are built by ``compile``, the wrapper by ``prepare_for_fit``."""
+    gan._maybe_symbolic_build = lambda *args, **kwargs: None
+
+
 def prepare_for_fit(gan, strategy, size: int, n_workers: int, tf) -> None:
     """Adapt the model to `strategy` where Keras 3.15 `fit` falls short (keras-team/keras#20585).
 
     MultiWorkerMirroredStrategy:
-    * `fit` starts with a symbolic build that calls `strategy.reduce("MEAN", (ld, fd))` on the
-      first batch, which this strategy cannot do for a tuple ("Attempt to convert a value
-      (PerReplica ...)"). That build only creates variables that do not exist yet: G, D and both
-      optimizers are built by compile and the model by the call below (BackupAndRestore also
-      needs it built), so the build is skipped.
+    * `fit`'s symbolic build fails on the first batch: :func:`skip_symbolic_build` (the wrapper
+      is built by the call below).
     * With several workers Keras reduces each step's logs with `strategy.reduce("MEAN", value,
       axis=0)`, which fails for scalars ("Invalid reduction dimension 0"): logs get a length-1
       axis.
@@ -303,7 +310,7 @@ def prepare_for_fit(gan, strategy, size: int, n_workers: int, tf) -> None:
     # before the first checkpoint is saved.
     gan(np.zeros((1, size, size, 1), np.float32))
     if mwms:
-        gan._maybe_symbolic_build = lambda *args, **kwargs: None
+        skip_symbolic_build(gan)
     if strategy.num_replicas_in_sync == 1:
         return
     shape = [1] if mwms and n_workers > 1 else []

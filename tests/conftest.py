@@ -97,21 +97,25 @@ def make_run(run: Path, base: int = 8, depth: int = 3, model: dict = None,
     """A run folder as Mytrain.py writes it: config.json (``model``, default the small preset at
     ``base``/``depth``) and untrained (identity) generator weights of ``base``/``depth`` in
     ``generator_<weights>.weights.h5``."""
-    import json
-
     import ctio
+    import ctrun
 
     ctio.import_tensorflow()
     import Mymodel
 
     run.mkdir(parents=True)
-    model = model or Mymodel.model_config("small", base_filters=base, depth=depth,
-                                          disc_filters=8)
-    (run / "config.json").write_text(json.dumps(
-        {"model": model, "normalization": {"hu_min": ctio.HU_MIN, "hu_max": ctio.HU_MAX}}))
+    model = model or ctrun.model_config("small", base_filters=base, depth=depth, disc_filters=8)
+    ctrun.write_run_config(run, {"model": model, "normalization": {"hu_min": ctio.HU_MIN,
+                                                                   "hu_max": ctio.HU_MAX}})
     Mymodel.build_generator(base, depth, "batch").save_weights(
-        str(run / f"generator_{weights}.weights.h5"))
+        str(run / ctrun.GENERATOR[weights]))
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """An inference run folder (untrained generator, base 8, depth 3, generator_best only)."""
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 def history_epochs(run: Path) -> list[int]:

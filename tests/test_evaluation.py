@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, make_run
+from conftest import cli
 
 import ctio
 import ctrun
@@ -41,19 +41,14 @@ SIZES = {"A": ((64, 48), 3), "B": ((40, 56), 2)}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def denoised(run_dir, tmp_path_factory):
+def denoised(tiny_run, tmp_path_factory):
     """(paired data, Mytest.py output on it)."""
     import Mytest
 
     root = tmp_path_factory.mktemp("eval")
     data = write_npy_pairs(root / "pairs", SIZES)
     out = root / "out"
-    assert Mytest.main(["--data", str(data), "--run", str(run_dir), "--out", str(out),
+    assert Mytest.main(["--data", str(data), "--run", str(tiny_run), "--out", str(out),
                         "--no-figures"]) == 0
     return data, out
 
@@ -169,14 +164,14 @@ def test_missing_manifest_is_one_line(tmp_path):
     assert res.stderr.strip() == f"error: no manifest.csv in {tmp_path}; run Mytest.py first"
 
 
-def test_ld_only_fails_cleanly_then_references_from_data(run_dir, denoised, tmp_path):
+def test_ld_only_fails_cleanly_then_references_from_data(tiny_run, denoised, tmp_path):
     import Myevaluation
     import Mytest
 
     paired, _ = denoised
     data = write_npy_pairs(tmp_path / "ld_only", SIZES, with_fd=False)
     out = tmp_path / "out"
-    assert Mytest.main(["--data", str(data), "--run", str(run_dir), "--out", str(out)]) == 0
+    assert Mytest.main(["--data", str(data), "--run", str(tiny_run), "--out", str(out)]) == 0
     res = run_eval_cli("--pred", out)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -424,7 +419,7 @@ def test_bootstrap_of_identical_methods_contains_zero():
     assert lo1 < values[:4].mean() < hi1 and hi1 - lo1 < 0.3
 
 
-def test_nps_sim_on_demo_data(run_dir, tmp_path, capsys):
+def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     """--nps-sim: two simulated realisations per full-dose slice, denoised by the run (here the
     identity generator, so the output noise is the input noise); the LDCT noise std equals the
     std of (LD1 - LD2) / sqrt(2) over the same body ROIs computed directly."""
@@ -435,7 +430,7 @@ def test_nps_sim_on_demo_data(run_dir, tmp_path, capsys):
     fd_dir = next(demo.glob("DEMO*/full_*"))
     out = tmp_path / "nps"
     capsys.readouterr()
-    assert Myevaluation.main(["--nps-sim", str(fd_dir), "--run", str(run_dir), "--out", str(out),
+    assert Myevaluation.main(["--nps-sim", str(fd_dir), "--run", str(tiny_run), "--out", str(out),
                     "--max-slices", "2", "--seed", "5"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "nps_sim.json").read_text())

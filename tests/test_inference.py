@@ -70,11 +70,6 @@ def run_cli(*args, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("runs") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def mayo(tmp_path_factory) -> Path:
     return write_mayo(tmp_path_factory.mktemp("mayo"), "P1", (64, 48), 3)
 

@@ -184,8 +184,9 @@ def manifest_rows(out: Path) -> list[dict]:
 
 # --- Run folders --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """Inference run folder (untrained generator, base 8, depth 3)."""
+def latest_run(tmp_path_factory) -> Path:
+    """Inference run folder (untrained generator, base 8, depth 3) with generator_latest only
+    (a run stopped before its first validation: Mytest.py falls back to it)."""
     return make_run(tmp_path_factory.mktemp("runs") / "tiny", weights="latest")
 
 
@@ -393,12 +394,12 @@ def data_commands(data: Path, tmp: Path, run: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
-def test_bad_data_every_cli_fails_cleanly(case, tmp_path, tiny_run):
+def test_bad_data_every_cli_fails_cleanly(case, tmp_path, latest_run):
     data, needles = DATA_CASES[case](tmp_path)
-    commands = data_commands(data, tmp_path, tiny_run)
+    commands = data_commands(data, tmp_path, latest_run)
     if case in READ_TIME:
         commands = {s: c for s, c in commands.items() if s not in TF_SCRIPTS}
-    with unchanged(data, tiny_run, tmp_path / "pred"):
+    with unchanged(data, latest_run, tmp_path / "pred"):
         procs = cli_parallel({s: (s, args) for s, (args, _) in commands.items()})
     problems = []
     for script, (_, out) in commands.items():
@@ -505,14 +506,14 @@ FLAG_CASES = {
 
 
 @pytest.fixture(scope="module")
-def flag_results(tmp_path_factory, tiny_run) -> dict:
+def flag_results(tmp_path_factory, latest_run) -> dict:
     """Every flag case run once, PARALLEL at a time: {case: problems}."""
     root = tmp_path_factory.mktemp("flags")
     data = write_mayo_tree(root / "good data", patients=("P01", "P02"), slices=2, size=64)
     cases = {}
     for i, (name, make) in enumerate(FLAG_CASES.items()):
         (t := root / f"case{i}").mkdir()
-        cases[name] = make(t, data, tiny_run)
+        cases[name] = make(t, data, latest_run)
     before = {name: digest(*c.inputs) for name, c in cases.items()}
     procs = cli_parallel({name: (c.script, c.args) for name, c in cases.items()})
     results = {}
@@ -612,14 +613,14 @@ TF_CASES = {
 
 
 @pytest.fixture(scope="module")
-def tf_jobs(request, tmp_path_factory, tiny_run) -> dict:
+def tf_jobs(request, tmp_path_factory, latest_run) -> dict:
     """Start every selected TF case at once (PARALLEL at a time): {case: (Case, digest, future)}."""
     wanted = [item.callspec.params["case"] for item in request.session.items
               if getattr(item, "originalname", "") == "test_fails_cleanly_with_tensorflow"]
     pool = ThreadPoolExecutor(PARALLEL)
     jobs = {}
     for i, name in enumerate(wanted):
-        case = TF_CASES[name](tmp_path_factory.mktemp(f"tf{i}"), tiny_run)
+        case = TF_CASES[name](tmp_path_factory.mktemp(f"tf{i}"), latest_run)
         jobs[name] = (case, digest(*case.inputs), pool.submit(cli, case.script, *case.args))
     yield jobs
     pool.shutdown(cancel_futures=True)
@@ -752,13 +753,13 @@ def test_spaces_non_ascii_and_one_slice_train_test_evaluate(interrupted_training
 
 # --- kill -9 of inference -----------------------------------------------------------------------
 @pytest.mark.slow
-def test_kill9_during_inference_then_rerun_completes(tmp_path, tiny_run):
+def test_kill9_during_inference_then_rerun_completes(tmp_path, latest_run):
     n = 24
     data = write_mayo_tree(tmp_path / "serie", patients=("P01",), slices=n, size=64)
     out = tmp_path / "out"
-    args = ["--data", data, "--run", tiny_run, "--out", out, "--batch", "1", "--format",
+    args = ["--data", data, "--run", latest_run, "--out", out, "--batch", "1", "--format",
             "png,tiff"]
-    with unchanged(data, tiny_run):
+    with unchanged(data, latest_run):
         proc = popen("Mytest.py", *args, log=tmp_path / "test.log")
         deadline = time.monotonic() + 600
         while not (out / "manifest.csv").exists() and proc.poll() is None \
