@@ -171,7 +171,7 @@ def check_args(args) -> None:
         raise ctio.CTDataError("--time-limit must be 0 (none) or positive minutes")
     if not (0 <= args.beta_1 < 1 and 0 <= args.beta_2 < 1):
         raise ctio.CTDataError("--beta-1 and --beta-2 must be in [0, 1)")
-    if getattr(args, "snapshot_every", 0) < 0:
+    if args.snapshot_every < 0:
         raise ctio.CTDataError("--snapshot-every must be 0 (none) or positive")
     if args.patch < 0:
         raise ctio.CTDataError("--patch must be 0 (whole slices) or positive")
@@ -183,9 +183,9 @@ def check_args(args) -> None:
 
 def train_precision(args) -> str:
     """The compute precision of ``args``: ``--precision``, or float16 for ``--mixed-precision``
-    (the older flag; a resumed run's config.json may hold only that one)."""
-    precision = getattr(args, "precision", None) or "float32"
-    if getattr(args, "mixed_precision", False):
+    (the older spelling; config.json keeps only the precision, ctrun migrates older configs)."""
+    precision = args.precision
+    if args.mixed_precision:
         if precision not in ("float32", "float16"):
             raise ctio.CTDataError(f"--mixed-precision means --precision float16, which "
                                    f"contradicts --precision {precision}")
