@@ -8,6 +8,8 @@ import h5py
 import pytest
 from conftest import assert_one_error_line, cli, history_epochs, write_mayo_tree
 
+import ctio
+
 TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
         "--val-slices", "1", "--verbose", "2"]
 
@@ -47,17 +49,6 @@ def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
 
     # The same run folder again without --resume is refused.
     assert_one_error_line(train("--data", mayo_tree, "--out", run, *TINY), "already holds a run")
-
-
-@pytest.mark.slow
-def test_jit_flag_trains_with_xla_and_is_kept_for_resume(mayo_tree, tmp_path):
-    run = tmp_path / "run"
-    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--jit", *TINY)
-    assert p.returncode == 0, p.stderr
-    assert json.loads((run / "config.json").read_text())["train"]["jit"] is True
-    with open(run / "history.csv") as f:
-        row = next(csv.DictReader(f))
-    assert float(row["l1_content"]) > 0 and float(row["val_psnr"]) > 0
 
 
 def test_resume_with_nothing_to_resume(tmp_path):
@@ -103,14 +94,49 @@ def test_whole_slice_training_with_validation_slices_of_three_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_validation_trains_and_saves(mayo_tree, tmp_path):
-    """--val-patients none: every slice trains, the first checkpoint is written."""
+def test_no_validation_run_with_xla_trains_and_saves(mayo_tree, tmp_path):
+    """--val-patients none: every slice trains and the first checkpoint is written (issue 16);
+    --jit: the steps are XLA-compiled and the flag is recorded (one run for both: each training
+    process costs a minute of the suite)."""
     run = tmp_path / "run"
     p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--val-patients", "none",
-              *TINY)
+              "--jit", *TINY)
     assert p.returncode == 0, p.stderr
     assert (run / "generator_best.weights.h5").is_file() and history_epochs(run) == [1]
-    assert json.loads((run / "config.json").read_text())["data"]["val_slices"] == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["val_slices"] == 0 and cfg["train"]["jit"] is True
+    with open(run / "history.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["l1_content"]) > 0 and "val_psnr" not in row
+
+
+def test_a_continued_run_takes_every_flag_from_its_config(tmp_path):
+    """--resume (and a multi-worker rerun) read config.json once: every training flag comes from
+    there except --epochs, --verbose and --strategy; an older config is migrated."""
+    import ctrun
+    import Mytrain
+
+    run = tmp_path / "run"
+    saved = vars(Mytrain.apply_recipe(Mytrain.parse_args(
+        ["--recipe", "paper", "--jit", "--snapshot-every", "3", "--lr", "0.5"])))
+    train_cfg = {k: v for k, v in saved.items() if k not in ("resume", "out")}
+    train_cfg.pop("precision")
+    train_cfg["mixed_precision"] = True  # version 1 spelling of --precision float16
+    (run / ctrun.STATE).mkdir(parents=True)
+    (run / ctrun.CONFIG).write_text(json.dumps({"version": 1, "model": ctrun.model_config("paper"),
+                                                "train": train_cfg}))
+    (run / ctrun.STATE / ctrun.STATE_JSON).write_text(json.dumps({"epoch": 1, "history": []}))
+    args = Mytrain.parse_args(["--out", str(run), "--resume", "--epochs", "9", "--lr", "1"])
+    args, cfg, continues = Mytrain.resolve_run(args, is_chief=True, n_workers=1)
+    assert continues == "resume" and cfg["model"]["preset"] == "paper"
+    assert (args.jit, args.snapshot_every, args.lr, args.epochs) == (True, 3, 0.5, 9)
+    assert args.recipe == "paper" and args.patch == 0 and Mytrain.train_precision(args) == "float16"
+    # A new run in a folder that holds one is refused; several workers' chief continues it.
+    with pytest.raises(ctio.CTDataError, match="already holds a run"):
+        ctrun.check_new_run(run)
+    args = Mytrain.parse_args(["--out", str(run), "--epochs", "9"])
+    assert Mytrain.resolve_run(args, is_chief=True, n_workers=2)[2] == "restart"
+    assert Mytrain.resolve_run(args, is_chief=False, n_workers=2)[2] == ""
 
 
 def test_recipes_fill_only_unset_flags():
