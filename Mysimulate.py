@@ -556,106 +556,163 @@ def _patient_params(rng: np.random.Generator, n_slices: int) -> dict:
     )
 
 
-def _phantom_slice(size: int, pixel_mm: float, zk: float, prm: dict, texture: np.ndarray,
-                   mix: np.ndarray) -> np.ndarray:
-    """One axial abdomen slice in HU at distance ``zk`` mm from the patient's first slice.
+class _Canvas:
+    """An axial slice being painted: the image in HU (air to start with), the body coordinates
+    ``u, v`` of every pixel (mm of the canonical 330 x 240 mm body: the patient's scale, aspect,
+    rotation and shift undone) and the slice's cranio-caudal position ``zc``."""
 
-    ``texture`` (HU) is added inside the body; ``mix`` (unit std) decides where the abdominal
-    cavity holds soft tissue rather than fat.
-    """
-    from scipy import ndimage
+    def __init__(self, size: int, pixel_mm: float, zk: float, prm: dict) -> None:
+        c = (np.arange(size) - size / 2 + 0.5) * pixel_mm
+        x, y = np.meshgrid(c, c)  # x to the patient's left (image right), y posterior (down)
+        s, ar = prm["scale"], prm["aspect"]
+        rot = np.deg2rad(prm["rot"])
+        xs, ys = x - prm["shift"][0], y - prm["shift"][1]
+        self.u = (xs * np.cos(rot) + ys * np.sin(rot)) / (s * ar)
+        self.v = (-xs * np.sin(rot) + ys * np.cos(rot)) / (s / ar)
+        self.zk = zk  # mm from the patient's first slice
+        self.zc = prm["zc0"] + zk  # cranio-caudal coordinate of the canonical abdomen
+        self.prm = prm
+        self.img = np.full((size, size), -1000.0)
 
-    c = (np.arange(size) - size / 2 + 0.5) * pixel_mm
-    x, y = np.meshgrid(c, c)  # x to the patient's left (image right), y posterior (down)
-    s, ar = prm["scale"], prm["aspect"]
-    rot = np.deg2rad(prm["rot"])
-    xs, ys = x - prm["shift"][0], y - prm["shift"][1]
-    u = (xs * np.cos(rot) + ys * np.sin(rot)) / (s * ar)
-    v = (-xs * np.sin(rot) + ys * np.cos(rot)) / (s / ar)
-    zc = prm["zc0"] + zk  # cranio-caudal coordinate of the canonical abdomen
-    img = np.full((size, size), -1000.0)
+    def ellipse(self, cx, cy, ax, ay, angle_deg=0.0) -> np.ndarray:
+        return _ellipse(self.u, self.v, cx, cy, ax, ay, angle_deg)
 
-    def paint(mask, hu):
-        img[mask] = hu
+    def paint(self, mask, hu) -> None:
+        self.img[mask] = hu
 
-    # Body wall: skin, subcutaneous fat, muscle ring, then visceral fat filling the cavity.
-    bx, by = 165.0 + 0.1 * (zc - 80), 120.0
-    f = prm["fat_mm"]
-    paint(_ellipse(u, v, 0, 0, bx, by), 20)
-    paint(_ellipse(u, v, 0, 0, bx - 2, by - 2), -100)
-    paint(_ellipse(u, v, 0, 0, bx - f, by - f * 0.8), 50)
-    cavity = _ellipse(u, v, 0, 0, bx - f - 12, by - f * 0.8 - 10)
-    paint(cavity, -90)  # visceral fat, then mesentery and collapsed bowel where ``mix`` is high
-    paint(cavity & (mix > 0.3), prm["soft_hu"] - 10)
-    paint(_ellipse(u, v, 0, -by + f + 10, 45, 14), 50)  # rectus muscles
-    paint(_ellipse(u, v, 0, -by + f + 12, 6, 14), -90)  # linea alba
-    # Ribs (upper abdomen), just inside the muscle ring.
-    rib = _taper(zc, -50, 90, 20)
+
+def _paint_body_wall(cv: _Canvas, mix: np.ndarray) -> tuple[float, float, float]:
+    """Skin, subcutaneous fat, muscle ring, then visceral fat filling the cavity (mesentery and
+    collapsed bowel where ``mix`` is high), rectus muscles and linea alba. Returns the body's
+    semi-axes ``bx, by`` and fat thickness ``f`` (mm) for the ribs."""
+    bx, by = 165.0 + 0.1 * (cv.zc - 80), 120.0
+    f = cv.prm["fat_mm"]
+    cv.paint(cv.ellipse(0, 0, bx, by), 20)
+    cv.paint(cv.ellipse(0, 0, bx - 2, by - 2), -100)
+    cv.paint(cv.ellipse(0, 0, bx - f, by - f * 0.8), 50)
+    cavity = cv.ellipse(0, 0, bx - f - 12, by - f * 0.8 - 10)
+    cv.paint(cavity, -90)
+    cv.paint(cavity & (mix > 0.3), cv.prm["soft_hu"] - 10)
+    cv.paint(cv.ellipse(0, -by + f + 10, 45, 14), 50)  # rectus muscles
+    cv.paint(cv.ellipse(0, -by + f + 12, 6, 14), -90)  # linea alba
+    return bx, by, f
+
+
+def _paint_ribs(cv: _Canvas, bx: float, by: float, f: float) -> None:
+    """Ribs of the upper abdomen, just inside the muscle ring."""
+    rib = _taper(cv.zc, -50, 90, 20)
     if rib > 0.2:
         for ang in (-150, -125, -100, -80, -55, -30, 210, 235, 260, 280, 305, 330):
             a = np.deg2rad(ang)
             rx, ry = (bx - f - 6) * np.cos(a), (by - f * 0.8 - 5) * np.sin(a)
             if ry < 40:
-                paint(_ellipse(u, v, rx, ry, 6 * rib, 4 * rib, ang), 650)
-    # Liver with vessels and low-contrast lesions.
+                cv.paint(cv.ellipse(rx, ry, 6 * rib, 4 * rib, ang), 650)
+
+
+def _paint_liver(cv: _Canvas) -> None:
+    """Liver with enhancing vessels and low-contrast lesions (spheres cut by the slice)."""
+    zc, zk, prm = cv.zc, cv.zk, cv.prm
     lv = _taper(zc, 0, 90, 70)
     if lv > 0.05:
         lcx, lcy = -55 - 0.15 * zc, -5 + 0.12 * zc
-        liver = _ellipse(u, v, lcx, lcy, 80 * lv, 72 * lv, 15)
-        paint(liver, prm["liver_hu"])
+        liver = cv.ellipse(lcx, lcy, 80 * lv, 72 * lv, 15)
+        cv.paint(liver, prm["liver_hu"])
         for vx, vy, vr in prm["vessels"]:
-            paint(liver & _ellipse(u, v, vx, vy + 0.1 * zk, vr, vr), 150)
+            cv.paint(liver & cv.ellipse(vx, vy + 0.1 * zk, vr, vr), 150)
         for les in prm["lesions"]:
             r2 = les["r"] ** 2 - (zk - les["z"]) ** 2
             if r2 > 1.0:
                 r = np.sqrt(r2)
-                paint(liver & _ellipse(u, v, les["x"], les["y"], r, r * 0.9),
-                      prm["liver_hu"] + les["dhu"])
+                cv.paint(liver & cv.ellipse(les["x"], les["y"], r, r * 0.9),
+                         prm["liver_hu"] + les["dhu"])
+
+
+def _paint_upper_organs(cv: _Canvas) -> None:
+    """Spleen, stomach (wall, fluid, gas pocket anteriorly) and pancreas, each over its z range."""
+    zc = cv.zc
     sp = _taper(zc, 0, 70, 30)  # spleen
     if sp > 0.05:
-        paint(_ellipse(u, v, 95, 20, 30 * sp, 48 * sp, -30), 50)
-    st = _taper(zc, 0, 60, 30)  # stomach: wall, fluid, gas pocket anteriorly
+        cv.paint(cv.ellipse(95, 20, 30 * sp, 48 * sp, -30), 50)
+    st = _taper(zc, 0, 60, 30)  # stomach
     if st > 0.05:
-        paint(_ellipse(u, v, 40, -40, 45 * st, 32 * st, 20), prm["soft_hu"])
-        paint(_ellipse(u, v, 40, -40, 40 * st, 27 * st, 20), 10)
-        paint(_ellipse(u, v, 35, -58 * st, 28 * st, 9 * st), -1000)
+        cv.paint(cv.ellipse(40, -40, 45 * st, 32 * st, 20), cv.prm["soft_hu"])
+        cv.paint(cv.ellipse(40, -40, 40 * st, 27 * st, 20), 10)
+        cv.paint(cv.ellipse(35, -58 * st, 28 * st, 9 * st), -1000)
     pa = _taper(zc, 50, 100, 20)  # pancreas
     if pa > 0.05:
-        paint(_ellipse(u, v, 15, 12, 45 * pa, 11 * pa, -15), 45)
-    # Bowel loops: tubes drifting with z; wall plus gas / fluid / feces content.
-    for lp in prm["loops"]:
-        dz = zk - lp["z0"]
-        if 0 <= dz <= lp["length"] and zc > 40:
+        cv.paint(cv.ellipse(15, 12, 45 * pa, 11 * pa, -15), 45)
+
+
+def _paint_bowel(cv: _Canvas) -> None:
+    """Bowel loops: tubes drifting with z; wall plus gas / fluid / feces content."""
+    for lp in cv.prm["loops"]:
+        dz = cv.zk - lp["z0"]
+        if 0 <= dz <= lp["length"] and cv.zc > 40:
             cx, cy, r = lp["x"] + lp["dx"] * dz, lp["y"] + lp["dy"] * dz, lp["r"]
-            paint(_ellipse(u, v, cx, cy, r, r * 0.85), prm["soft_hu"])
+            cv.paint(cv.ellipse(cx, cy, r, r * 0.85), cv.prm["soft_hu"])
             content = {"gas": -1000, "fluid": 15, "feces": -250}[lp["content"]]
-            paint(_ellipse(u, v, cx, cy, r - 2.5, r * 0.85 - 2.5), content)
-    # Kidneys: enhancing cortex, medulla, fatty sinus.
-    kd = _taper(zc, 70, 150, 25)
+            cv.paint(cv.ellipse(cx, cy, r - 2.5, r * 0.85 - 2.5), content)
+
+
+def _paint_kidneys(cv: _Canvas) -> None:
+    """Kidneys: enhancing cortex, medulla, fatty sinus."""
+    kd = _taper(cv.zc, 70, 150, 25)
     if kd > 0.05:
         for sgn in (-1, 1):
             kx = sgn * 62
-            paint(_ellipse(u, v, kx, 48, 26 * kd, 38 * kd, sgn * 25), prm["kidney_hu"])
-            paint(_ellipse(u, v, kx, 48, 17 * kd, 27 * kd, sgn * 25), 90)
-            paint(_ellipse(u, v, kx - sgn * 10 * kd, 48, 6 * kd, 12 * kd, sgn * 25), -80)
-    # Psoas and paraspinal muscles.
-    ps = _taper(zc, 90, 250, 40)
+            cv.paint(cv.ellipse(kx, 48, 26 * kd, 38 * kd, sgn * 25), cv.prm["kidney_hu"])
+            cv.paint(cv.ellipse(kx, 48, 17 * kd, 27 * kd, sgn * 25), 90)
+            cv.paint(cv.ellipse(kx - sgn * 10 * kd, 48, 6 * kd, 12 * kd, sgn * 25), -80)
+
+
+def _paint_back_muscles(cv: _Canvas) -> None:
+    """Psoas (growing caudally) and paraspinal muscles."""
+    ps = _taper(cv.zc, 90, 250, 40)
     for sgn in (-1, 1):
         if ps > 0.05:
-            paint(_ellipse(u, v, sgn * 30, 58, 8 + 12 * ps, 10 + 6 * ps), 50)
-        paint(_ellipse(u, v, sgn * 38, 96, 27, 20, sgn * 10), 55)
-    # Aorta and IVC (contrast enhanced).
-    paint(_ellipse(u, v, 12, 32, 11, 11), prm["aorta_hu"])
-    paint(_ellipse(u, v, -20, 30, 12, 9), prm["aorta_hu"] - 40)
-    # Vertebra: cortical shell, cancellous core, canal, arch, spinous and transverse processes.
-    paint(_ellipse(u, v, 0, 62, 20, 17), 900)
-    paint(_ellipse(u, v, 0, 62, 17.5, 14.5), 250)
-    paint(_ellipse(u, v, 0, 90, 13, 12) & ~_ellipse(u, v, 0, 88, 8, 7.5) & (v > 84), 750)
-    paint(_ellipse(u, v, 0, 110, 4.5, 13), 750)
+            cv.paint(cv.ellipse(sgn * 30, 58, 8 + 12 * ps, 10 + 6 * ps), 50)
+        cv.paint(cv.ellipse(sgn * 38, 96, 27, 20, sgn * 10), 55)
+
+
+def _paint_great_vessels(cv: _Canvas) -> None:
+    """Aorta and IVC (contrast enhanced)."""
+    cv.paint(cv.ellipse(12, 32, 11, 11), cv.prm["aorta_hu"])
+    cv.paint(cv.ellipse(-20, 30, 12, 9), cv.prm["aorta_hu"] - 40)
+
+
+def _paint_spine(cv: _Canvas) -> None:
+    """Vertebra: cortical shell, cancellous core, arch, spinous and transverse processes, and
+    the spinal canal (CSF)."""
+    cv.paint(cv.ellipse(0, 62, 20, 17), 900)
+    cv.paint(cv.ellipse(0, 62, 17.5, 14.5), 250)
+    cv.paint(cv.ellipse(0, 90, 13, 12) & ~cv.ellipse(0, 88, 8, 7.5) & (cv.v > 84), 750)
+    cv.paint(cv.ellipse(0, 110, 4.5, 13), 750)
     for sgn in (-1, 1):
-        paint(_ellipse(u, v, sgn * 22, 84, 13, 4.5, sgn * 20), 700)
-    paint(_ellipse(u, v, 0, 88, 8, 7.5), 15)  # spinal canal (CSF)
-    # Soft-tissue texture inside the body, then mild partial-volume blur.
+        cv.paint(cv.ellipse(sgn * 22, 84, 13, 4.5, sgn * 20), 700)
+    cv.paint(cv.ellipse(0, 88, 8, 7.5), 15)
+
+
+def _phantom_slice(size: int, pixel_mm: float, zk: float, prm: dict, texture: np.ndarray,
+                   mix: np.ndarray) -> np.ndarray:
+    """One axial abdomen slice in HU at distance ``zk`` mm from the patient's first slice.
+
+    The anatomy painters run in this order (later ones paint over earlier ones); ``texture``
+    (HU) is then added inside the body and the image blurred a little (partial volume).
+    ``mix`` (unit std) decides where the abdominal cavity holds soft tissue rather than fat.
+    """
+    from scipy import ndimage
+
+    cv = _Canvas(size, pixel_mm, zk, prm)
+    bx, by, f = _paint_body_wall(cv, mix)
+    _paint_ribs(cv, bx, by, f)
+    _paint_liver(cv)
+    _paint_upper_organs(cv)
+    _paint_bowel(cv)
+    _paint_kidneys(cv)
+    _paint_back_muscles(cv)
+    _paint_great_vessels(cv)
+    _paint_spine(cv)
+    img = cv.img
     body = img > -950
     img[body] += texture[body]
     return ndimage.gaussian_filter(img, 0.6)
@@ -714,6 +771,17 @@ def demo_patient_slices(index: int, slices: int = DEMO_SLICES, size: int = DEMO_
     pixel_mm = DEMO_FOV_MM / size
     i0 = matched_i0(pixel_mm)
     name = demo_patient_names(index + 1)[-1]
+    for k, z_mm, fd in demo_phantom_slices(index, slices, size, seed):
+        ld = _store_round(simulate_pair_from_fd(
+            fd, dose, pixel_mm, slice_seed(seed, name, f"{k:04d}"), i0=i0))
+        yield k, z_mm, fd, ld
+
+
+def demo_phantom_slices(index: int, slices: int = DEMO_SLICES, size: int = DEMO_SIZE,
+                        seed: int = 0) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield ``(k, z_mm, fd_hu)``: the full-dose side of :func:`demo_patient_slices` (integer
+    HU), without the noise simulation."""
+    pixel_mm = DEMO_FOV_MM / size
     rng = np.random.default_rng([int(seed), 7, int(index)])
     prm = _patient_params(rng, slices)
     texture = 4.0 * _smooth_field(rng, slices, size, 3.0 / pixel_mm, 1.5)  # ~4 HU, 3 mm
@@ -721,9 +789,7 @@ def demo_patient_slices(index: int, slices: int = DEMO_SLICES, size: int = DEMO_
     for k in range(slices):
         zk = k * DEMO_SLICE_MM
         fd = _store_round(_phantom_slice(size, pixel_mm, zk, prm, texture[k], mix[k]))
-        ld = _store_round(simulate_pair_from_fd(
-            fd, dose, pixel_mm, slice_seed(seed, name, f"{k:04d}"), i0=i0))
-        yield k, -(prm["zc0"] + zk), fd, ld  # table position decreases caudally, as in Mayo
+        yield k, -(prm["zc0"] + zk), fd  # table position decreases caudally, as in Mayo
 
 
 def make_demo(out, patients: int = DEMO_PATIENTS, slices: int = DEMO_SLICES,

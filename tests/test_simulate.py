@@ -305,3 +305,16 @@ def test_headerless_calibration_on_real_pairs(real_data):
     sim = np.mean([s for _, s in pairs.values()])
     assert 0.85 <= sim / real <= 1.15, pairs
     assert all(0.6 <= s / r <= 1.5 for r, s in pairs.values()), pairs  # no slice far off
+
+
+def test_phantom_painters_compose_to_the_reference_demo_images():
+    """The demo phantom (split into named anatomy painters) paints the same integer-HU images
+    as before the split: sha256 of every DEMO01-DEMO04 slice at 96^2, computed from the
+    one-function ``_phantom_slice`` of commit 4810aca (the full 256^2 demo, LD and FD, was
+    also bit-identical; the rounding to integer HU keeps this check independent of the last
+    float bits of scipy's blur)."""
+    h = hashlib.sha256()
+    for p in range(Mysimulate.DEMO_PATIENTS):
+        for _k, _z, fd in Mysimulate.demo_phantom_slices(p, size=96):
+            h.update(fd.astype("<i2").tobytes())
+    assert h.hexdigest() == "ed66d9e417430680b74115ef6b78c37eef20bd6ab966cf83ca4d782c04b5f65b"
