@@ -49,6 +49,7 @@ Command line::
     python Mysimulate.py --input FD_DIR --dose 0.25 --out OUT [--seed N]   # paired dataset
     python Mysimulate.py --demo --out OUT [--patients 4 --slices 12 --size 256]
     python Mysimulate.py --calibrate DATA_DIR   # real vs simulated noise figures
+    python Mysimulate.py --mayo-like OUT [--patients 10 --slices 240 --size 512]  # scale fixture
 
 This module never imports TensorFlow.
 """
@@ -58,6 +59,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -531,18 +533,21 @@ def _taper(z: float, z0: float, z1: float, ramp: float = 25.0) -> float:
     return float(np.cos(min(d / ramp, 1.0) * np.pi / 2) ** 2)
 
 
-def _patient_params(rng: np.random.Generator, n_slices: int) -> dict:
-    """Random anatomy of one phantom patient (sizes in mm of a 'standard' 330 x 240 mm body)."""
+def _patient_params(rng: np.random.Generator, n_slices: int,
+                    extent_mm: Optional[float] = None) -> dict:
+    """Random anatomy of one phantom patient (sizes in mm of a 'standard' 330 x 240 mm body)
+    covering ``extent_mm`` cranio-caudally (default ``n_slices`` demo slices)."""
+    extent = n_slices * DEMO_SLICE_MM if extent_mm is None else extent_mm
     lesions = []
     for _ in range(int(rng.integers(2, 5))):
         lesions.append(dict(x=rng.uniform(-90, -30), y=rng.uniform(-35, 20),
-                            z=rng.uniform(0, n_slices * DEMO_SLICE_MM), r=rng.uniform(6, 13),
+                            z=rng.uniform(0, extent), r=rng.uniform(6, 13),
                             dhu=rng.choice([-1, 1], p=[0.7, 0.3]) * rng.uniform(10, 20)))
     loops = []
     for _ in range(int(rng.integers(7, 12))):
         loops.append(dict(x=rng.uniform(-40, 90), y=rng.uniform(-85, 15), r=rng.uniform(8, 16),
                           dx=rng.uniform(-0.6, 0.6), dy=rng.uniform(-0.6, 0.6),
-                          z0=rng.uniform(-20, n_slices * DEMO_SLICE_MM * 0.7),
+                          z0=rng.uniform(-20, extent * 0.7),
                           length=rng.uniform(15, 60),
                           content=rng.choice(["gas", "fluid", "feces"], p=[0.35, 0.4, 0.25])))
     return dict(
@@ -870,6 +875,180 @@ scaled for the pixel size so the noise level is like the real Mayo quarter-dose 
         tmp.write_text(readme)
 
 
+# --- Mayo-size synthetic dataset (the scale fixture) --------------------------------------------
+MAYO_LIKE_PATIENTS = 10  # the Mayo 2016 data: 10 patients, ~240 3 mm slices each, 512^2
+MAYO_LIKE_SLICES = 240
+MAYO_LIKE_SIZE = 512
+MAYO_LIKE_EXTENT_MM = 300.0  # cranio-caudal range the phantom models (liver dome to pelvis)
+MAYO_LIKE_PAINT_PX = 256  # anatomy painted at most this size, then upsampled (4x fewer pixels)
+MAYO_LIKE_ANCHOR_SLICES = 80  # one noise anchor per this many slices
+MAYO_LIKE_REALISATIONS = 2  # projection-domain noise realisations per anchor
+
+
+def mayo_like_names(patients: int) -> list[str]:
+    """Patient names of the Mayo-like fixture (ML01, ML02, ...)."""
+    return [f"ML{i + 1:02d}" for i in range(patients)]
+
+
+def mayo_like_geometry(slices: int, size: int) -> tuple[float, float]:
+    """``(pixel_mm, slice_mm)`` of the fixture: the demo's field of view, and 3 mm slices or
+    closer so that ``slices`` stay within the modelled abdomen (MAYO_LIKE_EXTENT_MM)."""
+    return DEMO_FOV_MM / size, min(DEMO_SLICE_MM, MAYO_LIKE_EXTENT_MM / max(slices, 1))
+
+
+def _unit_fields(rng: np.random.Generator, size: int, sigma_px: float, n: int = 3) -> np.ndarray:
+    """``n`` independent 2-D low-pass Gaussian random fields with unit std, [n, size, size]."""
+    from scipy import ndimage
+
+    f = np.stack([ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma_px,
+                                          mode="wrap") for _ in range(n)])
+    return (f / np.maximum(f.std(axis=(1, 2), keepdims=True), 1e-9)).astype(np.float32)
+
+
+def _field_at(fields: np.ndarray, z_mm: float, period_mm: float) -> np.ndarray:
+    """A unit-std field varying smoothly along z: the three ``fields`` mixed with a unit vector
+    that turns by ~1 radian per ``period_mm`` (any slice can be made alone, in bounded memory)."""
+    a, b = z_mm / period_mm, z_mm / (1.618 * period_mm)
+    c = np.array([np.cos(a) * np.cos(b), np.sin(a) * np.cos(b), np.sin(b)], np.float32)
+    return np.tensordot(c, fields, axes=1)
+
+
+def mayo_like_patient_slices(index: int, slices: int = MAYO_LIKE_SLICES,
+                             size: int = MAYO_LIKE_SIZE, seed: int = 0, dose: float = 0.25
+                             ) -> Iterator[tuple[int, float, np.ndarray, np.ndarray]]:
+    """Yield ``(k, z_mm, fd_hu, ld_hu)`` of fixture patient ``index`` (integer HU).
+
+    Anatomy: the demo phantom's painters, the patient's organs along ``slices`` slices over at
+    most MAYO_LIKE_EXTENT_MM, painted at most MAYO_LIKE_PAINT_PX wide and upsampled bilinearly
+    (OpenCV) to ``size``; texture fields vary smoothly along z (:func:`_field_at`).
+
+    Noise (fast, not the per-slice projection simulation): at anchor slices every
+    ~MAYO_LIKE_ANCHOR_SLICES slices, MAYO_LIKE_REALISATIONS noise images LD - FD are simulated
+    with the calibrated projection-domain simulator (:func:`simulate_pair_from_fd`, I0 of
+    :func:`matched_i0`). Slice k between anchors a0 and a1 (fraction t) gets
+    ``sqrt(1 - t) * sum_r w_r N(a0, r) + sqrt(t) * sum_r w'_r N(a1, r)`` with random unit
+    vectors w, w' (seeded per slice): a Gaussian combination with exactly the covariance
+    ``(1 - t) C(a0) + t C(a1)``, i.e. the simulator's noise level, NPS and streaks of the
+    nearby anatomy. Neighbouring slices' noise is correlated (few realisations), which a
+    scale benchmark does not care about; do not use it to study noise.
+    """
+    import cv2
+
+    pixel_mm, slice_mm = mayo_like_geometry(slices, size)
+    paint = min(size, MAYO_LIKE_PAINT_PX)
+    paint_mm = DEMO_FOV_MM / paint
+    rng = np.random.default_rng([int(seed), 11, int(index)])
+    prm = _patient_params(rng, slices, extent_mm=slices * slice_mm)
+    texture = _unit_fields(rng, paint, 3.0 / paint_mm)  # ~3 mm grain, 4 HU below
+    mix = _unit_fields(rng, paint, 9.0 / paint_mm)  # ~9 mm blobs
+
+    def fd_at(k: int) -> np.ndarray:
+        zk = k * slice_mm
+        img = _phantom_slice(paint, paint_mm, zk, prm, 4.0 * _field_at(texture, zk, 4.5),
+                             _field_at(mix, zk, 6.0))
+        if paint != size:
+            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+        return _store_round(img)
+
+    i0 = matched_i0(pixel_mm)
+    n_anchors = 1 if slices == 1 else 1 + int(np.ceil((slices - 1) / MAYO_LIKE_ANCHOR_SLICES))
+    anchors = np.unique(np.linspace(0, slices - 1, n_anchors).round().astype(int))
+    noise: dict[int, np.ndarray] = {}  # anchor -> [R, size, size] float32, two at a time
+
+    def realisations(a: int) -> np.ndarray:
+        if a not in noise:
+            fd = fd_at(a)
+            noise[a] = np.stack([simulate_pair_from_fd(fd, dose, pixel_mm,
+                                                       (seed, 11, index, a, r), i0=i0) - fd
+                                 for r in range(MAYO_LIKE_REALISATIONS)])
+        return noise[a]
+
+    for k in range(slices):
+        j = int(np.searchsorted(anchors, k, side="right")) - 1
+        a0, a1 = int(anchors[j]), int(anchors[min(j + 1, len(anchors) - 1)])
+        for old in [a for a in noise if a < a0]:
+            del noise[old]
+        t = 0.0 if a1 == a0 else (k - a0) / (a1 - a0)
+        w = np.random.default_rng([int(seed), 11, int(index), k]).standard_normal(
+            (2, MAYO_LIKE_REALISATIONS))
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        n = np.sqrt(1 - t) * np.tensordot(w[0], realisations(a0), axes=1)
+        if t > 0:
+            n += np.sqrt(t) * np.tensordot(w[1], realisations(a1), axes=1)
+        fd = fd_at(k)
+        yield k, -(prm["zc0"] + k * slice_mm), fd, _store_round(fd + n)
+
+
+def make_mayo_like(out, patients: int = MAYO_LIKE_PATIENTS, slices: int = MAYO_LIKE_SLICES,
+                   size: int = MAYO_LIKE_SIZE, seed: int = 0, *, dose: float = 0.25,
+                   overwrite: bool = False, workers: Optional[int] = None,
+                   progress: bool = False) -> Path:
+    """Write the Mayo-like scale fixture to ``out``: ``OUT/MLnn/{quarter,full}_<T>mm/NNNN.dcm``
+    (the layout of ``ctio``'s ``mayo`` discovery), ``patients`` x ``slices`` pairs of
+    ``size``^2 (see :func:`mayo_like_patient_slices`), built patient by patient in ``workers``
+    processes (default: one per core), atomically, with SIMULATION.json. Deterministic in
+    ``seed`` (except DICOM UIDs)."""
+    out = Path(out)
+    if patients < 1 or slices < 1 or size < 32:
+        raise ctio.CTDataError("--mayo-like needs --patients >= 1, --slices >= 1 and "
+                               "--size >= 32")
+    _check_out(out, overwrite)
+    ctio.remove_stale_temporaries([out.parent])
+    workers = max(1, min(patients, workers or os.cpu_count() or 1))
+    bar = _Progress(patients * slices, "mayo-like") if progress else None
+    start = time.time()
+    with ctio.atomic_dir(out) as dest:
+        jobs = [(dest, i, slices, size, seed, dose) for i in range(patients)]
+        if workers == 1:
+            for done, job in enumerate(jobs, 1):
+                _write_mayo_like_patient(*job)
+                if bar:
+                    bar.update(done * slices)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            # spawn: a caller may have imported TensorFlow, which must not be forked
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")
+                                     ) as pool:
+                futures = [pool.submit(_write_mayo_like_patient, *job) for job in jobs]
+                for done, fut in enumerate(as_completed(futures), 1):
+                    fut.result()  # re-raises a worker's error
+                    if bar:
+                        bar.update(done * slices)
+        pixel_mm, slice_mm = mayo_like_geometry(slices, size)
+        _write_marker(dest, {
+            "tool": "Mysimulate.py --mayo-like", "patients": patients, "slices": slices,
+            "size": size, "pixel_mm": pixel_mm, "slice_mm": slice_mm, "seed": seed, "dose": dose,
+            "noise": f"{MAYO_LIKE_REALISATIONS} projection-domain realisations per anchor slice "
+                     f"every ~{MAYO_LIKE_ANCHOR_SLICES} slices, combined per slice (scale fixture, "
+                     "not for noise studies)", "seconds": round(time.time() - start, 1)})
+    return out
+
+
+def _write_mayo_like_patient(dest: Path, index: int, slices: int, size: int, seed: int,
+                             dose: float) -> None:
+    """One fixture patient's quarter- and full-dose series into ``dest`` (a worker's job)."""
+    name = mayo_like_names(index + 1)[-1]
+    pixel_mm, slice_mm = mayo_like_geometry(slices, size)
+    study = ctio.new_uid()
+    uids = {"quarter": ctio.new_uid(), "full": ctio.new_uid()}
+    descs = {"quarter": f"Mayo-like phantom, simulated dose {dose:g}",
+             "full": "Mayo-like phantom, full dose"}
+    folders = {side: dest / name / f"{side}_{slice_mm:g}mm" for side in uids}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for k, z_mm, fd, ld in mayo_like_patient_slices(index, slices, size, seed, dose):
+        for side, img in (("quarter", ld), ("full", fd)):
+            header = ctio.new_ct_header(
+                patient_id=name, study_uid=study, series_uid=uids[side], instance=k + 1,
+                z_mm=z_mm, shape=(size, size), pixel_mm=pixel_mm, thickness_mm=slice_mm,
+                description=descs[side])
+            ctio.write_dicom(folders[side] / f"{k:04d}.dcm", img, header,
+                             series_uid=uids[side], description=descs[side],
+                             derived=side == "quarter")
+
+
 # --- Command line -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = ctio.ArgumentParser(
@@ -882,6 +1061,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--demo", action="store_true", help="generate the procedural demo dataset")
     mode.add_argument("--calibrate", metavar="DATA_DIR",
                       help="print real vs simulated noise figures on the shared sample data")
+    mode.add_argument("--mayo-like", metavar="OUT",
+                      help="write a Mayo-size synthetic scale fixture to OUT (default 10 patients "
+                           "x 240 pairs of 512^2 DICOM; a few minutes on 2 cores): the demo "
+                           "phantom's anatomy varying along z, painted at 256^2 and upsampled; "
+                           "quarter dose from a few projection-domain noise realisations per "
+                           "patient (one pair every ~80 slices, with the calibrated simulator) "
+                           "combined per slice with random unit weights, which keeps the "
+                           "simulator's noise covariance but correlates nearby slices' noise: "
+                           "for speed and memory benchmarks, not for noise studies")
     ap.add_argument("--out", help="output folder (required with --input and --demo)")
     ap.add_argument("--dose", type=float, default=0.25, help="dose fraction in (0, 1)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (per-slice streams)")
@@ -898,9 +1086,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing --out that an earlier Mysimulate.py run wrote "
                          f"(it holds {MARKER}); the new dataset is built beside it first")
-    ap.add_argument("--patients", type=int, default=DEMO_PATIENTS, help="demo: phantom patients")
-    ap.add_argument("--slices", type=int, default=DEMO_SLICES, help="demo: slices per patient")
-    ap.add_argument("--size", type=int, default=DEMO_SIZE, help="demo: image size (pixels)")
+    ap.add_argument("--patients", type=int, default=None,
+                    help=f"phantom patients (demo: {DEMO_PATIENTS}, mayo-like: "
+                         f"{MAYO_LIKE_PATIENTS})")
+    ap.add_argument("--slices", type=int, default=None,
+                    help=f"slices per patient (demo: {DEMO_SLICES}, mayo-like: "
+                         f"{MAYO_LIKE_SLICES})")
+    ap.add_argument("--size", type=int, default=None,
+                    help=f"image size in pixels (demo: {DEMO_SIZE}, mayo-like: {MAYO_LIKE_SIZE})")
     return ap
 
 
@@ -913,7 +1106,9 @@ def main(argv=None) -> int:
         calibration_report(args.calibrate, dose=args.dose, i0=args.i0, sigma_e=args.sigma_e,
                            seed=args.seed)
         return 0
-    if not args.out:
+    if args.mayo_like and args.out:
+        raise ctio.CTDataError("--mayo-like takes the output folder as its value; drop --out")
+    if not args.out and not args.mayo_like:
         raise ctio.CTDataError("--out is required with --input and --demo")
     if not (0.0 < args.dose < 1.0):
         raise ctio.CTDataError(f"--dose must be in (0, 1), got {args.dose:g}")
@@ -923,7 +1118,20 @@ def main(argv=None) -> int:
         raise ctio.CTDataError("--i0 must be > 0 and --sigma-e >= 0")
     if args.pixel_mm is not None and not args.pixel_mm > 0:
         raise ctio.CTDataError(f"--pixel-mm must be > 0, got {args.pixel_mm:g}")
+    if args.mayo_like:
+        t = time.time()
+        patients, slices, size = (MAYO_LIKE_PATIENTS if args.patients is None else args.patients,
+                                  MAYO_LIKE_SLICES if args.slices is None else args.slices,
+                                  MAYO_LIKE_SIZE if args.size is None else args.size)
+        out = make_mayo_like(args.mayo_like, patients, slices, size, args.seed, dose=args.dose,
+                             overwrite=args.overwrite, progress=True)
+        print(f"mayo-like dataset: {out} ({patients} patients x {slices} pairs of {size}^2) in "
+              f"{time.time() - t:.1f} s")
+        return 0
     if args.demo:
+        args.patients = DEMO_PATIENTS if args.patients is None else args.patients
+        args.slices = DEMO_SLICES if args.slices is None else args.slices
+        args.size = DEMO_SIZE if args.size is None else args.size
         t = time.time()
         out = make_demo(args.out, args.patients, args.slices, args.size, args.seed,
                         dose=args.dose, overwrite=args.overwrite, progress=True)
