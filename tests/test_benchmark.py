@@ -83,6 +83,7 @@ def test_flop_counter_agrees_with_tf_graph_for_cncl():
     (["--infer-batches", "1,x"], "--infer-batches"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--precision-rows", "bf16"], "argument --precision-rows: invalid choice"),
+    (["--scale", "--scale-data", "."], "not a folder written by Mysimulate.py --mayo-like"),
 ])
 def test_bad_flags_one_stderr_line_exit_2(args, needle):
     r = _run(*args, timeout=60)
@@ -185,3 +186,20 @@ def test_quick_smoke_run_writes_sane_json(tmp_path):
     assert measured == ctio.native_bfloat16() and why
     for key in ("train_patches_per_s_bf16", "infer_slices_per_s_bf16", "infer_bf16_speedup"):
         assert (res[key] > 0) if measured else res[key] is None, (key, res[key])
+
+
+def test_scale_section_is_opt_in_and_its_keys_are_documented():
+    """--scale runs the scale section alone; the default run leaves it out (it takes about an
+    hour); every top-level scale key is named in the README's benchmark section."""
+    import Mybenchmark
+
+    args = Mybenchmark.build_parser().parse_args(["--scale"])
+    Mybenchmark.check_args(args)
+    assert args.sections == ["scale"]
+    args = Mybenchmark.build_parser().parse_args([])
+    Mybenchmark.check_args(args)
+    assert "scale" not in args.sections and set(Mybenchmark.RUNNERS) == set(Mybenchmark.SECTIONS)
+    readme = (REPO / "README.md").read_text()
+    bench = readme[readme.index("## Benchmark"):]
+    missing = [k for k in Mybenchmark.SCALE_KEYS if f"`{k}`" not in bench]
+    assert not missing, missing
