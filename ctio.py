@@ -464,34 +464,18 @@ def not_an_axial_slice(ds) -> Optional[str]:
     return None
 
 
-HEADER_THREADS = 8  # parallel header reads: they wait on the file system more than on Python
-
-
-def _slice_facts(f: Path) -> tuple[Path, Optional[str], Optional[_DicomSlice]]:
-    """``(file, why it is skipped or None, its _DicomSlice or None)`` from the header only."""
-    ds = read_dicom_header(f)
-    why = not_an_axial_slice(ds)
-    if why:
-        return f, why, None
-    return f, None, _DicomSlice(slice_position(ds), f, (int(ds.Rows), int(ds.Columns)),
-                                pixel_spacing(ds))
-
-
 def _dicom_series(folder: Path) -> list[_DicomSlice]:
     """Every axial DICOM slice in ``folder``, sorted by position. Localizers and non-axial
-    images are skipped with one printed line per folder. Headers only (no pixel data), read
-    in HEADER_THREADS threads (a 2-core machine read 2-3x more files/s than one thread, warm
-    and cold cache); an unreadable file is the error of the first one in name order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = _slice_files(folder)
-    if len(files) > 16:
-        with ThreadPoolExecutor(min(HEADER_THREADS, len(files))) as pool:
-            facts = list(pool.map(_slice_facts, files))
-    else:
-        facts = [_slice_facts(f) for f in files]
-    items = [t for _, _, t in facts if t is not None]
-    skipped = [(f, why) for f, why, _ in facts if why]
+    images are skipped with one printed line per folder."""
+    items, skipped = [], []
+    for f in _slice_files(folder):
+        ds = read_dicom_header(f)
+        why = not_an_axial_slice(ds)
+        if why:
+            skipped.append((f, why))
+            continue
+        items.append(_DicomSlice(slice_position(ds), f, (int(ds.Rows), int(ds.Columns)),
+                                 pixel_spacing(ds)))
     if skipped:
         print(f"note: skipped {len(skipped)} image(s) that are not axial slices in {folder} "
               f"(first: {skipped[0][0].name}, {skipped[0][1]})")
