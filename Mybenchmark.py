@@ -867,18 +867,11 @@ def bench_scale(data: Optional[Path], quick: bool, timeout: float, say: Callable
         res["fixture"] = {"path": str(data), **(json.loads(marker.read_text())
                                                 if marker.is_file() else {})}
         say("scale: discovery (headers only) ...")
-        disc = {}
-        for threads in (1, ctio.HEADER_THREADS):
-            default, ctio.HEADER_THREADS = ctio.HEADER_THREADS, threads
-            try:
-                t0 = time.perf_counter()
-                ds = ctio.discover(data)
-                dt = time.perf_counter() - t0
-            finally:
-                ctio.HEADER_THREADS = default
-            files = 2 * len(ds.records) if ds.paired else len(ds.records)
-            disc[f"threads_{threads}"] = {"files": files, "seconds": dt, "files_per_s": files / dt}
-        res["discovery"] = disc
+        t0 = time.perf_counter()
+        ds = ctio.discover(data)
+        dt = time.perf_counter() - t0
+        files = 2 * len(ds.records) if ds.paired else len(ds.records)
+        res["discovery"] = {"files": files, "seconds": dt, "files_per_s": files / dt}
         names = ds.patients
         per_patient = {p: sum(r.patient == p for r in ds.records) for p in names}
         say(f"scale: Mytrain.py on {per_patient[names[0]]} and {len(ds.records)} pairs "
@@ -1093,9 +1086,9 @@ def print_table(res: dict) -> None:
         rows.append(("eval", "PENDING: " + ev.get("reason", "")[:60], "-", "", "", "", "", ""))
     sc = res.get("scale")
     if sc:
-        for threads, d in sc["discovery"].items():
-            add("scale", f"discovery, {d['files']} DICOM headers, {threads.replace('_', ' ')}",
-                d["files_per_s"], "files/s", med=d["seconds"])
+        d = sc["discovery"]
+        add("scale", f"discovery, {d['files']} DICOM headers", d["files_per_s"], "files/s",
+            med=d["seconds"])
         for key, what in (("one_patient", "one patient"), ("all", "all patients"),
                           ("all_warm", "all patients, cache filled")):
             t = sc["train"][key]
@@ -1322,8 +1315,7 @@ def run_scale(b: Bench) -> None:
     train, infer = sc["train"], sc["infer"]
     small, paper = infer["small"], infer.get("paper", {})
     res.update(
-        scale_discovery_files_per_s=sc["discovery"][f"threads_{ctio.HEADER_THREADS}"][
-            "files_per_s"],
+        scale_discovery_files_per_s=sc["discovery"]["files_per_s"],
         scale_training_pairs=train["all"]["training_pairs"],
         scale_train_peak_rss_mb=train["all"]["peak_rss_mb"],
         scale_train_rss_ratio=train["rss_ratio"],
