@@ -3,6 +3,10 @@
 Usage::
 
     python Mybenchmark.py [--preset paper|small] [--json FILE] [--quick]
+    python Mybenchmark.py --scale [--scale-data DIR] [--json FILE]   # Mayo size (issue 16)
+
+Sections (``--sections``, the table RUNNERS): matmul, train, infer, data, memory, eval, and
+scale, which only runs when asked for (it builds and uses a Mayo-size fixture, ~25 min here).
 
 Every figure is a median over repeats taken after warm-up (the first call of a graph, which
 traces and, with ``--jit on``, compiles it, is timed separately and never counted). It prints one
