@@ -3,6 +3,10 @@
 Usage::
 
     python Mybenchmark.py [--preset paper|small] [--json FILE] [--quick]
+    python Mybenchmark.py --scale [--scale-data DIR] [--json FILE]   # Mayo size (issue 16)
+
+Sections (``--sections``, the table RUNNERS): matmul, train, infer, data, memory, eval, and
+scale, which only runs when asked for (it builds and uses a Mayo-size fixture, ~25 min here).
 
 Every figure is a median over repeats taken after warm-up (the first call of a graph, which
 traces and, with ``--jit on``, compiles it, is timed separately and never counted). It prints one
@@ -35,6 +39,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -47,19 +52,27 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 import ctio
+import ctrun
 
 REPO = Path(__file__).resolve().parent
-PRESETS = ("paper", "small")  # Mymodel.PRESETS, named here to validate before importing TF
-SECTIONS = ("matmul", "train", "infer", "data", "memory", "eval")
+PRESETS = tuple(ctrun.PRESETS)  # checked before TensorFlow is imported
+SECTIONS = ("matmul", "train", "infer", "data", "memory", "eval", "scale")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # scale (~1 h on 2 cores) runs with --scale or --sections scale
 PRECISION_ROWS = ("auto", "all", "float32")  # --precision-rows
 SLICE = 512  # whole-slice size of the Mayo data
-PATCH = 64  # training patch size (MyDataLoader_train.PATCH_SIZE)
-TRAIN_BATCH = 16  # Mytrain.py's default batch
+PATCH = 64  # the benchmark's training patch (the MFU history since the first release uses it)
+TRAIN_BATCH = 16  # the benchmark's headline training batch (kept for comparable figures)
 REQUIRED_KEYS = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
                  "infer_mfu", "loader_ratio", "mem_ratio", "eval_slices_per_s")
 BF16_KEYS = ("matmul_gflops_bf16", "train_patches_per_s_bf16", "train_mfu_bf16",
              "train_bf16_speedup", "infer_slices_per_s_bf16", "infer_mfu_bf16",
              "infer_bf16_speedup")  # None when the bfloat16 rows are skipped
+SCALE_KEYS = ("scale_discovery_files_per_s", "scale_training_pairs", "scale_train_peak_rss_mb",
+              "scale_train_rss_ratio", "scale_cache_fill_s", "scale_first_step_s",
+              "scale_first_step_warm_s", "scale_loader_patches_per_s", "scale_infer_s_per_slice",
+              "scale_infer_peak_rss_mb", "scale_patient_minutes", "scale_infer_s_per_slice_paper",
+              "scale_patient_minutes_paper", "scale_dicom_one_series",
+              "scale_eval_slices_per_s")  # None unless the scale section ran
 FLOPS_CONVENTION = (
     "FLOPs = 2*H_out*W_out*kh*kw*C_in/groups*C_out per Conv2D (2*C_in*C_out per position for "
     "Dense), forward, per example, from the layer shapes; bias, norm, activations, pooling, "
@@ -77,8 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, metavar="FILE", help="write the figures here")
     ap.add_argument("--quick", action="store_true",
                     help="fast smoke run: small sizes, few repeats (figures are not meaningful)")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                     help="comma-separated subset of: " + ", ".join(SECTIONS))
+    ap.add_argument("--scale", action="store_true",
+                    help="run only the scale section (issue 16; the same as --sections scale): "
+                    "a Mayo-size fixture (10 x 240 pairs of 512^2 DICOM, Mysimulate.py "
+                    "--mayo-like) through discovery, the training loader, Mytrain.py (peak RSS "
+                    "at one patient's and all pairs), Mytest.py on a 560-slice series and "
+                    "Myevaluation.py; about an hour on 2 cores")
+    ap.add_argument("--scale-data", default=None, metavar="DIR",
+                    help="scale section: use this Mysimulate.py --mayo-like folder instead of "
+                    "building one (a few minutes)")
     ap.add_argument("--repeats", type=int, default=0,
                     help="timed repeats per measurement (0: automatic per section)")
     ap.add_argument("--jit", default="off", help="XLA for train step and inference: off or on")
@@ -93,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--onednn", default="default",
                     help="TF_ENABLE_ONEDNN_OPTS for this run: on, off, or default = leave TF's "
                     "own choice (TF turns oneDNN on by itself on CPUs with AVX-512 VNNI or AMX, "
-                    "else uses Eigen; a TF_ENABLE_ONEDNN_OPTS already in the environment wins)")
+                    "else uses Eigen; a TF_ENABLE_ONEDNN_OPTS already in the environment wins). "
+                    "Mytrain.py itself turns oneDNN on for small-preset patch training where TF "
+                    "would use Eigen: --onednn on measures what it runs there")
     ap.add_argument("--precision-rows", default="auto", choices=PRECISION_ROWS,
                     help="bfloat16 rows beside the float32 ones (matmul, training, inference): "
                     "auto = only on CPUs with native bfloat16 (" + " or ".join(ctio.BF16_FLAGS)
@@ -135,7 +159,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ctio.CTDataError(f"--jit must be off or on, got '{args.jit}'")
     if args.onednn not in ("default", "on", "off"):
         raise ctio.CTDataError(f"--onednn must be default, on or off, got '{args.onednn}'")
-    secs = [s.strip() for s in str(args.sections).split(",") if s.strip()]
+    secs = ["scale"] if args.scale else [
+        s.strip() for s in str(args.sections).split(",") if s.strip()]
     bad = [s for s in secs if s not in SECTIONS]
     if bad or not secs:
         raise ctio.CTDataError(f"--sections: unknown section '{(bad or [''])[0]}' (choose from: "
@@ -148,6 +173,9 @@ def check_args(args: argparse.Namespace) -> None:
     args.infer_batches = parse_ints(args.infer_batches, "infer-batches")
     if args.data is not None and not Path(args.data).is_dir():
         raise ctio.CTDataError(f"--data {args.data}: no such folder")
+    if args.scale_data is not None and not (Path(args.scale_data) / "SIMULATION.json").is_file():
+        raise ctio.CTDataError(f"--scale-data {args.scale_data}: not a folder written by "
+                               "Mysimulate.py --mayo-like (no SIMULATION.json)")
     if args.json is not None:  # fail now, not after a long run (runs/ may not exist yet)
         target = Path(args.json)
         if target.is_dir():
@@ -560,10 +588,22 @@ def status(pid):
     except OSError:
         pass
     return out
+import threading
 timeout = float(sys.argv[1])
 err = open(sys.argv[2], "wb")
+keep_lines = sys.argv[3] == "lines"
 t0 = time.perf_counter()
-proc = subprocess.Popen(sys.argv[3:], stdout=subprocess.DEVNULL, stderr=err)
+proc = subprocess.Popen(sys.argv[4:], stdout=subprocess.PIPE if keep_lines else
+                        subprocess.DEVNULL, stderr=err)
+lines = []
+def read_lines():
+    for raw in proc.stdout:
+        if len(lines) < 1000:
+            lines.append([round(time.perf_counter() - t0, 3),
+                          raw.decode(errors="replace").rstrip()[:300]])
+if keep_lines:
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
 hwm, samples = 0, []
 while True:
     pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -578,20 +618,24 @@ while True:
     if "VmRSS" in s:
         samples.append(s["VmRSS"])
     time.sleep(0.05)
-print(json.dumps({"maxrss": ru.ru_maxrss, "hwm_kb": hwm, "rss_kb": samples,
+if keep_lines:
+    reader.join(10)
+print(json.dumps({"maxrss": ru.ru_maxrss, "hwm_kb": hwm, "rss_kb": samples, "lines": lines,
                   "code": os.waitstatus_to_exitcode(st), "seconds": time.perf_counter() - t0}))
 """
 
 
-def peak_rss_of(cmd: list[str], env: dict, timeout: float) -> dict:
+def peak_rss_of(cmd: list[str], env: dict, timeout: float, lines: bool = False) -> dict:
     """Run ``cmd`` to the end and measure its memory.
 
     ``peak_rss_mb`` is ru_maxrss of that process (os.wait4 in a small probe process that starts
     it); ``polled_hwm_mb`` and ``rss_samples_mb`` (10 evenly spaced moments) come from polling
     /proc/PID/status every 50 ms: a cross-check, and RSS over time (a leak is a rising tail).
+    With ``lines``, ``lines`` holds its stdout lines as ``[seconds since start, text]``.
     """
     with tempfile.NamedTemporaryFile(suffix=".err") as err:
-        probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(timeout), err.name, *cmd],
+        probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(timeout), err.name,
+                                "lines" if lines else "-", *cmd],
                                capture_output=True, text=True, env=env, cwd=REPO)
         tail = Path(err.name).read_text(errors="replace").strip().splitlines()[-1:] or [""]
     if probe.returncode != 0:
@@ -603,19 +647,20 @@ def peak_rss_of(cmd: list[str], env: dict, timeout: float) -> dict:
     return {"peak_rss_mb": r["maxrss"] * scale / 2 ** 20,
             "polled_hwm_mb": r["hwm_kb"] / 1024 or None,
             "rss_samples_mb": [round(v, 1) for v in picks],
-            "seconds": r["seconds"], "exit_code": r["code"], "stderr_tail": tail[0][:300]}
+            "seconds": r["seconds"], "exit_code": r["code"], "stderr_tail": tail[0][:300],
+            **({"lines": r["lines"]} if lines else {})}
 
 
-def untrained_run(run: Path) -> Path:
-    """A run folder with an untrained ``small`` generator (speed and memory do not depend on the
-    weights)."""
+def untrained_run(run: Path, preset: str = "small") -> Path:
+    """A run folder with an untrained generator of ``preset`` (speed and memory do not depend
+    on the weights)."""
     import Mymodel
 
     run.mkdir(parents=True)
-    cfg = Mymodel.model_config("small")
-    (run / "config.json").write_text(json.dumps({"model": cfg}))
+    cfg = ctrun.model_config(preset)
+    ctrun.write_run_config(run, {"model": cfg})
     gen, _ = Mymodel.build_models(cfg)
-    gen.save_weights(str(run / "generator_latest.weights.h5"))
+    gen.save_weights(str(run / ctrun.LATEST))
     return run
 
 
@@ -687,6 +732,181 @@ def bench_memory(counts: tuple[int, int], shape: tuple[int, int], batch: int,
                    kb_per_extra_slice=(hi - lo) * 1024 / (counts[1] - counts[0]),
                    load_after=load())
         return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- Scale: the Mayo-size fixture through every tool ---------------------------------------------
+SCALE_PATIENTS, SCALE_SLICES = 10, 240  # the Mayo 2016 3 mm set: 10 patients, ~2,400 pairs
+SCALE_SERIES = 560  # slices of one patient's 1 mm series (Mytest.py at patient scale)
+SCALE_PAPER_SLICES = 20  # the paper preset is timed on this many slices (~5-20 s each here)
+SCALE_EVAL_SLICES = 240
+
+
+def _line_time(lines: list, pattern: str, after: float = -1.0) -> Optional[float]:
+    """Seconds since start of the first stdout line (``peak_rss_of(lines=True)``) matching the
+    regular expression ``pattern`` after ``after`` seconds."""
+    import re
+
+    return next((t for t, text in lines if t > after and re.search(pattern, text)), None)
+
+
+def scale_train(data: Path, exclude: list[str], work: Path, name: str, cache: Path,
+                quick: bool, timeout: float) -> dict:
+    """Peak RSS and timings of ``Mytrain.py`` (small preset, 2 epochs x 1 step, no validation)
+    on ``data`` without the ``exclude`` patients, its slice cache in ``cache``.
+
+    ``cache_fill_s``: from the "slice cache" line to the next (every slice decoded into the
+    cache); ``first_step_s``: from the start of the command to the end of epoch 1 (one step,
+    traced), TensorFlow's import included."""
+    cmd = [sys.executable, "-u", str(REPO / "Mytrain.py"), "--data", str(data), "--out",
+           str(work / name), "--preset", "small", "--epochs", "2", "--steps-per-epoch", "1",
+           "--val-patients", "none", "--verbose", "2", "--cache-dir", str(cache)]
+    cmd += (["--patch", "32", "--batch", "2"] if quick else []) + (
+        ["--exclude", *exclude] if exclude else [])
+    r = peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
+    lines = r.pop("lines")
+    t_cache = _line_time(lines, r"^slice cache:")
+    t_next = None if t_cache is None else next(
+        (t for t, _ in lines if t > t_cache), None)
+    m = next((re.match(r"data: (\d+) training slices", text) for _, text in lines
+              if text.startswith("data: ")), None)
+    return {**r, "training_pairs": int(m[1]) if m else None,
+            "cache_fill_s": None if t_next is None else t_next - t_cache,
+            "first_step_s": _line_time(lines, r"^1/1 - "),
+            "stdout_tail": [text for _, text in lines[-3:]]}
+
+
+def scale_loader(records: list, cache: Path, n_batches: int) -> dict:
+    """``make_train_dataset`` patches/s (PATCH^2, batch TRAIN_BATCH) read from an already
+    filled slice cache, after a warm-up."""
+    ctio.import_tensorflow()
+    import MyDataLoader_train as loader
+
+    t0 = time.perf_counter()
+    it = iter(loader.make_train_dataset(records, patch=PATCH, batch=TRAIN_BATCH,
+                                        cache_dir=cache))
+    _sync(next(it))
+    first = time.perf_counter() - t0
+    for _ in range(max(2, n_batches // 5)):
+        _sync(next(it))
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        _sync(next(it))
+    steady = time.perf_counter() - t0
+    return {"slices": len(records), "patch": PATCH, "batch": TRAIN_BATCH,
+            "first_batch_s": first, "patches_per_s": n_batches * TRAIN_BATCH / steady}
+
+
+def check_derived_series(out: Path, source: Path) -> dict:
+    """Whether Mytest.py's derived DICOM files in ``out`` form one series: one
+    SeriesInstanceUID, InstanceNumbers unique and monotonic along the table, and each file
+    with its source's position, orientation, pixel spacing and size."""
+    import pydicom
+
+    src = {}
+    for f in sorted(source.iterdir()):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        src[round(float(ds.ImagePositionPatient[2]), 3)] = ds
+    files = sorted(out.rglob("*.dcm"))
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    headers.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    numbers = [int(d.InstanceNumber) for d in headers]
+    steps = np.diff(numbers)
+    geometry = all(
+        (s := src.get(round(float(d.ImagePositionPatient[2]), 3))) is not None
+        and list(d.ImagePositionPatient) == list(s.ImagePositionPatient)
+        and list(d.ImageOrientationPatient) == list(s.ImageOrientationPatient)
+        and list(d.PixelSpacing) == list(s.PixelSpacing)
+        and (d.Rows, d.Columns) == (s.Rows, s.Columns) for d in headers)
+    one = {"files": len(files), "series_uids": len({d.SeriesInstanceUID for d in headers}),
+           "instance_numbers_monotonic": bool(len(set(numbers)) == len(numbers) and (
+               (steps > 0).all() or (steps < 0).all())),
+           "source_geometry": bool(geometry)}
+    one["one_series"] = bool(one["series_uids"] == 1 and one["instance_numbers_monotonic"]
+                             and one["source_geometry"] and len(files) == len(src))
+    return one
+
+
+def scale_infer(series: Path, n: int, preset: str, work: Path, timeout: float) -> dict:
+    """``Mytest.py --format dicom`` on the ``n``-slice series (an untrained ``preset``
+    generator): peak RSS, the s/slice it reports, and the derived series check."""
+    run = untrained_run(work / f"run_{preset}", preset)
+    out = work / f"out_{preset}"
+    cmd = [sys.executable, "-u", str(REPO / "Mytest.py"), "--data", str(series), "--run",
+           str(run), "--out", str(out), "--format", "dicom", "--no-figures"]
+    r = peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
+    lines = r.pop("lines")
+    m = next((re.search(r"denoised (\d+) slice\(s\) in ([\d.]+) s", text) for _, text in lines
+              if text.startswith("denoised ")), None)
+    res = {**r, "preset": preset, "slices": n, "stdout_tail": [t for _, t in lines[-2:]]}
+    if r["exit_code"] != 0 or not m:
+        return {**res, "status": "failed"}
+    s_per_slice = float(m[2]) / int(m[1])
+    return {**res, "status": "ok", "denoise_s": float(m[2]), "s_per_slice": s_per_slice,
+            "patient_minutes_560": s_per_slice * SCALE_SERIES / 60,
+            "derived_series": check_derived_series(out, series)}
+
+
+def bench_scale(data: Optional[Path], quick: bool, timeout: float, say: Callable) -> dict:
+    """Section ``scale`` (issue 16): the Mayo-like fixture (``Mysimulate.py --mayo-like``,
+    built here unless ``data`` is given) through discovery, the training loader, Mytrain.py at
+    one patient's and all patients' pairs (peak RSS, cache fill, time to the first step),
+    Mytest.py on a 560-slice series (small; paper on SCALE_PAPER_SLICES slices) and
+    Myevaluation.py."""
+    patients, slices, size = (2, 3, 64) if quick else (SCALE_PATIENTS, SCALE_SLICES, SLICE)
+    work = Path(tempfile.mkdtemp(prefix="cncl_bench_scale_"))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    res: dict[str, Any] = {"load_before": load()}
+    try:
+        if data is None:
+            data = work / "mayo"
+            say(f"scale: Mysimulate.py --mayo-like ({patients} x {slices} pairs of {size}^2) ...")
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, str(REPO / "Mysimulate.py"), "--mayo-like",
+                            str(data), "--patients", str(patients), "--slices", str(slices),
+                            "--size", str(size)], check=True, capture_output=True, env=env,
+                           cwd=REPO, timeout=timeout)
+            res["fixture_build_s"] = time.perf_counter() - t0
+        marker = data / "SIMULATION.json"
+        res["fixture"] = {"path": str(data), **(json.loads(marker.read_text())
+                                                if marker.is_file() else {})}
+        say("scale: discovery (headers only) ...")
+        t0 = time.perf_counter()
+        ds = ctio.discover(data)
+        dt = time.perf_counter() - t0
+        files = 2 * len(ds.records) if ds.paired else len(ds.records)
+        res["discovery"] = {"files": files, "seconds": dt, "files_per_s": files / dt}
+        names = ds.patients
+        per_patient = {p: sum(r.patient == p for r in ds.records) for p in names}
+        say(f"scale: Mytrain.py on {per_patient[names[0]]} and {len(ds.records)} pairs "
+            "(cold slice cache), then warm ...")
+        train = {"one_patient": scale_train(data, names[1:], work, "train_one", work / "c1",
+                                            quick, timeout),
+                 "all": scale_train(data, [], work, "train_all", work / "c_all", quick, timeout)}
+        train["all_warm"] = scale_train(data, [], work, "train_all_warm", work / "c_all", quick,
+                                        timeout)
+        one, every = train["one_patient"], train["all"]
+        train["rss_ratio"] = every["peak_rss_mb"] / one["peak_rss_mb"]
+        res["train"] = train
+        say("scale: loader patches/s from the filled cache ...")
+        res["loader"] = scale_loader(ds.records, work / "c_all", 20 if quick else 100)
+        shutil.rmtree(work / "c1", ignore_errors=True)
+        shutil.rmtree(work / "c_all", ignore_errors=True)  # GBs of decoded slices
+        n_series = 8 if quick else SCALE_SERIES
+        say(f"scale: Mytest.py on a {n_series}-slice series, small preset ...")
+        series = write_dicom_series(work / "series", n_series, (size, size))
+        res["infer"] = {"small": scale_infer(series, n_series, "small", work, timeout)}
+        if not quick:
+            n_paper = SCALE_PAPER_SLICES
+            say(f"scale: Mytest.py paper preset on {n_paper} slices ...")
+            few = write_dicom_series(work / "series_paper", n_paper, (size, size))
+            res["infer"]["paper"] = scale_infer(few, n_paper, "paper", work, timeout)
+        n_eval = 4 if quick else SCALE_EVAL_SLICES
+        say(f"scale: Myevaluation.py on {n_eval} slices ...")
+        res["eval"] = bench_eval(n_eval, (size, size), timeout)
+        res["load_after"] = load()
+        return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -869,6 +1089,35 @@ def print_table(res: dict) -> None:
             "4 protocols, texture)", ev["slices_per_s"], "slices/s", med=ev["command_s"])
     elif ev:
         rows.append(("eval", "PENDING: " + ev.get("reason", "")[:60], "-", "", "", "", "", ""))
+    sc = res.get("scale")
+    if sc:
+        d = sc["discovery"]
+        add("scale", f"discovery, {d['files']} DICOM headers", d["files_per_s"], "files/s",
+            med=d["seconds"])
+        for key, what in (("one_patient", "one patient"), ("all", "all patients"),
+                          ("all_warm", "all patients, cache filled")):
+            t = sc["train"][key]
+            add("scale", f"Mytrain small, {t['training_pairs']} pairs ({what}) peak RSS",
+                t["peak_rss_mb"], "MiB", med=t["seconds"])
+            add("scale", "  time to the end of the first step", t["first_step_s"], "s")
+            if key != "all_warm":
+                add("scale", "  slice cache fill (decode every pair)", t["cache_fill_s"], "s")
+        add("scale", "train_rss_ratio (all / one patient)", sc["train"]["rss_ratio"], "x")
+        add("scale", f"loader {sc['loader']['patch']}^2 x {sc['loader']['batch']} from the cache",
+            sc["loader"]["patches_per_s"], "patches/s")
+        for preset, t in sc["infer"].items():
+            if t.get("status") == "ok":
+                add("scale", f"Mytest {preset}, {t['slices']}-slice series", t["s_per_slice"],
+                    "s/slice", med=t["seconds"])
+                add("scale", f"  peak RSS; 560 slices {t['patient_minutes_560']:.1f} min; "
+                    f"one series: {t['derived_series']['one_series']}", t["peak_rss_mb"], "MiB")
+            else:
+                rows.append(("scale", f"Mytest {preset} FAILED: {t.get('stderr_tail', '')[:50]}",
+                             "-", "", "", "", "", ""))
+        ev = sc["eval"]
+        if ev.get("status") == "ok":
+            add("scale", f"Myevaluation {ev['slices']} slices", ev["slices_per_s"], "slices/s",
+                med=ev["command_s"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) if j < 2 or j == 3 else c.rjust(w)
@@ -925,6 +1174,175 @@ def bf16_decision(choice: str, features: frozenset[str]) -> tuple[bool, str]:
 
 
 # --- Main -----------------------------------------------------------------------------------------
+class Bench:
+    """What every section reads (flags, sizes, the matmul peak) and the result dict it fills."""
+
+    def __init__(self, args: argparse.Namespace, res: dict, cfg: dict, bf16: bool) -> None:
+        self.args, self.res, self.cfg, self.bf16 = args, res, cfg, bf16
+        self.quick, self.paper = args.quick, args.preset == "paper"
+        self.jit, self.rep = args.jit == "on", args.repeats
+        # Sizes and repeats: paper steps take seconds on a CPU, so fewer repeats there.
+        self.slice_size = 128 if self.quick else SLICE
+        self.train_batches = args.train_batches or ([TRAIN_BATCH] if self.quick else
+                                                    [TRAIN_BATCH, 32])
+        # --quick skips whole-slice training: each train graph costs a long trace (tens of s).
+        self.slice_batches = (([] if self.quick else [1]) if args.slice_batches is None
+                              else args.slice_batches)
+        self.infer_batches = args.infer_batches or ([1, 2] if self.quick else [1, 2, 4]
+                                                    if self.paper else [1, 2, 4, 8])
+        self.peak: Optional[float] = None
+        self.peak_bf16: Optional[float] = None
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} load {load():.2f}] {msg}", flush=True)
+
+
+def run_matmul(b: Bench) -> None:
+    res, quick = b.res, b.quick
+    n = 1024 if quick else 4096
+    b.say(f"matmul {n}^2 float32 ...")
+    res["matmul"] = mm = bench_matmul(n, b.rep or (3 if quick else 10), b.bf16)
+    peak = mm["gflops"]
+    res["matmul_gflops_bf16"] = mm.get("bfloat16", {}).get("gflops")
+    if not quick and mm["device"] == "CPU":
+        # TF's CPU matmul comes from Eigen or oneDNN: the machine peak is the better one.
+        b.say(f"matmul {n}^2 float32 with oneDNN {'off' if mm['onednn'] else 'on'} "
+              "(fresh process) ...")
+        other = matmul_other_backend(n, b.rep or 10)
+        if other:
+            mm["other_backend"] = other
+            peak = max(peak, other["gflops"])
+    mm["peak_gflops"] = b.peak = res["matmul_gflops"] = peak
+    b.peak_bf16 = res["matmul_gflops_bf16"] or peak
+
+
+def run_train(b: Bench) -> None:
+    res, quick, rep, cfg = b.res, b.quick, b.rep, b.cfg
+    res["train"] = {}
+    for n in b.train_batches:
+        b.say(f"train step {PATCH}^2 x batch {n} ...")
+        res["train"][f"patch{PATCH}_b{n}"] = bench_train(
+            cfg, n, PATCH, rep or (3 if quick else 5), 1 if quick else 2, b.jit, b.peak,
+            b.args.trace if n == b.train_batches[0] else None)
+    for n in b.slice_batches:
+        b.say(f"train step {b.slice_size}^2 whole slices x batch {n} ...")
+        res["train"][f"slice{b.slice_size}_b{n}"] = bench_train(
+            cfg, n, b.slice_size, rep or (2 if quick or b.paper else 4), 1, b.jit, b.peak)
+    head = res["train"][f"patch{PATCH}_b{b.train_batches[0]}"]
+    res["train_patches_per_s"] = head["examples_per_s"]
+    res["train_mfu"] = head["mfu"]
+    res["train_best_mfu"] = max(t["mfu"] for t in res["train"].values())
+    if b.slice_batches:
+        sl = res["train"][f"slice{b.slice_size}_b{b.slice_batches[0]}"]
+        res["train_slices_per_s"] = sl["examples_per_s"]
+        res["train_slice_mfu"] = sl["mfu"]
+    if b.bf16:
+        n = b.train_batches[0]
+        b.say(f"train step {PATCH}^2 x batch {n}, bfloat16 ...")
+        t = bench_train(cfg, n, PATCH, rep or (3 if quick else 5), 1 if quick else 2, b.jit,
+                        b.peak_bf16, precision="bfloat16")
+        res["train_bf16"] = {f"patch{PATCH}_b{n}": t}
+        res["train_patches_per_s_bf16"] = t["examples_per_s"]
+        res["train_mfu_bf16"] = t["mfu"]
+        res["train_bf16_speedup"] = t["examples_per_s"] / head["examples_per_s"]
+
+
+def run_infer(b: Bench) -> None:
+    res, quick = b.res, b.quick
+    res["infer"] = {}
+    for n in b.infer_batches:
+        b.say(f"inference {b.slice_size}^2 x batch {n} ...")
+        res["infer"][f"b{n}"] = bench_infer(
+            b.cfg, n, b.slice_size, b.rep or (2 if quick else 3), 1, b.jit, b.peak,
+            b.args.trace if n == b.infer_batches[0] else None)
+    best = max(res["infer"].values(), key=lambda t: t["slices_per_s"])
+    one = res["infer"].get("b1") or res["infer"][f"b{b.infer_batches[0]}"]
+    res["infer_slices_per_s"] = best["slices_per_s"]
+    res["infer_mfu"] = best["mfu"]
+    res["infer_best_batch"] = best["batch"]
+    res["infer_batch1_slices_per_s"] = one["slices_per_s"]
+    res["infer_batch1_mfu"] = one["mfu"]
+    if b.bf16:  # at the best float32 batch
+        b.say(f"inference {b.slice_size}^2 x batch {best['batch']}, bfloat16 ...")
+        t = bench_infer(b.cfg, best["batch"], b.slice_size, b.rep or (2 if quick else 3), 1,
+                        b.jit, b.peak_bf16, precision="bfloat16")
+        res["infer_bf16"] = {f"b{best['batch']}": t}
+        res["infer_slices_per_s_bf16"] = t["slices_per_s"]
+        res["infer_mfu_bf16"] = t["mfu"]
+        res["infer_bf16_speedup"] = t["slices_per_s"] / best["slices_per_s"]
+
+
+def run_data(b: Bench) -> None:
+    res, args, quick = b.res, b.args, b.quick
+    work = None
+    try:
+        data = Path(args.data) if args.data else (None if quick else default_data())
+        if data is None:
+            work = Path(tempfile.mkdtemp(prefix="cncl_bench_data_"))
+            n, shape = (6, (128, 128)) if quick else (56, (SLICE, SLICE))
+            data = write_dicom_series(work / "dicom", n, shape)
+            described = f"generated DICOM ({n} slices of {shape[0]}x{shape[1]}, ctio)"
+        else:
+            described = str(data)
+        b.say(f"data loader on {data} ...")
+        res["loader"] = bench_loader(data, described, b.train_batches[0],
+                                     20 if quick else 100, 0.25)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    if res["train_patches_per_s"]:
+        train = res["train_patches_per_s"]
+    else:  # no training figure in this run: ratio to a fresh quick train measurement
+        b.say("train step for the loader ratio ...")
+        train = bench_train(b.cfg, b.train_batches[0], PATCH, 3, 1, b.jit, 1.0)["examples_per_s"]
+    res["loader_ratio"] = res["loader"]["patches_per_s"] / train
+    res["loader_ratio_cold"] = res["loader"]["cold_patches_per_s"] / train
+
+
+def run_memory(b: Bench) -> None:
+    counts, shape = ((10, 40), (64, 64)) if b.quick else ((20, 200), (SLICE, SLICE))
+    b.say(f"memory: Mytest.py on {counts[0]} and {counts[1]} generated slices ...")
+    b.res["memory"] = bench_memory(counts, shape, 4, timeout=900)
+    b.res["mem_ratio"] = b.res["memory"].get("mem_ratio")
+
+
+def run_eval(b: Bench) -> None:
+    n, shape = (4, (128, 128)) if b.quick else (60, (SLICE, SLICE))
+    b.say(f"evaluation: Myevaluation.py on {n} slices of {shape[0]}^2 ...")
+    b.res["eval"] = bench_eval(n, shape, timeout=900)
+    b.res["eval_slices_per_s"] = b.res["eval"].get("slices_per_s")
+
+
+def run_scale(b: Bench) -> None:
+    res = b.res
+    data = Path(b.args.scale_data) if b.args.scale_data else None
+    sc = res["scale"] = bench_scale(data, b.quick, 7200, b.say)
+    train, infer = sc["train"], sc["infer"]
+    small, paper = infer["small"], infer.get("paper", {})
+    res.update(
+        scale_discovery_files_per_s=sc["discovery"]["files_per_s"],
+        scale_training_pairs=train["all"]["training_pairs"],
+        scale_train_peak_rss_mb=train["all"]["peak_rss_mb"],
+        scale_train_rss_ratio=train["rss_ratio"],
+        scale_cache_fill_s=train["all"]["cache_fill_s"],
+        scale_first_step_s=train["all"]["first_step_s"],
+        scale_first_step_warm_s=train["all_warm"]["first_step_s"],
+        scale_loader_patches_per_s=sc["loader"]["patches_per_s"],
+        scale_infer_s_per_slice=small.get("s_per_slice"),
+        scale_infer_peak_rss_mb=small.get("peak_rss_mb"),
+        scale_patient_minutes=small.get("patient_minutes_560"),
+        scale_infer_s_per_slice_paper=paper.get("s_per_slice"),
+        scale_patient_minutes_paper=paper.get("patient_minutes_560"),
+        scale_dicom_one_series=small.get("derived_series", {}).get("one_series"),
+        scale_eval_slices_per_s=sc["eval"].get("slices_per_s"))
+
+
+# Section name -> what runs it, in this order; matmul also runs for train and infer (their MFU).
+RUNNERS: dict[str, Callable[[Bench], None]] = {
+    "matmul": run_matmul, "train": run_train, "infer": run_infer, "data": run_data,
+    "memory": run_memory, "eval": run_eval, "scale": run_scale}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -940,139 +1358,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     import Mymodel
 
     ctio.set_precision("float32")  # bfloat16 rows build their models in ctio.precision_policy
-    quick, paper = args.quick, args.preset == "paper"
     cfg = Mymodel.model_config(args.preset)
-    jit = args.jit == "on"
-    rep = args.repeats
-
-    # Sizes and repeats: paper steps take seconds on a CPU, so fewer repeats there.
-    slice_size = 128 if quick else SLICE
-    train_batches = args.train_batches or ([TRAIN_BATCH] if quick else [TRAIN_BATCH, 32])
-    # --quick skips whole-slice training: each train graph costs a long trace (tens of s).
-    slice_batches = ([] if quick else [1]) if args.slice_batches is None else args.slice_batches
-    infer_batches = args.infer_batches or ([1, 2] if quick else
-                                           [1, 2, 4] if paper else [1, 2, 4, 8])
-    res: dict[str, Any] = {"preset": args.preset, "model": cfg, "quick": quick, "jit": args.jit,
-                           "machine": machine_info(tf, keras), "flops_convention":
-                           FLOPS_CONVENTION, "train_batch": train_batches[0]}
-    for k in REQUIRED_KEYS + BF16_KEYS:
-        res[k] = None
     bf16, why = bf16_decision(args.precision_rows, ctio.cpu_features())
-    res["bf16"] = {"measured": bf16, "reason": why}
-
-    def say(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')} load {load():.2f}] {msg}", flush=True)
-
-    peak = None
-    if "matmul" in args.sections or any(s in args.sections for s in ("train", "infer")):
-        n = 1024 if quick else 4096
-        say(f"matmul {n}^2 float32 ...")
-        res["matmul"] = mm = bench_matmul(n, rep or (3 if quick else 10), bf16)
-        peak = mm["gflops"]
-        res["matmul_gflops_bf16"] = mm.get("bfloat16", {}).get("gflops")
-        if not quick and mm["device"] == "CPU":
-            # TF's CPU matmul comes from Eigen or oneDNN: the machine peak is the better one.
-            say(f"matmul {n}^2 float32 with oneDNN {'off' if mm['onednn'] else 'on'} "
-                "(fresh process) ...")
-            other = matmul_other_backend(n, rep or 10)
-            if other:
-                mm["other_backend"] = other
-                peak = max(peak, other["gflops"])
-        mm["peak_gflops"] = peak
-        res["matmul_gflops"] = peak
-    peak_bf16 = res["matmul_gflops_bf16"] or peak
-
-    if "train" in args.sections:
-        res["train"] = {}
-        for b in train_batches:
-            say(f"train step {PATCH}^2 x batch {b} ...")
-            res["train"][f"patch{PATCH}_b{b}"] = bench_train(
-                cfg, b, PATCH, rep or (3 if quick else 5), 1 if quick else 2, jit, peak,
-                args.trace if b == train_batches[0] else None)
-        for b in slice_batches:
-            say(f"train step {slice_size}^2 whole slices x batch {b} ...")
-            res["train"][f"slice{slice_size}_b{b}"] = bench_train(
-                cfg, b, slice_size, rep or (2 if quick or paper else 4), 1, jit, peak)
-        head = res["train"][f"patch{PATCH}_b{train_batches[0]}"]
-        res["train_patches_per_s"] = head["examples_per_s"]
-        res["train_mfu"] = head["mfu"]
-        res["train_best_mfu"] = max(t["mfu"] for t in res["train"].values())
-        if slice_batches:
-            sl = res["train"][f"slice{slice_size}_b{slice_batches[0]}"]
-            res["train_slices_per_s"] = sl["examples_per_s"]
-            res["train_slice_mfu"] = sl["mfu"]
-        if bf16:
-            b = train_batches[0]
-            say(f"train step {PATCH}^2 x batch {b}, bfloat16 ...")
-            t = bench_train(cfg, b, PATCH, rep or (3 if quick else 5), 1 if quick else 2, jit,
-                            peak_bf16, precision="bfloat16")
-            res["train_bf16"] = {f"patch{PATCH}_b{b}": t}
-            res["train_patches_per_s_bf16"] = t["examples_per_s"]
-            res["train_mfu_bf16"] = t["mfu"]
-            res["train_bf16_speedup"] = t["examples_per_s"] / head["examples_per_s"]
-
-    if "infer" in args.sections:
-        res["infer"] = {}
-        for b in infer_batches:
-            say(f"inference {slice_size}^2 x batch {b} ...")
-            res["infer"][f"b{b}"] = bench_infer(
-                cfg, b, slice_size, rep or (2 if quick else 3), 1, jit, peak,
-                args.trace if b == infer_batches[0] else None)
-        best = max(res["infer"].values(), key=lambda t: t["slices_per_s"])
-        one = res["infer"].get("b1") or res["infer"][f"b{infer_batches[0]}"]
-        res["infer_slices_per_s"] = best["slices_per_s"]
-        res["infer_mfu"] = best["mfu"]
-        res["infer_best_batch"] = best["batch"]
-        res["infer_batch1_slices_per_s"] = one["slices_per_s"]
-        res["infer_batch1_mfu"] = one["mfu"]
-        if bf16:  # at the best float32 batch
-            say(f"inference {slice_size}^2 x batch {best['batch']}, bfloat16 ...")
-            t = bench_infer(cfg, best["batch"], slice_size, rep or (2 if quick else 3), 1, jit,
-                            peak_bf16, precision="bfloat16")
-            res["infer_bf16"] = {f"b{best['batch']}": t}
-            res["infer_slices_per_s_bf16"] = t["slices_per_s"]
-            res["infer_mfu_bf16"] = t["mfu"]
-            res["infer_bf16_speedup"] = t["slices_per_s"] / best["slices_per_s"]
-
-    if "data" in args.sections:
-        work = None
-        try:
-            data = Path(args.data) if args.data else (None if quick else default_data())
-            if data is None:
-                work = Path(tempfile.mkdtemp(prefix="cncl_bench_data_"))
-                n, shape = (6, (128, 128)) if quick else (56, (SLICE, SLICE))
-                data = write_dicom_series(work / "dicom", n, shape)
-                described = f"generated DICOM ({n} slices of {shape[0]}x{shape[1]}, ctio)"
-            else:
-                described = str(data)
-            say(f"data loader on {data} ...")
-            res["loader"] = bench_loader(data, described, train_batches[0],
-                                         20 if quick else 100, 0.25)
-        finally:
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
-        if res["train_patches_per_s"]:
-            res["loader_ratio"] = res["loader"]["patches_per_s"] / res["train_patches_per_s"]
-            res["loader_ratio_cold"] = (res["loader"]["cold_patches_per_s"]
-                                        / res["train_patches_per_s"])
-        else:  # no training figure in this run: ratio to a fresh quick train measurement
-            say("train step for the loader ratio ...")
-            t = bench_train(cfg, train_batches[0], PATCH, 3, 1, jit, 1.0)
-            res["loader_ratio"] = res["loader"]["patches_per_s"] / t["examples_per_s"]
-            res["loader_ratio_cold"] = res["loader"]["cold_patches_per_s"] / t["examples_per_s"]
-
-    if "memory" in args.sections:
-        counts, shape = ((10, 40), (64, 64)) if quick else ((20, 200), (SLICE, SLICE))
-        say(f"memory: Mytest.py on {counts[0]} and {counts[1]} generated slices ...")
-        res["memory"] = bench_memory(counts, shape, 4, timeout=900)
-        res["mem_ratio"] = res["memory"].get("mem_ratio")
-
-    if "eval" in args.sections:
-        n, shape = (4, (128, 128)) if quick else (60, (SLICE, SLICE))
-        say(f"evaluation: Myevaluation.py on {n} slices of {shape[0]}^2 ...")
-        res["eval"] = bench_eval(n, shape, timeout=900)
-        res["eval_slices_per_s"] = res["eval"].get("slices_per_s")
-
+    res: dict[str, Any] = {"preset": args.preset, "model": cfg, "quick": args.quick,
+                           "jit": args.jit, "machine": machine_info(tf, keras),
+                           "flops_convention": FLOPS_CONVENTION,
+                           "bf16": {"measured": bf16, "reason": why}}
+    for k in REQUIRED_KEYS + BF16_KEYS + SCALE_KEYS:
+        res[k] = None
+    bench = Bench(args, res, cfg, bf16)
+    res["train_batch"] = bench.train_batches[0]
+    wanted = set(args.sections) | ({"matmul"} if {"train", "infer"} & set(args.sections)
+                                   else set())
+    for name, run in RUNNERS.items():
+        if name in wanted:
+            run(bench)
     res["machine"]["load_end"] = list(np.round(os.getloadavg(), 2))
     print_table(res)
     if args.json:

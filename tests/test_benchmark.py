@@ -5,24 +5,18 @@ figure is produced and sane (positive, MFU in a plausible range)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO, cli
 
 import ctio
 
-REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
             "infer_mfu", "loader_ratio", "mem_ratio", "eval_slices_per_s")
 
 
 def _run(*args, timeout=900):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, str(REPO / "Mybenchmark.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return cli("Mybenchmark.py", *args, timeout=timeout)
 
 
 def test_flop_counter_matches_hand_count():
@@ -83,6 +77,7 @@ def test_flop_counter_agrees_with_tf_graph_for_cncl():
     (["--infer-batches", "1,x"], "--infer-batches"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--precision-rows", "bf16"], "argument --precision-rows: invalid choice"),
+    (["--scale", "--scale-data", "."], "not a folder written by Mysimulate.py --mayo-like"),
 ])
 def test_bad_flags_one_stderr_line_exit_2(args, needle):
     r = _run(*args, timeout=60)
@@ -185,3 +180,20 @@ def test_quick_smoke_run_writes_sane_json(tmp_path):
     assert measured == ctio.native_bfloat16() and why
     for key in ("train_patches_per_s_bf16", "infer_slices_per_s_bf16", "infer_bf16_speedup"):
         assert (res[key] > 0) if measured else res[key] is None, (key, res[key])
+
+
+def test_scale_section_is_opt_in_and_its_keys_are_documented():
+    """--scale runs the scale section alone; the default run leaves it out (it takes about an
+    hour); every top-level scale key is named in the README's benchmark section."""
+    import Mybenchmark
+
+    args = Mybenchmark.build_parser().parse_args(["--scale"])
+    Mybenchmark.check_args(args)
+    assert args.sections == ["scale"]
+    args = Mybenchmark.build_parser().parse_args([])
+    Mybenchmark.check_args(args)
+    assert "scale" not in args.sections and set(Mybenchmark.RUNNERS) == set(Mybenchmark.SECTIONS)
+    readme = (REPO / "README.md").read_text()
+    bench = readme[readme.index("## Benchmark"):]
+    missing = [k for k in Mybenchmark.SCALE_KEYS if f"`{k}`" not in bench]
+    assert not missing, missing

@@ -85,7 +85,7 @@ def test_dicom_run_outputs_resume_and_overwrite(tiny_run, mayo, tmp_path, capsys
     assert Mytest.main(list(map(str, args))) == 0
     rows = read_rows(out)
     assert [r["slice_id"] for r in rows] == ["0000", "0001", "0002"]
-    uids = set()
+    uids, numbers = set(), []
     for r in rows:
         pred = np.load(out / r["pred_npy"])
         ld = ctio.read_slice(r["ld_path"])[0]
@@ -108,8 +108,11 @@ def test_dicom_run_outputs_resume_and_overwrite(tiny_run, mayo, tmp_path, capsys
         assert dcm.SeriesInstanceUID != src.SeriesInstanceUID
         assert dcm.SOPInstanceUID != src.SOPInstanceUID
         assert "CNCL denoised" in dcm.SeriesDescription and dcm.ImageType[0] == "DERIVED"
+        assert dcm.InstanceNumber == src.InstanceNumber
         uids.add(dcm.SeriesInstanceUID)
+        numbers.append(int(dcm.InstanceNumber))
     assert len(uids) == 1  # one derived series per patient
+    assert numbers == sorted(set(numbers))  # slices in table order: InstanceNumber increasing
     fig = __import__("cv2").imread(str(out / rows[0]["figure"]))
     assert fig.shape[0] == 64 and fig.shape[1] == 4 * 48 + 3 * 2  # four panels, 2-px gaps
 
@@ -371,3 +374,19 @@ def test_failed_slice_leaves_no_output_without_a_manifest_row(tiny_run, mayo, tm
     assert Mytest.main(["--data", str(mayo), "--run", str(tiny_run), "--out", str(out),
                         "--format", "png,dicom", "--batch", "3"]) == 0
     assert len(read_rows(out)) == 3
+
+
+def test_derived_dicom_of_a_series_is_one_series(tiny_run, tmp_path):
+    """Mytest.py --format dicom on a plain DICOM series gives one loadable series (the check
+    the benchmark's scale section runs on a 560-slice series): one SeriesInstanceUID,
+    InstanceNumbers monotonic along the table, the source's position, orientation, spacing."""
+    import Mybenchmark
+    import Mytest
+
+    series = Mybenchmark.write_dicom_series(tmp_path / "series", 5, (32, 32))
+    out = tmp_path / "out"
+    assert Mytest.main([str(a) for a in ("--data", series, "--run", tiny_run, "--out", out,
+                                         "--format", "dicom", "--no-figures")]) == 0
+    check = Mybenchmark.check_derived_series(out, series)
+    assert check == {"files": 5, "series_uids": 1, "instance_numbers_monotonic": True,
+                     "source_geometry": True, "one_series": True}

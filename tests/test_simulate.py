@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from conftest import REPO, cli  # noqa: E402
 
 import ctio  # noqa: E402
 import Mysimulate  # noqa: E402
@@ -29,8 +27,7 @@ def water_cylinder(size=192, pixel_mm=1.6, radius_mm=140.0):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "Mysimulate.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    return cli("Mysimulate.py", *args, timeout=120)
 
 
 def tree_hash(root: Path) -> str:
@@ -305,3 +302,46 @@ def test_headerless_calibration_on_real_pairs(real_data):
     sim = np.mean([s for _, s in pairs.values()])
     assert 0.85 <= sim / real <= 1.15, pairs
     assert all(0.6 <= s / r <= 1.5 for r, s in pairs.values()), pairs  # no slice far off
+
+
+def test_phantom_painters_compose_to_the_reference_demo_images():
+    """The demo phantom (split into named anatomy painters) paints the same integer-HU images
+    as before the split: sha256 of every DEMO01-DEMO04 slice at 96^2, computed from the
+    one-function ``_phantom_slice`` of commit 4810aca (the full 256^2 demo, LD and FD, was
+    also bit-identical; the rounding to integer HU keeps this check independent of the last
+    float bits of scipy's blur)."""
+    h = hashlib.sha256()
+    for p in range(Mysimulate.DEMO_PATIENTS):
+        for _k, _z, fd in Mysimulate.demo_phantom_slices(p, size=96):
+            h.update(fd.astype("<i2").tobytes())
+    assert h.hexdigest() == "ed66d9e417430680b74115ef6b78c37eef20bd6ab966cf83ca4d782c04b5f65b"
+
+
+def test_mayo_like_fixture_is_discovered_and_paired(tmp_path):
+    """The scale fixture is a Mayo tree that ctio.discover pairs: the right counts, anatomy that
+    changes along z, quarter dose with a real-QD-like noise level; its folder is not replaced
+    without --overwrite."""
+    out = Mysimulate.make_mayo_like(tmp_path / "ml", patients=2, slices=3, size=64, workers=1)
+    ds = ctio.discover(out)
+    assert ds.layout == "mayo" and ds.paired and ds.patients == ["ML01", "ML02"]
+    assert len(ds.records) == 6 and {r.shape for r in ds.records} == {(64, 64)}
+    assert (out / "ML01" / "quarter_3mm").is_dir() and (out / Mysimulate.MARKER).is_file()
+    fds = []
+    for rec in ds.records[:3]:
+        fd, fd_hdr = ctio.read_slice(rec.fd_path)
+        ld, ld_hdr = ctio.read_slice(rec.ld_path)
+        assert fd_hdr.SliceLocation == ld_hdr.SliceLocation and fd.max() > 300  # spine
+        fds.append(fd)
+    # The lowest slice (k = 2) is an anchor: its noise level is the simulator's there.
+    px = Mysimulate.DEMO_FOV_MM / 64
+    direct = Mysimulate.simulate_pair_from_fd(fds[0], 0.25, px, (9, 9),
+                                              i0=Mysimulate.matched_i0(px))
+    ld0 = ctio.read_slice(ds.records[0].ld_path)[0]
+    ratio = (Mysimulate.noise_std_in_body(ld0, fds[0])
+             / Mysimulate.noise_std_in_body(direct, fds[0]))
+    assert 0.7 < ratio < 1.4, ratio
+    assert np.abs(fds[0] - fds[2]).mean() > 1  # anatomy varies along z
+    *_, last = Mysimulate.mayo_like_patient_slices(0, 3, 64)  # deterministic; z falls with k
+    np.testing.assert_array_equal(last[3], ld0)
+    r = run_cli("--mayo-like", out, "--patients", 1, "--slices", 1, "--size", 32)
+    assert r.returncode == 2 and "folder exists and is not empty" in r.stderr
