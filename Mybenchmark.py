@@ -1021,6 +1021,8 @@ def _fmt(v: Optional[float], nd: int = 2) -> str:
 
 
 def print_table(res: dict) -> None:
+    """The benchmark table, one row a measured figure in the order of the sections (one
+    piece: a layout, not logic)."""
     m = res["machine"]
     print(f"\nCNCL benchmark  preset={res['preset']}  jit={res['jit']}"
           f"{'  QUICK (smoke run, not representative)' if res['quick'] else ''}")

@@ -526,7 +526,7 @@ def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8,
     results: list[dict] = []
     group: list[dict] = []
     shape = None
-    progress = Mysimulate._Progress(len(rows), "scoring")
+    progress = Mysimulate.Progress(len(rows), "scoring")
     start, done = time.time(), 0
 
     def flush() -> None:
@@ -864,7 +864,7 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     out_dir = Path(out) if out else run_dir / "nps_sim"
     denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
     acc = NoiseAccumulator()
-    progress = Mysimulate._Progress(len(records), "nps-sim")
+    progress = Mysimulate.Progress(len(records), "nps-sim")
     start = time.time()
     for i, rec in enumerate(records):
         fd, header = ctio.read_slice(rec.fd_path)
@@ -1300,7 +1300,8 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
     """Myevaluation.py --qa: denoise every realisation of the QA folder with the run's
     generator (Mytest's loader and Denoiser), measure TTF, CNR, d' / AUC and NPS per dose and
     method, write OUT/qa.json, OUT/qa.md and PNG plots (OUT default QA_DIR/eval_<run name>);
-    returns the report."""
+    returns the report. One piece: it reads, denoises and measures dose by dose, so only one
+    dose's realisations are in memory."""
     import time
 
     import Mytest
@@ -1402,7 +1403,8 @@ def _mtf50_text(t: dict) -> str:
 
 
 def qa_tables(report: dict) -> str:
-    """The QA report as markdown: dose ladder, TTF, detectability, dose equivalence."""
+    """The QA report as markdown: dose ladder, TTF, detectability, dose equivalence. One
+    piece: table blocks read top to bottom like the report it prints."""
     names = list(report["per_dose"])
     doses = dict(zip(names, report["doses"]))
     ttf_names = list(report["full_dose_ttf"])

@@ -290,6 +290,7 @@ def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: f
     stack, are simulated. With ``headerless``, also the .npy/.tif path on the real pairs
     (:func:`headerless_calibration`). Returns the figures as a dict; prints a table unless
     ``print_fn`` is None.
+    One piece: it prints one table whose rows are computed in order.
     """
     data = Path(data_dir)
     figures: dict = {}
@@ -364,8 +365,11 @@ def headerless_calibration(data_dir, *, dose: float = 0.25, i0: float = I0_DEFAU
 
 
 # --- Simulating a dataset from full-dose input --------------------------------------------------
-class _Progress:
-    """One-line counter on stderr (rewritten in place on a terminal, ~10 lines otherwise)."""
+class Progress:
+    """One-line counter on stderr (rewritten in place on a terminal, ~10 lines otherwise).
+
+    Not keras.utils.Progbar (what Mytest.py uses): importing Keras starts TensorFlow, which this
+    module and the scripts that only simulate or score never import."""
 
     def __init__(self, total: int, label: str):
         self.total, self.label, self.start = total, label, time.time()
@@ -465,7 +469,7 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
         ctio.read_slice(rec.fd_path)
     factors = _series_factors(records) if ds.layout in ("mayo", "dicom") else {}
     start = time.time()
-    bar = _Progress(len(records), f"simulating dose {dose:g}") if progress else None
+    bar = Progress(len(records), f"simulating dose {dose:g}") if progress else None
     ctio.remove_stale_temporaries([out.parent])  # folders of killed earlier runs
     with ctio.atomic_dir(out) as dest:
         counters: dict[Path, int] = {}
@@ -827,7 +831,7 @@ def _write_demo(out: Path, patients: int, slices: int, size: int, seed: int, dos
     start = time.time()
     pixel_mm = DEMO_FOV_MM / size
     names = demo_patient_names(patients)
-    bar = _Progress(patients * slices + 1, "demo") if progress else None
+    bar = Progress(patients * slices + 1, "demo") if progress else None
     done = 0
     for p, name in enumerate(names):
         study = ctio.new_uid()
@@ -1011,7 +1015,8 @@ def make_qa(out, *, size: int = QA_SIZE, pixel_mm: float = QA_PIXEL_MM,
     ``dicom/full/`` and ``dicom/doseNNN/`` (one series per dose, one slice per realisation;
     ``MyDataLoader_test.py --data OUT/dicom`` reads them, each folder as one patient).
     Realisation ``k`` at dose ``b`` is ``simulate_low_dose(full_dose, b)`` with the calibrated
-    I0 rescaled by :func:`matched_i0` and seed :func:`qa_seed`. Built in a temporary folder."""
+    I0 rescaled by :func:`matched_i0` and seed :func:`qa_seed`. Built in a temporary folder.
+    One piece: one atomic output folder written in the order its README lists it."""
     out = Path(out)
     doses = [float(d) for d in doses]
     if realisations < 2:
@@ -1026,7 +1031,7 @@ def make_qa(out, *, size: int = QA_SIZE, pixel_mm: float = QA_PIXEL_MM,
     ctio.remove_stale_temporaries([out.parent])
     i0 = matched_i0(pixel_mm)
     start = time.time()
-    bar = _Progress(len(doses) * realisations + 1, "qa") if progress else None
+    bar = Progress(len(doses) * realisations + 1, "qa") if progress else None
     with ctio.atomic_dir(out) as dest:
         truth = qa_truth_image(geometry)
         fd = qa_full_dose(truth)
@@ -1149,6 +1154,7 @@ def mayo_like_patient_slices(index: int, slices: int = MAYO_LIKE_SLICES,
     ``(1 - t) C(a0) + t C(a1)``, i.e. the simulator's noise level, NPS and streaks of the
     nearby anatomy. Neighbouring slices' noise is correlated (few realisations), which a
     scale benchmark does not care about; do not use it to study noise.
+    One piece: one generator whose noise anchors and weights must stay in step along z.
     """
     import cv2
 
@@ -1213,7 +1219,7 @@ def make_mayo_like(out, patients: int = MAYO_LIKE_PATIENTS, slices: int = MAYO_L
     _check_out(out, overwrite)
     ctio.remove_stale_temporaries([out.parent])
     workers = max(1, min(patients, workers or os.cpu_count() or 1))
-    bar = _Progress(patients * slices, "mayo-like") if progress else None
+    bar = Progress(patients * slices, "mayo-like") if progress else None
     start = time.time()
     with ctio.atomic_dir(out) as dest:
         jobs = [(dest, i, slices, size, seed, dose) for i in range(patients)]
@@ -1325,7 +1331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """CLI entry point; ``argv`` items may be ``Path`` objects (converted with ``str``)."""
+    """CLI entry point; ``argv`` items may be ``Path`` objects (converted with ``str``). One
+    piece: one short branch per mode."""
     args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
     if args.calibrate:
         if not Path(args.calibrate).is_dir():
