@@ -265,17 +265,14 @@ def clean_stale_tmp(out: Path, patients) -> int:
 
 
 def load_generator(model_cfg: dict, weights: Path):
-    """Build the generator of ``model_cfg`` and load ``weights``; CTDataError if they don't fit."""
+    """Build the generator of ``model_cfg`` (checked by ``ctrun.read_run_config``, which refuses
+    an older network version) and load ``weights``; CTDataError if they don't fit."""
     ctio.import_tensorflow()
     import warnings
 
     import Mymodel
 
-    try:
-        cfg = Mymodel.saved_model_config(model_cfg)  # refuses an older network version
-        gen = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
-    except (ValueError, TypeError) as e:
-        raise ctio.CTDataError(f"config.json model section: {e}") from None
+    gen = Mymodel.build_generator(model_cfg["base_filters"], model_cfg["depth"], model_cfg["norm"])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
