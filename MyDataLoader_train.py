@@ -14,14 +14,13 @@ of slices: decoded slices live in files (``SliceCache``), shuffling works on ind
 
 As a script it checks a dataset before training::
 
-    python MyDataLoader_train.py --data PATH [--layout ...] [--simulate-dose 0.25]
+    python MyDataLoader_train.py --data PATH [--layout ...] [--simulate-dose 0.25] [--recipe cpu]
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 import ctio
+import ctrun
 
-PATCH_SIZE = 64  # CNCL trains on 64x64 patches: enough context for streak noise, cheap on a CPU
+PATCH_SIZE = 64  # make_train_dataset's default only; Mytrain.py passes its recipe's --patch
 PATCHES_PER_SLICE = 8  # several patches per decoded slice amortise decoding
 AIR_HU = -900.0  # below this a pixel is air; patches of almost only air teach nothing
 VAL_FRACTION = 0.2  # share of slices held out when there is a single patient
@@ -59,7 +59,18 @@ def find_training_data(paths: Sequence[str], layout: Optional[str] = None,
     if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
         paths = [paths]
     dataset = check_trainable(discover_all(paths, layout), simulate_dose)
-    return dataset.select(exclude=exclude) if exclude else dataset
+    return apply_exclude(dataset, exclude)
+
+
+def apply_exclude(dataset: ctio.CTDataset, exclude: Optional[Sequence[str]]) -> ctio.CTDataset:
+    """``dataset`` without the ``exclude`` specs' slices; CTDataError if nothing is left."""
+    if not exclude:
+        return dataset
+    kept = dataset.select(exclude=exclude)
+    if not kept.records:
+        raise ctio.CTDataError(f"--exclude {' '.join(exclude)}: everything excluded (no slice of "
+                               f"{', '.join(dataset.patients)} is left to train on)")
+    return kept
 
 
 def discover_all(paths: Sequence[str], layout: Optional[str] = None) -> list[ctio.CTDataset]:
@@ -427,6 +438,8 @@ def main(argv=None) -> int:
                     help="validation patients (default: the last patient; 'none' for none)")
     ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",
                     help="hold out slices: PATIENT or PATIENT:SLICE (e.g. L506:160)")
+    ap.add_argument("--recipe", choices=tuple(ctrun.RECIPES), default=ctrun.DEFAULT_RECIPE,
+                    help="the Mytrain.py --recipe whose patch size to report")
     args = ap.parse_args(argv)
     found = discover_all(args.data, args.layout)
     if args.simulate_dose is None:
@@ -437,9 +450,7 @@ def main(argv=None) -> int:
             print("note:      full dose only: train on it with --simulate-dose 0.25 "
                   "(or simulate a dataset with Mysimulate.py)")
             return 0
-    ds = check_trainable(found, args.simulate_dose)
-    if args.exclude:
-        ds = ds.select(exclude=args.exclude)
+    ds = apply_exclude(check_trainable(found, args.simulate_dose), args.exclude)
     ctio.print_summary(ctio.summarize(ds), " ".join(args.data))
     split = split_patients(ds, args.val_patients)
     print(f"split:     {len(split.train)} training / {len(split.val)} validation slices; "
@@ -447,10 +458,19 @@ def main(argv=None) -> int:
     if args.simulate_dose is not None:
         n = sum(not r.ld_path for r in ds.records)
         print(f"simulate:  dose {args.simulate_dose} for {n} full-dose-only slices")
-    per_epoch = math.ceil(len(split.train) * PATCHES_PER_SLICE)
-    print(f"patches:   {PATCHES_PER_SLICE} per slice of {PATCH_SIZE}x{PATCH_SIZE} "
-          f"(~{per_epoch} per pass over the slices)")
+    print(training_input(args.recipe, len(split.train)))
     return 0
+
+
+def training_input(recipe: str, train_slices: int) -> str:
+    """What Mytrain.py's ``recipe`` (without --patch) trains on: its patch size or whole slices."""
+    patch = ctrun.RECIPES[recipe]["patch"]
+    if not patch:
+        return (f"patches:   none: recipe {recipe} trains on whole slices ({train_slices} per "
+                "pass)")
+    return (f"patches:   {PATCHES_PER_SLICE} per slice of {patch}x{patch} (recipe {recipe}; "
+            f"Mytrain.py --patch changes it; ~{train_slices * PATCHES_PER_SLICE} per pass over "
+            "the slices)")
 
 
 if __name__ == "__main__":

@@ -161,10 +161,6 @@ def demo_test_patient() -> str:
                                "patient; pass --patients") from None
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 @dataclass
 class Plan:
     """Everything main() needs, validated before TensorFlow is imported."""
@@ -217,13 +213,15 @@ def prepare(args: argparse.Namespace) -> Plan:
     if out.exists() and not out.is_dir():
         raise ctio.CTDataError(f"{out}: exists and is not a folder")
     out = out.resolve()
-    if _inside(out, data):
+    if ctrun.inside(out, data):
         raise ctio.CTDataError(f"--out {out} is inside the input folder {data}; outputs are "
                                "never written into the input data")
     for sub in [*dataset.patients, "figures"]:  # OUT/<patient>/ must not be the data either
-        if _inside(data, out / sub):
+        if ctrun.inside(data, out / sub):
             raise ctio.CTDataError(f"--out {out}: its output folder {out / sub} would hold the "
                                    f"input data {data}; choose another --out")
+    check_out_is_ours(out)
+    ctrun.check_writable("--out", out)
     if "dicom" in formats and dataset.layout not in ("mayo", "dicom"):
         raise ctio.CTDataError(f"--format dicom needs DICOM input, but {data} is a "
                                f"'{dataset.layout}' dataset without DICOM headers (a made-up "
@@ -232,6 +230,19 @@ def prepare(args: argparse.Namespace) -> Plan:
                 weights=weights.resolve(), out=out, formats=formats, window=(lo, hi),
                 batch=int(args.batch), overwrite=bool(args.overwrite),
                 figures=not args.no_figures, max_side=int(args.max_side), tile=int(args.tile))
+
+
+def check_out_is_ours(out: Path) -> None:
+    """OUT is absent, empty, or a Mytest.py output folder (it has a manifest.csv, written first
+    thing into every OUT): the files of any other folder are not this script's to replace,
+    with --overwrite neither."""
+    if not out.is_dir() or (out / ctrun.MANIFEST).is_file():
+        return
+    found = next((p for p in out.rglob("*") if not p.is_dir()), None)
+    if found is not None:
+        raise ctio.CTDataError(f"--out {out}: holds {found} and is not a Mytest.py output folder "
+                               f"(no {ctrun.MANIFEST}); its files are not Mytest.py's to replace "
+                               "(with --overwrite neither): choose a new or empty --out")
 
 
 # --- Manifest rows ------------------------------------------------------------------------------
@@ -475,16 +486,34 @@ class Writer:
             name = f"figures/{s.patient}_{s.slice_id}.png"
             ctio.write_png(out / name, make_figure(s.ld_hu, pred, s.fd_hu, plan.window))
             row["figure"] = name
+        old = self.rows.get((s.patient, s.slice_id))
+        if old:  # outputs of the previous run of this slice that this one did not make again
+            remove_outputs(out, [p for p in row_outputs(old) if p not in row_outputs(row)])
         self.rows[(s.patient, s.slice_id)] = row
 
     def save_manifest(self) -> None:
         ctrun.write_manifest(self.plan.out, self.rows.values())
 
 
-def pending(plan: Plan, sha: str) -> tuple[dict, list, int]:
+def remove_outputs(out: Path, paths) -> None:
+    """Delete the files ``paths`` (relative, from manifest rows) that lie inside ``out``."""
+    for rel in paths:
+        if ctrun.inside(out / rel, out):
+            (out / rel).unlink(missing_ok=True)
+
+
+def check_readable(todo: list) -> None:
+    """Decode every slice to denoise once, before OUT is created and TensorFlow imported: an
+    unreadable slice is refused before any work (~10 ms per 512^2 DICOM slice, small beside the
+    network), never after an OUT was made."""
+    for rec in todo:
+        read_record(rec)
+
+
+def pending(plan: Plan, sha: str) -> tuple[dict, list, list]:
     """``(manifest rows to keep, records to denoise, rows dropped)``: slices already done with
     these weights (every requested output present) are skipped; rows of other weights are an
-    error unless --overwrite, which drops them."""
+    error unless --overwrite, which drops them (run() deletes their files)."""
     rows = {(r["patient"], r["slice_id"]): r for r in ctrun.read_manifest(plan.out)}
     other = {r["weights"] or "?" for r in rows.values() if r["weights_sha256"] != sha}
     if other and not plan.overwrite:
@@ -494,7 +523,7 @@ def pending(plan: Plan, sha: str) -> tuple[dict, list, int]:
     kept = {k: r for k, r in rows.items() if r["weights_sha256"] == sha}
     todo = [r for r in plan.dataset.records
             if plan.overwrite or not is_done(kept.get((r.patient, r.slice_id)), r, plan, sha)]
-    return kept, todo, len(rows) - len(kept)
+    return kept, todo, [r for r in rows.values() if r["weights_sha256"] != sha]
 
 
 def run(plan: Plan) -> dict:
@@ -508,7 +537,8 @@ def run(plan: Plan) -> dict:
           f"patient(s), {len(records)} slices)")
     print(f"out:     {plan.out} (formats: {', '.join(plan.formats)})")
     if dropped:
-        print(f"note: {dropped} manifest rows made with other weights were dropped")
+        print(f"note: {len(dropped)} slice(s) denoised with other weights: their outputs are "
+              "removed (--overwrite)")
     skipped = len(records) - len(todo)
     if not todo:
         print(f"nothing to do: all {len(records)} slices are done in {plan.out} "
@@ -517,8 +547,11 @@ def run(plan: Plan) -> dict:
     if skipped:
         print(f"skipping {skipped} finished slice(s); {len(todo)} to do")
 
+    check_readable(todo)
     plan.out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.out, plan.dataset.patients)
+    ctrun.write_manifest(plan.out, rows.values())  # first: OUT is a Mytest.py output from now on
+    remove_outputs(plan.out, [p for r in dropped for p in row_outputs(r)])
     print(f"precision: {plan.precision[0]} ({plan.precision[1]})")
     with ctio.precision_policy(plan.precision[0]):  # the layers keep it
         generator = load_generator(plan.model, plan.weights)

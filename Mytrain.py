@@ -35,27 +35,10 @@ REPO = Path(__file__).resolve().parent
 DEMO_DIR = REPO / "data" / "demo"  # where the built-in demo dataset is created
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
-# The official loss balance in this project's normalisation. The official code normalises each
-# image as (HU - mean_LD) / var_LD, so an L1 error there is 4096 / var_LD times the same error in
-# (HU + 1024) / 4096 units; its lambda 100 is therefore 100 * 4096 / var_LD here. var_LD measured
-# on the 7 real quarter-dose slices in ../shared/data (L506 x 6, L067 x 1): 213,000-251,000 HU^2
-# (std 462-501 HU), median 236,727 -> 1.73 (range 1.63-1.92).
-OFFICIAL_LAMBDA = 1.73
-
-# Training recipes: every flag below, filled in where the command line leaves it unset.
-RECIPES: dict[str, dict] = {
-    # The official code's training (code/train.py): the paper network, whole 512^2 slices,
-    # batch 2, Adam 2e-5 (0.5, 0.999), no augmentation, 300 passes over the data.
-    "paper": {"preset": "paper", "epochs": 300, "steps_per_epoch": 0, "batch": 2, "patch": 0,
-              "lr": 2e-5, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
-              "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": False},
-    # Fast CPU recipe: small network, 128^2 patches (larger than the discriminator's 94-pixel
-    # receptive field, so the adversarial term sees texture), augmentation.
-    "cpu": {"preset": "small", "epochs": 10, "steps_per_epoch": 100, "batch": 4, "patch": 128,
-            "lr": 2e-4, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
-            "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": True},
-}
-DEFAULT_RECIPE = "cpu"
+# The training recipes live in ctrun (MyDataLoader_train.py reports the recipe's patch size too).
+OFFICIAL_LAMBDA = ctrun.OFFICIAL_LAMBDA
+RECIPES = ctrun.RECIPES
+DEFAULT_RECIPE = ctrun.DEFAULT_RECIPE
 
 
 def _recipe_help() -> str:
@@ -160,8 +143,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- Checks that need no TensorFlow -------------------------------------------------------------
+FLOAT_FLAGS = ("simulate_dose", "lr", "beta_1", "beta_2", "lambda_l1", "adv_weight", "time_limit")
+
+
 def check_args(args) -> None:
     """Fail fast on bad flags, before the slow TensorFlow import."""
+    for name in FLOAT_FLAGS:  # NaN passes every comparison below; inf trains to NaN weights
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ctio.CTDataError(f"--{name.replace('_', '-')} {value}: need a finite number")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ctio.CTDataError(f"--seed {args.seed}: need 0 <= seed < 2^32 (NumPy's range)")
     for name in ("epochs", "batch", "patches_per_slice", "val_slices"):
         if getattr(args, name) < 1:
             raise ctio.CTDataError(f"--{name.replace('_', '-')} must be at least 1")
@@ -191,6 +183,18 @@ def train_precision(args) -> str:
                                    f"contradicts --precision {precision}")
         return "float16"
     return precision
+
+
+def check_paths(out: Optional[Path], cache_dir: Optional[str], data: list[str]) -> None:
+    """The run folder and the slice cache: outside every input folder (and holding none), a
+    folder where one is expected, and writable; checked before any work."""
+    for flag, path in (("--out", out), ("--cache-dir", cache_dir)):
+        if path is None:
+            continue
+        if Path(path).exists() and not Path(path).is_dir():
+            raise ctio.CTDataError(f"{flag} {path}: exists and is not a folder")
+        ctrun.refuse_overlap(flag, path, data)
+        ctrun.check_writable(flag, path)
 
 
 # --- Distribution -------------------------------------------------------------------------------
@@ -368,10 +372,33 @@ def _optimizer_variables(model) -> list:
 # --- Callbacks ----------------------------------------------------------------------------------
 def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
                    time_limit: float = 0.0, snapshot_every: int = 0):
-    """The run's one checkpoint (state/, atomic, resumable) and TensorBoard panels.
+    """A guard against non-finite losses (first: ``cbs[0].bad``), the run's one checkpoint
+    (state/, atomic, resumable) and TensorBoard panels.
 
     ``snapshot_every`` > 0 also keeps the generator of every such epoch in ``snapshots/``
     (history.csv gives its training minutes)."""
+
+    class NonFinite(keras.callbacks.Callback):
+        """Stop training at the first NaN or infinite loss or metric (keras TerminateOnNaN looks
+        at ``loss`` only, which this GAN does not log); ``bad`` says where. RunState then saves
+        nothing of that epoch: the run keeps its last finite state."""
+
+        bad = ""
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.check(f"epoch {state['epoch'] + 1}, step {batch + 1}", logs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.check(f"epoch {epoch + 1} (end)", logs)
+
+        def check(self, where: str, logs) -> None:
+            found = [k for k, v in (logs or {}).items() if not math.isfinite(float(v))]
+            if found and not self.bad:
+                self.bad = f"{found[0]} = {float(logs[found[0]])} at {where}"
+            if self.bad:
+                self.model.stop_training = True
+
+    guard = NonFinite()
 
     class RunState(keras.callbacks.Callback):
         """After each epoch: latest/best generator, full state, history.csv; state.json last."""
@@ -380,6 +407,8 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
             self.start = time.monotonic() - 60.0 * state.get("minutes", 0.0)
 
         def on_epoch_end(self, epoch, logs=None):
+            if guard.bad:  # the weights in memory are not finite: keep the last saved state
+                return
             done = epoch + 1
             logs = {k: float(v) for k, v in (logs or {}).items()}
             state["minutes"] = (time.monotonic() - self.start) / 60.0  # training time, resumes add
@@ -420,11 +449,20 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
             with self.writer.as_default():
                 tf.summary.image("LD | CNCL | FD", panel, step=epoch + 1, max_outputs=2)
 
-    cbs = [RunState(), keras.callbacks.TensorBoard(log_dir=str(write_dir / ctrun.TENSORBOARD),
-                                                   write_graph=False, profile_batch=0)]
+    board = keras.callbacks.TensorBoard(log_dir=str(write_dir / ctrun.TENSORBOARD),
+                                        write_graph=False, profile_batch=0)
+    cbs = [guard, RunState(), board]
     if val_ds is not None:
         cbs.append(Panels(next(iter(val_ds.take(1)))))
     return cbs
+
+
+def nonfinite_message(bad: str, state: dict, out: Path) -> str:
+    """The one error line of a run stopped by a non-finite loss (make_callbacks' NonFinite)."""
+    kept = (f"{out} keeps the state of epoch {state['epoch']} (the last finite one)"
+            if state["epoch"] else "no epoch had finished: nothing was kept")
+    return (f"training stopped: {bad} is not finite; {kept}; try a lower --lr or "
+            "--lambda-l1/--adv-weight, or --precision float32")
 
 
 def save_weights(model, path: Path) -> None:
@@ -455,7 +493,8 @@ def resolve_run(args: argparse.Namespace, is_chief: bool,
     """``(args, saved config or None, continues)``: a new run, ``--resume``, or the rerun of an
     interrupted multi-worker run (the same command, as a cluster manager reruns it; decided by
     the chief's run folder). A continued run takes every flag from its config.json (read once,
-    here) except --epochs, --verbose and --strategy."""
+    here) except --epochs, --verbose and --strategy; a ``note:`` line names the other flags given
+    with values the run does not use."""
     out = Path(args.out) if args.out else None
     if args.resume and out is None:
         raise ctio.CTDataError("--resume needs --out RUN_DIR")
@@ -470,10 +509,32 @@ def resolve_run(args: argparse.Namespace, is_chief: bool,
         return args, None, ""
     ctio.remove_stale_temporaries([out, out / ctrun.STATE, out / ctrun.SNAPSHOTS])
     cfg = ctrun.read_run_config(out)
-    keep = {k: getattr(args, k) for k in ("epochs", "verbose", "strategy")}
-    merged = {**vars(parse_args([])), **cfg["train"], **keep, "out": str(out),
+    defaults = vars(parse_args([]))
+    keep = {k: getattr(args, k) for k in CONTINUE_FLAGS if getattr(args, k) is not None}
+    ignored = ignored_flags(vars(args), defaults, cfg["train"])
+    if ignored:
+        print(f"note: {out} continues with the settings in its {ctrun.CONFIG}; ignoring "
+              f"{', '.join(ignored)} (only --epochs, --verbose and --strategy apply)", flush=True)
+    merged = {**defaults, **cfg["train"], **keep, "out": str(out),
               "resume": continues == "resume"}
     return argparse.Namespace(**merged), cfg, continues
+
+
+CONTINUE_FLAGS = ("epochs", "verbose", "strategy")  # what a continued run takes from the command
+
+
+def ignored_flags(given: dict, defaults: dict, saved: dict) -> list[str]:
+    """The flags of ``given`` set away from their default (so given on the command line) whose
+    value differs from the continued run's ``saved`` one, as ``--flag value`` strings."""
+    def spelled(key: str, value) -> str:
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            return flag if value else f"--no-{flag[2:]}"  # only --augment can be given False
+        return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+    skip = {*CONTINUE_FLAGS, "out", "resume"}
+    return [spelled(k, v) for k, v in given.items()
+            if k not in skip and v != defaults.get(k) and v != saved.get(k, defaults.get(k))]
 
 
 def resolve_data(args) -> tuple[list[str], str]:
@@ -503,9 +564,11 @@ def prepare(argv=None) -> Plan:
     if n_workers > 1 and args.time_limit:
         raise ctio.CTDataError("--time-limit is for single-machine runs: each worker would stop "
                                "on its own clock; use --epochs with several workers")
-    data, note = resolve_data(args)
-    out = Path(args.out or ctrun.RUNS_DIR / f"{args.preset}-{Path(data[0]).name}")
+    given = list(args.data) if args.data else [str(DEMO_DIR)]
+    out = Path(args.out or ctrun.RUNS_DIR / f"{args.preset}-{Path(given[0]).name}")
     args.out = str(out)
+    check_paths(out if is_chief else None, args.cache_dir, given)  # workers write to a temp dir
+    data, note = resolve_data(args)
     if is_chief and not continues:
         ctrun.check_new_run(out)
     try:  # a continued run rebuilds exactly the saved model, even if the preset changed since
@@ -643,6 +706,8 @@ def run(plan: Plan) -> int:
     new_run = plan.is_chief and not ctrun.has_state(out)
     if new_run:
         ctrun.write_run_config(out, run_config(plan, tf, keras))
+    elif plan.is_chief:  # a continued run: config.json says how many epochs it now has
+        ctrun.record_epochs(out, args.epochs)
     try:
         train_ds, val_ds = make_datasets(plan, write_dir, strategy.num_replicas_in_sync, tf)
         for line in [*plan.notes, f"data: {len(plan.split.train)} training slices, "
@@ -657,6 +722,8 @@ def run(plan: Plan) -> int:
         gan.fit(train_ds, epochs=args.epochs, initial_epoch=state["epoch"],
                 steps_per_epoch=args.steps_per_epoch, validation_data=val_ds,
                 callbacks=callbacks, verbose=args.verbose, shuffle=False)
+        if callbacks[0].bad:  # NonFinite: nothing of the bad epoch was saved
+            raise ctio.CTDataError(nonfinite_message(callbacks[0].bad, state, out))
     except BaseException as e:
         if new_run:
             ctrun.discard_unstarted_run(out)

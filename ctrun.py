@@ -18,8 +18,10 @@ OUT (written by Mytest.py)::
     manifest.csv                   one row per slice (MANIFEST_FIELDS)
 
 Also here: the model presets and :func:`model_config`, because config.json holds the model and
-Mytest.py / Myevaluation.py / Mybenchmark.py must read and check it before importing TensorFlow.
-Mymodel.py builds the networks from these configurations.
+Mytest.py / Myevaluation.py / Mybenchmark.py must read and check it before importing TensorFlow
+(Mymodel.py builds the networks from these configurations); the training recipes (Mytrain.py's
+defaults, reported by MyDataLoader_train.py); and the checks every output folder passes before
+any work (:func:`refuse_overlap`, :func:`check_writable`): outputs never go into input data.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,6 +87,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"base_filters": 64, "depth": 4, "norm": "batch", "disc_filters": 64},
     "small": {"base_filters": 8, "depth": 4, "norm": "batch", "disc_filters": 16},
 }
+
+
+# The official loss balance in this project's normalisation. The official code normalises each
+# image as (HU - mean_LD) / var_LD, so an L1 error there is 4096 / var_LD times the same error in
+# (HU + 1024) / 4096 units; its lambda 100 is therefore 100 * 4096 / var_LD here. var_LD measured
+# on the 7 real quarter-dose slices in ../shared/data (L506 x 6, L067 x 1): 213,000-251,000 HU^2
+# (std 462-501 HU), median 236,727 -> 1.73 (range 1.63-1.92).
+OFFICIAL_LAMBDA = 1.73
+
+# Training recipes: every flag below, filled in where the command line leaves it unset.
+RECIPES: dict[str, dict] = {
+    # The official code's training (code/train.py): the paper network, whole 512^2 slices,
+    # batch 2, Adam 2e-5 (0.5, 0.999), no augmentation, 300 passes over the data.
+    "paper": {"preset": "paper", "epochs": 300, "steps_per_epoch": 0, "batch": 2, "patch": 0,
+              "lr": 2e-5, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
+              "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": False},
+    # Fast CPU recipe: small network, 128^2 patches (larger than the discriminator's 94-pixel
+    # receptive field, so the adversarial term sees texture), augmentation.
+    "cpu": {"preset": "small", "epochs": 10, "steps_per_epoch": 100, "batch": 4, "patch": 128,
+            "lr": 2e-4, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
+            "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": True},
+}
+DEFAULT_RECIPE = "cpu"
 
 
 def model_config(preset: str, **overrides: Any) -> dict[str, Any]:
@@ -193,6 +220,50 @@ def read_run_config(run: Path) -> dict:
                 raise ctio.CTDataError(f"{path}: normalization.{key} = {norm[key]} differs from "
                                        f"this code's {want:g}; the weights expect another scaling")
     return cfg
+
+
+def record_epochs(run: Path, epochs: int) -> None:
+    """Set ``train.epochs`` of RUN/config.json (a resumed run's new epoch total), atomically."""
+    cfg = read_run_config(run)
+    if cfg["train"].get("epochs") != epochs:
+        cfg["train"]["epochs"] = int(epochs)
+        write_run_config(run, cfg)
+
+
+# --- Output folders: never into input data, writable before any work ----------------------------
+def inside(child, parent) -> bool:
+    """True if ``child`` is ``parent`` or lies under it (both resolved: links and ``..`` count)."""
+    child, parent = Path(child).resolve(), Path(parent).resolve()
+    return child == parent or parent in child.parents
+
+
+def refuse_overlap(flag: str, path, inputs) -> None:
+    """CTDataError if the output ``path`` of ``flag`` is inside an input folder, or holds one
+    (a folder the tool writes into must share no file with the data it reads)."""
+    for inp in inputs:
+        if inside(path, inp):
+            raise ctio.CTDataError(f"{flag} {path} is inside the input folder {inp}; outputs are "
+                                   "never written into the input data")
+        if inside(inp, path):
+            raise ctio.CTDataError(f"{flag} {path} holds the input folder {inp}; outputs are "
+                                   "never written into the input data")
+
+
+def check_writable(flag: str, path) -> None:
+    """CTDataError unless folder ``path`` can be created and written: it (or, if absent, its
+    nearest existing parent) is a folder in which a probe folder can be made. A real probe, not
+    ``os.access``: root passes that check on read-only file systems such as /sys."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ctio.CTDataError(f"{flag} {path}: {probe} exists and is not a folder")
+    try:  # the name of an atomic_path temporary: a killed probe is cleaned up like one
+        os.rmdir(tempfile.mkdtemp(prefix=f".probe.tmp{os.getpid()}.", dir=probe))
+    except OSError as e:
+        raise ctio.CTDataError(f"{flag} {path}: cannot write in {probe} "
+                               f"({e.strerror or type(e).__name__})") from None
 
 
 # --- Weights ------------------------------------------------------------------------------------

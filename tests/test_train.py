@@ -3,6 +3,7 @@
 import csv
 import json
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -182,3 +183,119 @@ def test_demo_test_patient_is_held_out_like_any_exclude(tmp_path, monkeypatch):
     assert test_patient not in plan.dataset.patients and "DEMO01" in plan.dataset.patients
     assert all((r.patient, r.slice_id) != ("DEMO01", "0001") for r in plan.dataset.records)
     assert plan.data == [str(demo)] and plan.continues == ""
+
+
+# --- Issue 26: flags and folders checked before any work; non-finite losses; --resume notes -----
+def _digest(root):
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in [root, *sorted(root.rglob("*"))]}
+
+
+def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
+    """Every float flag must be finite, the seed in NumPy's range, and the run folder and slice
+    cache writable folders outside (and not around) the input data: one CTDataError from
+    prepare(), which imports no TensorFlow, and the data folder stays byte-identical."""
+    import Mytrain
+
+    data = write_mayo_tree(tmp_path / "data", patients=("P01", "P02"), slices=1, size=32)
+    (tmp_path / "a_file").write_text("x")
+    before = _digest(data)
+    base = ["--data", str(data), "--out", str(tmp_path / "run")]
+    cases = {
+        "--lr nan": ("--lr nan: need a finite number",),
+        "--lambda-l1 inf": ("--lambda-l1 inf: need a finite number",),
+        "--adv-weight -inf": ("--adv-weight -inf: need a finite number",),
+        "--beta-1 nan": ("--beta-1 nan",), "--time-limit inf": ("--time-limit inf",),
+        "--simulate-dose nan": ("--simulate-dose nan",),
+        "--seed -1": ("--seed -1",),
+        f"--out {data}/run": ("--out", "inside the input folder"),
+        f"--out {tmp_path}": ("--out", "holds the input folder"),
+        f"--cache-dir {data}/P01/cache": ("--cache-dir", "inside the input folder"),
+        f"--cache-dir {tmp_path}/a_file": ("--cache-dir", "exists and is not a folder"),
+    }
+    if Path("/sys").is_dir():  # a folder even root cannot write in
+        cases["--out /sys/cncl-run"] = ("--out /sys/cncl-run", "cannot write in /sys")
+    for flags, needles in cases.items():
+        flag, value = flags.split(" ", 1)
+        with pytest.raises(ctio.CTDataError) as e:
+            Mytrain.prepare([*base, f"{flag}={value}"])
+        for needle in needles:
+            assert needle in str(e.value), (flags, str(e.value))
+    assert _digest(data) == before and not (tmp_path / "run").exists()
+    p = cli("Mytrain.py", *base, "--lr", "nan")
+    assert_one_error_line(p, "--lr nan", code=2)
+
+
+def test_resume_names_the_flags_it_ignores_and_keeps_the_saved_epochs(tmp_path, capsys):
+    """--resume with flags the run does not use: one note: line naming them (not those equal to
+    the saved values, nor --epochs); without --epochs the saved total stays;
+    ctrun.record_epochs writes a new total into config.json."""
+    import ctrun
+    import Mytrain
+
+    run = tmp_path / "run"
+    saved = vars(Mytrain.apply_recipe(Mytrain.parse_args(["--lr", "0.001"])))
+    (run / ctrun.STATE).mkdir(parents=True)
+    ctrun.write_run_config(run, {"model": ctrun.model_config("small"),
+                                 "train": {k: v for k, v in saved.items()
+                                           if k not in ("resume", "out")}})
+    (run / ctrun.STATE / ctrun.STATE_JSON).write_text(json.dumps({"epoch": 1, "history": []}))
+    args = Mytrain.parse_args(["--out", str(run), "--resume", "--lr", "0.5", "--preset", "paper",
+                               "--batch", str(saved["batch"]), "--no-augment", "--epochs", "4"])
+    args, _, _ = Mytrain.resolve_run(args, is_chief=True, n_workers=1)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: "), lines
+    assert "--lr 0.5" in lines[0] and "--preset paper" in lines[0] and "--no-augment" in lines[0]
+    assert "--batch" not in lines[0].split("ignoring")[1] and "--epochs 4" not in lines[0]
+    assert (args.lr, args.preset, args.epochs, args.augment) == (0.001, "small", 4, True)
+    args, _, _ = Mytrain.resolve_run(Mytrain.parse_args(["--out", str(run), "--resume"]),
+                                     is_chief=True, n_workers=1)
+    assert args.epochs == saved["epochs"] and capsys.readouterr().out == ""
+    ctrun.record_epochs(run, 4)
+    assert json.loads((run / ctrun.CONFIG).read_text())["train"]["epochs"] == 4
+    assert ctrun.read_run_config(run)["model"] == ctrun.model_config("small")
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_state(tmp_path):
+    """Real fit with make_callbacks: the second epoch's data holds NaN, so its loss is NaN at its
+    first step. Training stops there, nothing of that epoch is saved (every file of the run
+    folder byte-identical to after epoch 1, its weights finite), and the guard says where."""
+    import numpy as np
+
+    ctio.import_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    import ctrun
+    import Mymodel
+    import Mytrain
+
+    gan = Mymodel.CNCLGAN(*Mymodel.build_models(ctrun.model_config(
+        "small", base_filters=4, depth=2, disc_filters=4)))
+    gan.compile(g_optimizer=keras.optimizers.Adam(1e-3), d_optimizer=keras.optimizers.Adam(1e-3))
+    gan(np.zeros((1, 16, 16, 1), np.float32))
+    x = np.random.default_rng(0).uniform(0.2, 0.3, (8, 16, 16, 1)).astype(np.float32)
+    x[4:] = np.nan  # batches 3 and 4: the second epoch
+    ds = tf.data.Dataset.from_tensor_slices((x, x)).batch(2)
+    state = {"epoch": 0, "history": []}
+    cbs = Mytrain.make_callbacks(tmp_path, gan, state, None, keras, tf)
+    snapshot = {}
+
+    class AfterEpoch1(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                snapshot.update(_digest(tmp_path))
+
+    gan.fit(ds, epochs=3, steps_per_epoch=2, callbacks=[*cbs, AfterEpoch1()], verbose=0)
+    assert state["epoch"] == 1 and ctrun.read_state(tmp_path)["epoch"] == 1
+    assert cbs[0].bad.endswith("at epoch 2, step 1") and "nan" in cbs[0].bad, cbs[0].bad
+    after = _digest(tmp_path)
+    after = {p: h for p, h in after.items() if ctrun.TENSORBOARD not in p.parts}
+    assert after == {p: h for p, h in snapshot.items() if ctrun.TENSORBOARD not in p.parts}
+    saved = Mymodel.build_generator(4, 2, "batch")
+    saved.load_weights(str(tmp_path / ctrun.LATEST))
+    assert all(np.isfinite(w).all() for w in saved.get_weights())
+    msg = Mytrain.nonfinite_message(cbs[0].bad, state, tmp_path)
+    assert "keeps the state of epoch 1" in msg and "--lr" in msg
