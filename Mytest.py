@@ -24,6 +24,13 @@ after each batch, so an interrupted run leaves no partial file and a rerun only 
 that are not in the manifest with all their outputs present (``--overwrite`` redoes everything
 selected). DICOM output needs DICOM input: for npy/tif datasets it is refused rather than written
 with a made-up header, whose invented geometry would be wrong in a viewer.
+
+OUT is the manifest's: every file in it has its row and every row's files exist. A redone slice
+keeps only the outputs of the new run (an old PNG no longer requested is deleted, not left stale);
+``--overwrite`` over other weights deletes their outputs. OUT must be new, empty or a Mytest.py
+output (manifest.csv, written first thing): a folder of the user's files is refused, with
+--overwrite too. Every slice to do is decoded once before OUT is created, so an unreadable slice
+leaves no empty OUT behind.
 """
 
 from __future__ import annotations

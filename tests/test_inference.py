@@ -227,6 +227,8 @@ def test_cheap_argument_errors(tiny_run, mayo, tmp_path, monkeypatch):
         (["--out", str(mayo / "P1" / "x")], "inside the input folder"),
         (["--run", str(tmp_path)], "config.json: no such file"),
     ]
+    if Path("/sys").is_dir():  # unwritable even for root: refused before any work
+        cases.append((["--out", "/sys/cncl-out"], "--out /sys/cncl-out: cannot write in /sys"))
     for extra, msg in cases:
         with pytest.raises(ctio.CTDataError, match=msg):
             Mytest.main(base + extra)
@@ -390,3 +392,77 @@ def test_derived_dicom_of_a_series_is_one_series(tiny_run, tmp_path):
     check = Mybenchmark.check_derived_series(out, series)
     assert check == {"files": 5, "series_uids": 1, "instance_numbers_monotonic": True,
                      "source_geometry": True, "one_series": True}
+
+
+# --- Issue 26: nothing lost, nothing stale, nothing half made ------------------------------------
+def _files(out: Path) -> set:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+def assert_manifest_is_the_folder(out: Path) -> None:
+    """Every file in OUT is in its manifest (or is the manifest) and every listed file exists."""
+    import Mytest
+
+    listed = {p for r in read_rows(out) for p in Mytest.row_outputs(r)}
+    assert _files(out) - {"manifest.csv"} == listed, _files(out) ^ listed
+
+
+def test_a_folder_mytest_did_not_make_is_refused_with_overwrite_too(tiny_run, mayo, tmp_path):
+    """OUT holding a user's files and no manifest: one CTDataError naming a file, with and
+    without --overwrite; the user's file is byte-identical afterwards. An empty OUT is used."""
+    import Mytest
+
+    user = tmp_path / "mine"
+    (user / "P1").mkdir(parents=True)
+    (user / "P1" / "0001.png").write_bytes(b"\x89PNG my own picture")
+    base = ["--data", str(mayo), "--run", str(tiny_run), "--out", str(user)]
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(ctio.CTDataError, match="not a Mytest.py output folder") as e:
+            Mytest.main(base + extra)
+        assert str(user / "P1" / "0001.png") in str(e.value)
+    assert (user / "P1" / "0001.png").read_bytes() == b"\x89PNG my own picture"
+    assert _files(user) == {"P1/0001.png"}
+    (empty := tmp_path / "empty").mkdir()
+    assert Mytest.main(["--data", str(mayo), "--run", str(tiny_run), "--out", str(empty),
+                        "--no-figures", "--slices", "P1:0000"]) == 0
+    assert_manifest_is_the_folder(empty)
+
+
+def test_fewer_formats_or_other_weights_leave_no_stale_file(tiny_run, mayo, tmp_path):
+    """Redoing a slice with fewer formats removes the outputs its new row no longer lists;
+    --overwrite with other weights removes the outputs of the dropped rows (also of slices not
+    selected now). Throughout, the manifest and the folder agree."""
+    import Mytest
+
+    out = tmp_path / "out"
+    base = ["--data", str(mayo), "--run", str(tiny_run), "--out", str(out)]
+    assert Mytest.main(base + ["--format", "dicom,png"]) == 0
+    assert "P1/0001.png" in _files(out) and "figures/P1_0001.png" in _files(out)
+    assert Mytest.main(base + ["--slices", "P1:0001", "--overwrite", "--format", "dicom",
+                               "--no-figures"]) == 0
+    assert_manifest_is_the_folder(out)
+    assert not {"P1/0001.png", "figures/P1_0001.png"} & _files(out)
+    assert {"P1/0000.png", "P1/dicom/0001.dcm"} <= _files(out)
+    other = make_run(tmp_path / "other", base=4, depth=DEPTH)
+    assert Mytest.main([*base[:2], "--run", str(other), "--out", str(out), "--overwrite",
+                        "--slices", "P1:0002", "--no-figures"]) == 0
+    assert_manifest_is_the_folder(out)
+    assert [r["slice_id"] for r in read_rows(out)] == ["0002"]
+    assert _files(out) == {"manifest.csv", "P1/0002.npy", "P1/0002.png"}
+
+
+def test_an_unreadable_slice_is_refused_before_out_exists(tiny_run, mayo, tmp_path):
+    """A slice whose pixels cannot be decoded: refused before OUT is created (no empty OUT left
+    behind) and before TensorFlow would be needed."""
+    import shutil
+
+    import Mytest
+
+    data = tmp_path / "data"
+    shutil.copytree(mayo, data)
+    bad = sorted((data / "P1" / "quarter_3mm").glob("*.dcm"))[0]
+    bad.write_bytes(bad.read_bytes()[:-1000])
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ctio.CTDataError, match=str(bad)):
+        Mytest.main(["--data", str(data), "--run", str(tiny_run), "--out", str(out)])
+    assert not (tmp_path / "new").exists()

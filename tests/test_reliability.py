@@ -45,7 +45,8 @@ import ctrun
 
 SCRIPTS = ("MyDataLoader_train.py", "MyDataLoader_test.py", "Mytrain.py", "Mytest.py",
            "Mysimulate.py", "Myevaluation.py")
-TF_SCRIPTS = ("Mytrain.py", "Mytest.py")  # these import TensorFlow before reading pixels
+TF_SCRIPTS = ("Mytrain.py",)  # imports TensorFlow before reading pixels (Mytest.py decodes
+#                               every slice first, before TensorFlow and before creating OUT)
 TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
         "--val-slices", "1", "--verbose", "2"]
 BASE, DEPTH = 8, 3  # the untrained generator of the inference run folder
@@ -169,6 +170,8 @@ def output_problems(folder: Path, script: str = "") -> list[str]:
         n = sum(p.is_file() for p in folder.rglob("*"))
         problems.append(f"failed simulation left {n} files in {folder}: an incomplete dataset "
                         "that looks complete (and blocks the rerun without --overwrite)")
+    if script == "Mytest.py" and folder.is_dir() and not any(folder.iterdir()):
+        problems.append(f"failed run left an empty {folder}")
     if script == "Mytest.py" and (folder / "manifest.csv").is_file():
         for row in manifest_rows(folder):
             for col in ("pred_npy", "png", "tiff", "dicom", "figure"):
@@ -368,10 +371,10 @@ DATA_CASES = {
     "inf": case_inf,
     "wrong rank": case_wrong_rank,
 }
-# Found by reading pixels, which Mytrain.py and Mytest.py do after importing TensorFlow: those
-# two run in the slow group (TF_CASES) for these cases, except inf (ctio._check_image treats it
-# exactly like NaN). For Mytrain.py the truncated slice is a training slice (read by fit) and the
-# NaN slice a validation slice (read first for the TensorBoard panels): two different paths.
+# Found by reading pixels, which Mytrain.py does after importing TensorFlow: it runs in the slow
+# group (TF_CASES) for these cases, except inf (ctio._check_image treats it exactly like NaN).
+# For Mytrain.py the truncated slice is a training slice (read by fit) and the NaN slice a
+# validation slice (read first for the TensorBoard panels): two different paths.
 READ_TIME = ("truncated DICOM pixels", "NaN", "inf")
 READ_TIME_TF = ("truncated DICOM pixels", "NaN")
 
@@ -453,6 +456,13 @@ def _blocker(t: Path) -> Path:
     return f
 
 
+def _users_folder(t: Path) -> Path:
+    """A folder of the user's own (no manifest) whose file has a Mytest.py output's name."""
+    (f := t / "mine" / "P01" / "0000.png").parent.mkdir(parents=True)
+    f.write_bytes(b"\x89PNG the user's own picture")
+    return f.parent.parent
+
+
 def _config_only(t: Path, run: Path) -> Path:
     (d := t / "run without weights").mkdir()
     shutil.copy(run / "config.json", d)
@@ -487,6 +497,24 @@ FLAG_CASES = {
     "Mytest --out under a regular file": lambda t, d, r: Case(
         "Mytest.py", ["--data", d, "--run", r, "--out", (b := _blocker(t)) / "out"], (str(b),),
         [d, r, b]),
+    **{f"Mytest --out a folder it did not make{x}": (lambda t, d, r, x=x: Case(
+        "Mytest.py", ["--data", d, "--run", r, "--out", (u := _users_folder(t)), *x.split()],
+        (str(u / "P01" / "0000.png"), "not a Mytest.py output folder"), [d, r, u]))
+       for x in ("", " --overwrite")},
+    "Mytrain --out inside the input data": lambda t, d, r: Case(
+        "Mytrain.py", ["--data", d, "--out", d / "run", *TINY], ("inside the input folder",),
+        [d]),
+    "Mytrain --cache-dir inside the input data": lambda t, d, r: Case(
+        "Mytrain.py", [*_args("Mytrain.py", t, d, r), "--cache-dir", d / "P01" / "cache"],
+        ("--cache-dir", "inside the input folder"), [d], t / "r"),
+    "Mytrain --lambda-l1 inf": lambda t, d, r: Case(
+        "Mytrain.py", [*_args("Mytrain.py", t, d, r), "--lambda-l1", "inf"],
+        ("--lambda-l1 inf", "finite"), [d], t / "r"),
+    "Mytrain --seed -1": lambda t, d, r: Case(
+        "Mytrain.py", [*_args("Mytrain.py", t, d, r), "--seed=-1"], ("--seed -1",), [d], t / "r"),
+    "MyDataLoader_train --exclude of every patient": lambda t, d, r: Case(
+        "MyDataLoader_train.py", ["--data", d, "--exclude", "P01", "P02"],
+        ("everything excluded",), [d]),
     "Mysimulate --out under a regular file": lambda t, d, r: Case(
         "Mysimulate.py", ["--input", d, "--out", (b := _blocker(t)) / "sim"], (str(b),), [d, b]),
     "Mysimulate --out holding another dataset": lambda t, d, r: Case(
