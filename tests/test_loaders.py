@@ -391,6 +391,22 @@ def test_scripts_summarise_good_data(tmp_path, build):
     assert re.search(r"^split:.*training", procs["MyDataLoader_train.py"].stdout, re.M)
 
 
+def test_train_script_reports_the_recipes_patch_and_everything_excluded(tmp_path, capsys):
+    """The patch line is the one Mytrain.py's recipe trains on (ctrun.RECIPES, where Mytrain.py
+    takes it from); --exclude of every patient is one clean refusal, in Mytrain.py's loader too."""
+    import ctrun
+
+    root = make_mayo(tmp_path / "data")
+    for recipe, shown in (("cpu", "of {p}x{p} (recipe cpu"), ("paper", "whole slices")):
+        assert train_loader.main(["--data", str(root), "--recipe", recipe]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("patches:")]
+        assert len(line) == 1 and shown.format(p=ctrun.RECIPES[recipe]["patch"]) in line[0], line
+    with pytest.raises(ctio.CTDataError, match="everything excluded"):
+        train_loader.find_training_data([str(root)], exclude=["L001", "L002"])
+    assert_one_error_line(cli("MyDataLoader_train.py", "--data", root, "--exclude", "L001",
+                              "L002"), "--exclude L001 L002: everything excluded", code=2)
+
+
 def test_scripts_on_an_unpaired_dicom_series(tmp_path):
     for i in range(3):
         write_ct(tmp_path / "S" / f"{i}.dcm", np.zeros(SHAPE), z=float(i))

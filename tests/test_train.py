@@ -46,6 +46,7 @@ def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
         "generator_epoch0001.weights.h5", "generator_epoch0002.weights.h5"]
     assert json.loads((run / "state/state.json").read_text())["epoch"] == 2
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2  # the new total
     assert not list(run.rglob(".*tmp*")), "no temporary files left behind"
 
     # The same run folder again without --resume is refused.
