@@ -790,8 +790,9 @@ def test_kill9_during_inference_then_rerun_completes(tmp_path, latest_run):
     with unchanged(data, latest_run):
         proc = popen("Mytest.py", *args, log=tmp_path / "test.log")
         deadline = time.monotonic() + 600
-        while not (out / "manifest.csv").exists() and proc.poll() is None \
-                and time.monotonic() < deadline:
+        # manifest.csv is written first (empty): wait for its first row, the first slice done
+        while not ((out / "manifest.csv").exists() and manifest_rows(out)) \
+                and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         proc.kill()
         proc.wait()
