@@ -157,7 +157,7 @@ def find_flat_rois(fd_hu: np.ndarray, size: int = ROI_SIZE) -> list[tuple[int, i
     """
     from scipy.ndimage import gaussian_filter
 
-    import Mysimulate
+    import ctdose as Mysimulate
 
     fd = np.asarray(fd_hu, np.float32)
     body = Mysimulate.body_mask(fd)
@@ -520,7 +520,7 @@ def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8,
     """
     import time
 
-    import Mysimulate
+    import ctdose as Mysimulate
 
     noise = NoiseAccumulator() if noise is None else noise
     results: list[dict] = []
@@ -833,7 +833,7 @@ def _noise_rois(noise: np.ndarray, fd: np.ndarray, size: int = ROI_SIZE) -> list
     """Corners of the ``size`` x ``size`` ROIs, on a grid of half-ROI steps (50 % overlap, as
     TG-233 allows), that lie wholly inside the body of ``fd`` (the noise-only image has no
     anatomy, so no flatness rule is needed)."""
-    import Mysimulate
+    import ctdose as Mysimulate
 
     body = Mysimulate.body_mask(fd)
     step = size // 2
@@ -853,7 +853,7 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     report."""
     import time
 
-    import Mysimulate
+    import ctdose as Mysimulate
     import Mytest
 
     ds = ctio.discover(fd_path, layout, single_role="fd")
@@ -1222,7 +1222,7 @@ def per_insert_equivalence(results: dict, names: list, doses: list) -> dict:
 
 def read_qa_truth(qa_dir: Path) -> dict:
     """QA_DIR/qa_truth.json, checked: a folder written by Mysimulate.py --qa."""
-    import Mysimulate
+    import ctphantom as Mysimulate
 
     if not qa_dir.is_dir():
         raise ctio.CTDataError(f"{qa_dir}: no such folder (make one with Mysimulate.py --qa)")
@@ -1381,7 +1381,7 @@ def _json_num(x):
 
 
 def _series_of(truth: dict, dose: float) -> str:
-    import Mysimulate
+    import ctphantom as Mysimulate
 
     name = Mysimulate.qa_series_name(dose)
     if name not in truth["series"]:

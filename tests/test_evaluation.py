@@ -423,10 +423,11 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     """--nps-sim: two simulated realisations per full-dose slice, denoised by the run (here the
     identity generator, so the output noise is the input noise); the LDCT noise std equals the
     std of (LD1 - LD2) / sqrt(2) over the same body ROIs computed directly."""
+    import ctdose
+    import ctfixtures
     import Myevaluation
-    import Mysimulate
 
-    demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=2, size=128)
+    demo = ctfixtures.make_demo(tmp_path / "demo", patients=1, slices=2, size=128)
     fd_dir = next(demo.glob("DEMO*/full_*"))
     out = tmp_path / "nps"
     capsys.readouterr()
@@ -442,8 +443,8 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     records = ctio.discover(fd_dir, None, single_role="fd").records  # table order
     for i, rec in enumerate(records[:2]):
         fd, header = ctio.read_slice(rec.fd_path)
-        px = Mysimulate.pixel_size_mm(header, fd.shape, None)
-        a, b = (Mysimulate.simulate_pair_from_fd(fd, 0.25, px, (5, i, k)) for k in (1, 2))
+        px = ctdose.pixel_size_mm(header, fd.shape, None)
+        a, b = (ctdose.simulate_pair_from_fd(fd, 0.25, px, (5, i, k)) for k in (1, 2))
         noise = (a.astype(np.float64) - b) / np.sqrt(2)
         diffs += [noise[y:y + 32, x:x + 32] for y, x in Myevaluation._noise_rois(noise, fd)]
     yy, xx = np.mgrid[:32, :32]

@@ -12,8 +12,9 @@ import pytest
 from conftest import assert_one_error_line, cli, make_run
 from scipy.stats import ncx2, norm
 
+import ctdose
+import ctphantom
 import Myevaluation as E
-import Mysimulate as S
 
 
 def blurred_disc(size: int, radius: float, contrast: float, sigma: float) -> np.ndarray:
@@ -136,14 +137,14 @@ def test_dose_equivalent_interpolates_in_log_dose():
 def qa_dir(tmp_path_factory):
     """A coarse QA phantom: 192 px of 1.33 mm, doses 100 % and 25 %, 4 realisations each."""
     out = tmp_path_factory.mktemp("qa") / "qa"
-    S.make_qa(out, size=192, pixel_mm=1.33, doses=(1.0, 0.25), realisations=4, seed=0)
+    ctphantom.make_qa(out, size=192, pixel_mm=1.33, doses=(1.0, 0.25), realisations=4, seed=0)
     return out
 
 
 def test_qa_phantom_truth_and_series_read_back(qa_dir):
     import MyDataLoader_test
 
-    truth = json.loads((qa_dir / S.QA_TRUTH).read_text())
+    truth = json.loads((qa_dir / ctphantom.QA_TRUTH).read_text())
     assert truth["doses"] == [1.0, 0.25] and truth["realisations"] == 4
     low = [i for i in truth["inserts"] if i["kind"] == "low-contrast"]
     assert sorted({i["diameter_mm"] for i in low}) == [3.0, 5.0, 7.0, 10.0]
@@ -167,7 +168,7 @@ def test_qa_phantom_truth_and_series_read_back(qa_dir):
     # realisations are independent, and the noise std scales as 1 / sqrt(dose)
     fd = np.load(qa_dir / "npy" / "full_dose.npy")
     full = np.load(qa_dir / "npy" / "dose100.npy")
-    inner = S.body_mask(fd, 10)
+    inner = ctdose.body_mask(fd, 10)
     assert not np.allclose(stack[0], stack[1])
     ratio = np.std((stack - fd)[:, inner]) / np.std((full - fd)[:, inner])
     assert ratio == pytest.approx(2.0, rel=0.1)
