@@ -18,6 +18,7 @@ This module never imports TensorFlow.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -53,7 +54,17 @@ from ctfixtures import (
     make_demo,
     make_mayo_like,
 )
-from ctphantom import QA_DOSES, QA_PIXEL_MM, QA_REALISATIONS, QA_SIZE, QA_TRUTH, make_qa
+from ctphantom import (
+    QA_DEFAULT_DIAMETER_MM,
+    QA_DOSES,
+    QA_PIXEL_MM,
+    QA_REALISATIONS,
+    QA_SIZES_FILE,
+    QA_TRUTH,
+    make_qa,
+    qa_series_name,
+    qa_size_folder,
+)
 
 
 # --- Simulating a dataset from full-dose input --------------------------------------------------
@@ -189,8 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--qa: independent low-dose realisations per dose")
     ap.add_argument("--qa-doses", type=float, nargs="+", default=list(QA_DOSES), metavar="DOSE",
                     help="--qa: the dose ladder (fractions of the calibrated full dose)")
-    ap.add_argument("--qa-size", type=int, default=QA_SIZE,
-                    help=f"--qa: image size (pixels; --pixel-mm default {QA_PIXEL_MM:g} mm)")
+    ap.add_argument("--qa-diameter", type=float, nargs="+", default=[QA_DEFAULT_DIAMETER_MM],
+                    metavar="MM",
+                    help="--qa: body diameter(s) in mm (water cylinder; the default, an adult "
+                         "abdomen, has real-quarter-dose-like noise at 25 %%); several: one "
+                         f"phantom folder OUT/dNNNmm per size and OUT/{QA_SIZES_FILE}")
+    ap.add_argument("--qa-size", type=int, default=None,
+                    help="--qa: image size in pixels (default: follows the diameter at "
+                         f"--pixel-mm, default {QA_PIXEL_MM:g} mm)")
     ap.add_argument("--patients", type=int, default=None,
                     help=f"phantom patients (demo: {DEMO_PATIENTS}, mayo-like: "
                          f"{MAYO_LIKE_PATIENTS})")
@@ -216,12 +233,19 @@ def main(argv=None) -> int:
         if args.seed < 0:
             raise ctio.CTDataError(f"--seed must be >= 0, got {args.seed}")
         t = time.time()
-        out = make_qa(args.qa, size=args.qa_size, pixel_mm=args.pixel_mm or QA_PIXEL_MM,
-                      doses=args.qa_doses, realisations=args.realisations, seed=args.seed,
+        out = make_qa(args.qa, diameters=args.qa_diameter, size=args.qa_size,
+                      pixel_mm=args.pixel_mm or QA_PIXEL_MM, doses=args.qa_doses,
+                      realisations=args.realisations, seed=args.seed,
                       overwrite=args.overwrite, progress=True)
         print(f"QA phantom: {out} ({len(args.qa_doses)} doses x {args.realisations} "
-              f"realisations, {args.qa_size} px of {args.pixel_mm or QA_PIXEL_MM:g} mm; truth "
-              f"{out / QA_TRUTH}) in {time.time() - t:.1f} s")
+              f"realisations) in {time.time() - t:.1f} s")
+        for d in args.qa_diameter:
+            folder = out if len(args.qa_diameter) == 1 else out / qa_size_folder(d)
+            truth = json.loads((folder / QA_TRUTH).read_text())
+            noise = ", ".join(f"{dose:g}: {truth['noise_hu'][qa_series_name(dose)]:.1f}"
+                              for dose in truth["doses"])
+            print(f"  {d:g} mm body, {truth['size']} px of {truth['pixel_mm']:g} mm: noise std "
+                  f"in the uniform body region (HU) at dose {noise}; truth {folder / QA_TRUTH}")
         return 0
     if args.mayo_like and args.out:
         raise ctio.CTDataError("--mayo-like takes the output folder as its value; drop --out")

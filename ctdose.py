@@ -329,8 +329,10 @@ class Progress:
         self.total, self.label, self.start = total, label, time.time()
         self.tty = sys.stdout.isatty()
         self.step = max(1, total // 10)
+        self.done = 0  # the last count shown (callers that count in several places add to it)
 
     def update(self, done: int) -> None:
+        self.done = done
         if self.tty or done % self.step == 0 or done == self.total:
             rate = (time.time() - self.start) / max(done, 1)
             eta = rate * (self.total - done)

@@ -135,9 +135,11 @@ def test_dose_equivalent_interpolates_in_log_dose():
 
 @pytest.fixture(scope="module")
 def qa_dir(tmp_path_factory):
-    """A coarse QA phantom: 192 px of 1.33 mm, doses 100 % and 25 %, 4 realisations each."""
+    """A coarse QA phantom: a 200 mm body on 192 px of 1.33 mm, doses 100 % and 25 %, 4
+    realisations each."""
     out = tmp_path_factory.mktemp("qa") / "qa"
-    ctphantom.make_qa(out, size=192, pixel_mm=1.33, doses=(1.0, 0.25), realisations=4, seed=0)
+    ctphantom.make_qa(out, diameters=(200,), size=192, pixel_mm=1.33, doses=(1.0, 0.25),
+                      realisations=4, seed=0)
     return out
 
 
@@ -210,4 +212,43 @@ def test_bad_qa_input_is_one_error_line(tmp_path):
                               words, code=2)
     assert_one_error_line(cli("Mysimulate.py", "--qa", tmp_path / "x", "--realisations", "1"),
                           "--realisations", code=2)
+    assert_one_error_line(cli("Mysimulate.py", "--qa", tmp_path / "y", "--qa-diameter", "50"),
+                          "--qa-diameter", code=2)
+    assert not (tmp_path / "y").exists()
     assert not (tmp_path / "x").exists()
+
+
+def test_default_body_has_real_quarter_dose_noise_from_attenuation_alone():
+    """Issue 24: at the calibrated I0 (unchanged) the default adult-abdomen phantom's 25 % noise
+    in the uniform body region lies inside the real Mayo quarter-dose range (19-37 HU); a 150 mm
+    body is much quieter. The noise grows with the diameter because of the attenuation only."""
+    noise = {}
+    for d in (ctphantom.QA_DEFAULT_DIAMETER_MM, 150.0):
+        g = ctphantom.qa_geometry(diameter_mm=d)
+        assert g["size"] == ctphantom.qa_size_for(d) and g["size"] * g["pixel_mm"] >= d + 12
+        assert ctdose.matched_i0(g["pixel_mm"]) == ctdose.I0_DEFAULT  # the calibration pixel
+        truth = ctphantom.qa_truth_image(g, supersample=1)
+        ld = ctdose.simulate_pair_from_fd(truth, 0.25, g["pixel_mm"], (0, 250, 0))
+        noise[d] = ctphantom.noise_std(ld[None], truth, ctphantom.uniform_mask(g))
+    assert 19.0 < noise[ctphantom.QA_DEFAULT_DIAMETER_MM] < 37.0
+    assert noise[150.0] < 0.5 * noise[ctphantom.QA_DEFAULT_DIAMETER_MM]
+
+
+def test_qa_diameter_builds_every_size_with_its_matrix_and_noise(tmp_path):
+    out = tmp_path / "qa"
+    r = cli("Mysimulate.py", "--qa", out, "--qa-diameter", "150", "350", "--pixel-mm", "2",
+            "--qa-doses", "0.25", "--realisations", "2")
+    assert r.returncode == 0, r.stderr
+    sizes = json.loads((out / ctphantom.QA_SIZES_FILE).read_text())["sizes"]
+    assert sizes == {"d150mm": 150.0, "d350mm": 350.0}
+    truths = {k: json.loads((out / k / ctphantom.QA_TRUTH).read_text()) for k in sizes}
+    for k, t in truths.items():
+        assert t["body"]["diameter_mm"] == sizes[k] and t["size"] == ctphantom.qa_size_for(
+            sizes[k], 2.0)
+        assert np.load(out / k / "npy" / "dose025.npy").shape == (2, t["size"], t["size"])
+        assert f"{sizes[k]:g} mm body" in r.stdout and f"{t['noise_hu']['dose025']:.1f}" in r.stdout
+        # the insert rings scale with the body: the outer ring sits at the same fraction
+        outer = max(np.hypot(*i["centre_mm"]) for i in t["inserts"] if i["ring"] == 0)
+        assert outer / sizes[k] == pytest.approx(68.0 / 200.0, abs=0.01)
+        assert sum(i.get("mita", False) for i in t["inserts"]) == 4
+    assert truths["d350mm"]["noise_hu"]["dose025"] > 2 * truths["d150mm"]["noise_hu"]["dose025"]
