@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -107,26 +108,51 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
     ctio.remove_stale_temporaries([out.parent])  # folders of killed earlier runs
     with ctio.atomic_dir(out) as dest:
         counters: dict[Path, int] = {}
+        anisotropic: dict[str, list[float]] = {}  # series folder -> PixelSpacing, noted once
         for done, rec in enumerate(records, 1):
             fd, header = ctio.read_slice(rec.fd_path)
             px = pixel_size_mm(header, fd.shape, pixel_mm)
+            if pixel_mm is None:
+                _note_anisotropic(header, rec, px, anisotropic)
             ld = simulate_pair_from_fd(fd, dose, px, slice_seed(seed, rec.patient, rec.slice_id),
                                        i0=slice_i0(header, i0, factors.get(rec.fd_path, 1.0)),
                                        sigma_e=sigma_e)
             np.maximum(ld, ctio.HU_MIN, out=ld)  # air noise below -1024 HU: clipped like real data
-            _write_simulated(dest, ds.layout, rec, ld, header, dose, seed, counters)
+            _write_simulated(dest, ds.layout, rec, ld, fd, header, dose, seed, counters)
             if bar:
                 bar.update(done)
         write_marker(dest, {"tool": "Mysimulate.py --input", "input": str(input_dir.resolve()),
                              "layout": ds.layout, "dose": dose, "seed": seed, "i0": i0,
-                             "sigma_e": sigma_e, "pixel_mm": pixel_mm, "slices": len(records)})
+                             "sigma_e": sigma_e, "pixel_mm": pixel_mm, "slices": len(records),
+                             "anisotropic_pixel_spacing": anisotropic or None})
     return {"layout": ds.layout, "patients": sorted({r.patient for r in records}),
             "slices": len(records), "seconds": time.time() - start}
 
 
-def _write_simulated(dest: Path, layout: str, rec: ctio.SliceRecord, ld: np.ndarray, header,
-                     dose: float, seed: int, counters: dict[Path, int]) -> None:
-    """Write one simulated slice and a copy of its full-dose source into ``dest``."""
+def _note_anisotropic(header, rec: ctio.SliceRecord, px: float,
+                      seen: dict[str, list[float]]) -> None:
+    """The simulator projects square pixels: a slice whose two PixelSpacing values differ (by
+    more than 1 %) is simulated at their mean ``px``; say so once per series (stderr note, and
+    SIMULATION.json's ``anisotropic_pixel_spacing``)."""
+    spacing = header.get("PixelSpacing") if header is not None else None
+    if spacing is None or len(spacing) != 2:
+        return
+    a, b = (float(v) for v in spacing)
+    folder = str(Path(rec.fd_path).parent)
+    if abs(a - b) > 0.01 * max(a, b) and folder not in seen:
+        seen[folder] = [a, b]
+        print(f"note: {folder}: anisotropic PixelSpacing {a:g} x {b:g} mm; the simulation "
+              f"projects square pixels of their mean, {px:g} mm (the noise level follows that "
+              "mean, its texture is not stretched)", file=sys.stderr)
+
+
+def _write_simulated(dest: Path, layout: str, rec: ctio.SliceRecord, ld: np.ndarray,
+                     fd: np.ndarray, header, dose: float, seed: int,
+                     counters: dict[Path, int]) -> None:
+    """Write one simulated slice and a copy of its full-dose source into ``dest``. A DICOM pair
+    keeps one photometric interpretation: the simulated slice is written MONOCHROME2, so a
+    MONOCHROME1 full dose is re-encoded MONOCHROME2 (same HU, new SOP instance, DERIVED) rather
+    than byte-copied."""
     src = Path(rec.fd_path)
     if layout in ("mayo", "dicom"):
         if header is None:
@@ -144,7 +170,13 @@ def _write_simulated(dest: Path, layout: str, rec: ctio.SliceRecord, ld: np.ndar
         desc = f"simulated dose {dose:g} from {old}" if old else f"simulated dose {dose:g}"
         ctio.write_dicom(qdir / f"{k:04d}.dcm", ld, header, series_uid=uid, description=desc,
                          derived=True)
-        _copy_file(src, fdir / f"{k:04d}.dcm")
+        if str(header.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            fd_uid = ctio.derived_series_uid(header, src, "full dose re-encoded MONOCHROME2")
+            ctio.write_dicom(fdir / f"{k:04d}.dcm", fd, header, series_uid=fd_uid,
+                             description=f"full dose (MONOCHROME2) from {old}"[:64] if old
+                             else "full dose (MONOCHROME2)", derived=True)
+        else:
+            _copy_file(src, fdir / f"{k:04d}.dcm")
     elif layout == "npy":
         stem = src.name[: -len("_target.npy")]
         ctio.write_npy_redcnn(dest / f"{stem}_input.npy", ld)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -347,3 +348,52 @@ def test_mayo_like_fixture_is_discovered_and_paired(tmp_path):
     np.testing.assert_array_equal(last[3], ld0)
     r = run_cli("--mayo-like", out, "--patients", 1, "--slices", 1, "--size", 32)
     assert r.returncode == 2 and "folder exists and is not empty" in r.stderr
+
+
+def _retag(folder: Path, **tags) -> None:
+    import pydicom
+
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.save_as(f)
+
+
+def test_monochrome1_input_gives_a_monochrome2_pair_with_the_same_hu(tmp_path):
+    """Issue 26 item 8: the simulated QD is MONOCHROME2, so the FD copy is too (same HU)."""
+    src = tmp_path / "fd" / "P1"
+    write_fd_series(src)
+    _retag(src, PhotometricInterpretation="MONOCHROME1")
+    before = tree_hash(tmp_path / "fd")
+    out = tmp_path / "out"
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out, "--seed", "1"]) == 0
+    assert tree_hash(tmp_path / "fd") == before
+    ds = ctio.discover(out)
+    originals = {ctio.slice_position(ctio.read_dicom_header(f)): f for f in src.iterdir()}
+    assert len(ds.records) == 3
+    for rec in ds.records:
+        q, f = ctio.read_dicom_header(rec.ld_path), ctio.read_dicom_header(rec.fd_path)
+        assert q.PhotometricInterpretation == f.PhotometricInterpretation == "MONOCHROME2"
+        np.testing.assert_array_equal(ctio.read_slice(rec.fd_path)[0],
+                                      ctio.read_slice(originals[rec.position])[0])
+        assert f.SOPInstanceUID != ctio.read_dicom_header(originals[rec.position]).SOPInstanceUID
+
+
+def test_anisotropic_pixel_spacing_is_said_once_per_series(tmp_path, capsys):
+    """Issue 26 item 8: the simulator projects square pixels; anisotropic PixelSpacing is
+    simulated at the mean spacing, and the user is told so (one note per series, and in
+    SIMULATION.json); an explicit --pixel-mm says nothing."""
+    src = tmp_path / "fd" / "P1"
+    write_fd_series(src)
+    _retag(src, PixelSpacing=[4.0, 5.0])
+    out = tmp_path / "out"
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
+    notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note:")]
+    assert len(notes) == 1 and "anisotropic PixelSpacing 4 x 5 mm" in notes[0]
+    assert "4.5 mm" in notes[0]
+    marker = json.loads((out / Mysimulate.MARKER).read_text())
+    assert list(marker["anisotropic_pixel_spacing"].values()) == [[4.0, 5.0]]
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", tmp_path / "o2",
+                            "--pixel-mm", "4.5"]) == 0
+    assert "anisotropic" not in capsys.readouterr().err
