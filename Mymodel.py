@@ -26,8 +26,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from ctmetrics import hu_metrics  # the project's one metric implementation
 from ctrun import ARCH, NORMS, PRESETS, model_config, saved_model_config  # config.json's owner
-from Myevaluation import hu_metrics  # the project's one metric implementation
 
 __all__ = [
     "PRESETS",

@@ -14,6 +14,7 @@ from scipy.stats import ncx2, norm
 
 import ctdose
 import ctphantom
+import ctqa
 import Myevaluation as E
 
 
@@ -44,7 +45,7 @@ PX = 0.5  # mm; frequencies below are in cycles/mm, 1 cycle/px = 2 cycles/mm
 
 def test_ttf_of_unfiltered_insert_is_one_at_low_frequency():
     img = sharp_disc(96, 20.0, 100.0)
-    t = E.qa_ttf(img, insert(96, 20.0), PX)
+    t = ctqa.qa_ttf(img, insert(96, 20.0), PX)
     low = t["freq"] <= 0.2  # 0.1 cycles/px
     assert low.sum() > 10
     assert np.all(np.abs(t["ttf"][low] - 1.0) < 0.03), t["ttf"][low].min()
@@ -57,7 +58,7 @@ def test_ttf_of_unfiltered_insert_is_one_at_low_frequency():
 def test_ttf_of_gaussian_blurred_insert_matches_analytic_mtf(sigma):
     radius = 25.0
     img = blurred_disc(128, radius, 50.0, sigma)
-    t = E.qa_ttf(img, insert(128, radius), PX)
+    t = ctqa.qa_ttf(img, insert(128, radius), PX)
     f_px = t["freq"] * PX  # cycles/px
     analytic = np.exp(-2 * math.pi ** 2 * sigma ** 2 * f_px ** 2)
     band = analytic >= 0.1
@@ -71,8 +72,8 @@ def test_blurring_lowers_mtf50():
     from scipy.ndimage import gaussian_filter
 
     img = blurred_disc(128, 25.0, -100.0, 1.0)  # a negative-contrast rod
-    sharp = E.qa_ttf(img, insert(128, 25.0), PX)["mtf50"]
-    soft = E.qa_ttf(gaussian_filter(img, 1.5), insert(128, 25.0), PX)["mtf50"]
+    sharp = ctqa.qa_ttf(img, insert(128, 25.0), PX)["mtf50"]
+    soft = ctqa.qa_ttf(gaussian_filter(img, 1.5), insert(128, 25.0), PX)["mtf50"]
     assert sharp is not None and soft is not None
     assert soft < 0.8 * sharp
 
@@ -81,15 +82,15 @@ def test_mtf50_bootstrap_sd_grows_with_noise():
     img = blurred_disc(96, 15.0, 14.0, 1.0)
     rng = np.random.default_rng(4)
     ins = insert(96, 15.0)
-    assert E.mtf50_bootstrap_sd(np.stack([img] * 8), ins, PX) == pytest.approx(0.0, abs=1e-12)
-    sd = [E.mtf50_bootstrap_sd(img + rng.normal(0, s, (8, 96, 96)), ins, PX) for s in (2.0, 6.0)]
+    assert ctqa.mtf50_bootstrap_sd(np.stack([img] * 8), ins, PX) == pytest.approx(0.0, abs=1e-12)
+    sd = [ctqa.mtf50_bootstrap_sd(img + rng.normal(0, s, (8, 96, 96)), ins, PX) for s in (2.0, 6.0)]
     assert 0 < sd[0] < sd[1]
 
 
 def test_mtf_crossing_interpolates():
     f = np.array([0.0, 0.1, 0.2, 0.3])
-    assert E.mtf_crossing(f, np.array([1.0, 0.8, 0.4, 0.1]), 0.5) == pytest.approx(0.175)
-    assert E.mtf_crossing(f, np.array([1.0, 0.9, 0.8, 0.7]), 0.5) is None
+    assert ctqa.mtf_crossing(f, np.array([1.0, 0.8, 0.4, 0.1]), 0.5) == pytest.approx(0.175)
+    assert ctqa.mtf_crossing(f, np.array([1.0, 0.9, 0.8, 0.7]), 0.5) is None
 
 
 def rois(n: int, absent: int, contrast: float, noise: float, seed: int, side: int = 15):
@@ -105,7 +106,7 @@ def rois(n: int, absent: int, contrast: float, noise: float, seed: int, side: in
 
 def test_npw_dprime_matches_theory_with_many_realisations():
     sp, sa, signal = rois(300, 4, 3.0, 10.0, seed=1)
-    got = E.npw_dprime(sp, sa)
+    got = ctqa.npw_dprime(sp, sa)
     theory = math.sqrt(np.sum(signal ** 2)) / 10.0  # NPW in white noise: |s| / sigma
     assert got["dprime"] == pytest.approx(theory, rel=0.12)
     assert got["auc"] == pytest.approx(norm.cdf(got["dprime"] / math.sqrt(2)), abs=0.04)
@@ -113,23 +114,23 @@ def test_npw_dprime_matches_theory_with_many_realisations():
 
 
 def test_dprime_rises_with_contrast_and_falls_with_noise():
-    d = {(c, s): E.npw_dprime(*rois(40, 8, c, s, seed=2)[:2])["dprime"]
+    d = {(c, s): ctqa.npw_dprime(*rois(40, 8, c, s, seed=2)[:2])["dprime"]
          for c, s in ((2.0, 10.0), (4.0, 10.0), (8.0, 10.0), (4.0, 20.0), (4.0, 5.0))}
     assert d[2.0, 10.0] < d[4.0, 10.0] < d[8.0, 10.0]
     assert d[4.0, 20.0] < d[4.0, 10.0] < d[4.0, 5.0]
     # no signal: d' near 0 and AUC near 0.5
-    null = E.npw_dprime(*rois(40, 8, 0.0, 10.0, seed=3)[:2])
+    null = ctqa.npw_dprime(*rois(40, 8, 0.0, 10.0, seed=3)[:2])
     assert abs(null["dprime"]) < 0.6 and abs(null["auc"] - 0.5) < 0.15
 
 
 def test_dose_equivalent_interpolates_in_log_dose():
     doses = [1.0, 0.5, 0.25, 0.1]
     dp = [4.0, 2.8, 2.0, 1.2]
-    assert E.dose_equivalent(doses, dp, 2.8)[0] == pytest.approx(0.5)
-    got, note = E.dose_equivalent(doses, dp, 2.4)
+    assert ctqa.dose_equivalent(doses, dp, 2.8)[0] == pytest.approx(0.5)
+    got, note = ctqa.dose_equivalent(doses, dp, 2.4)
     assert got == pytest.approx(math.sqrt(0.25 * 0.5))  # half way in log dose
     assert "interpolated" in note
-    got, note = E.dose_equivalent(doses, dp, 5.0)
+    got, note = ctqa.dose_equivalent(doses, dp, 5.0)
     assert got is None and "beyond the ladder" in note
 
 
