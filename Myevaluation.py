@@ -54,6 +54,7 @@ import numpy as np
 import ctio
 import ctmetrics
 import ctrun
+import ctverdict
 from ctmetrics import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -687,15 +688,19 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
         "full_dose_ttf": {k: json_ttf(v) for k, v in fd_ttf.items()},
         "full_dose_structure": float(np.std(fd[0][mask])),
         "dose_equivalence": equivalence,
+        "body_diameter_mm": truth["body"]["diameter_mm"],
+        "noise_hu": truth.get("noise_hu"),
+        "verdict": ctverdict.qa_verdict(results, names, doses, truth),
         "per_dose": {n: {m: {"noise": r["noise"], "mean_dprime": r["mean_dprime"],
                              "mean_auc": r["mean_auc"], "detect": r["detect"],
+                             "mean_cho_dprime": r["mean_cho_dprime"],
                              "ttf": {k: json_ttf(v) for k, v in r["ttf"].items()}}
                          for m, r in results[n].items()} for n in names},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with ctio.atomic_path(out_dir / "qa.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=json_num) + "\n")
-    text = qa_tables(report)
+    text = qa_tables(report) + "\n" + ctverdict.verdict_tables(report)
     with ctio.atomic_path(out_dir / "qa.md") as tmp:
         tmp.write_text(text + "\n")
     plot_qa(out_dir, report)
@@ -720,6 +725,32 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
 
 
 
+
+
+def qa_sizes(args: argparse.Namespace, sigma: float) -> int:
+    """--qa on one phantom folder, or on every size of a ``Mysimulate.py --qa-diameter A B``
+    folder (its qa_sizes.json; reports in OUT/dNNNmm), then the summary line of each size."""
+    import ctphantom
+
+    qa = Path(args.qa)
+    sizes = qa / ctphantom.QA_SIZES_FILE
+    folders = ([qa / k for k in ctio.read_json(sizes, f"{sizes}: unreadable")["sizes"]]
+               if sizes.is_file() else [qa])
+    for folder in folders:  # every folder checked before the first is denoised
+        read_qa_truth(folder)
+    summaries = []
+    for folder in folders:
+        out = (Path(args.out) / folder.name if args.out and folder != qa else args.out)
+        report = qa_evaluate(folder, args.run, out, batch=min(args.batch, 4), sigma=sigma,
+                             weights=args.weights)
+        print(report["text"])
+        print(f"QA report: {report['out']}/qa.md, qa.json, ttf.png, dprime.png, nps.png, "
+              "phantom.png")
+        summaries += [e["summary"] for e in (report["verdict"] or {}).values()]
+    print("\nSummary:" if summaries else "")
+    for line in summaries:
+        print(f"  {line}")
+    return 0
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -814,12 +845,7 @@ def main(argv=None) -> int:
         sigma = float(args.gaussian_sigma)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ctio.CTDataError(f"--gaussian-sigma {sigma:g}: need a positive number")
-        report = qa_evaluate(args.qa, args.run, args.out, batch=min(args.batch, 4), sigma=sigma,
-                             weights=args.weights)
-        print(report["text"])
-        print(f"QA report: {report['out']}/qa.md, qa.json, ttf.png, dprime.png, nps.png, "
-              "phantom.png")
-        return 0
+        return qa_sizes(args, sigma)
     return score(args)
 
 

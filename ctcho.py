@@ -105,16 +105,31 @@ def hotelling(train_sp: np.ndarray, train_sa: np.ndarray, test_sp: np.ndarray,
     return dprime, auc_mann_whitney(t_sp, t_sa)
 
 
+def _draw_split(rng: np.random.Generator, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """One bootstrap replicate: R realisations drawn with replacement, their distinct indices
+    split at random 50/50 into train and test; redrawn until each side holds >= 2 draws (a
+    covariance and a variance need two). Depends only on the generator's state and R."""
+    while True:
+        draw = rng.integers(0, r, r)
+        uniq = rng.permutation(np.unique(draw))
+        train = np.isin(draw, uniq[: len(uniq) // 2])
+        if train.sum() >= 2 and (~train).sum() >= 2:
+            return draw[train], draw[~train]
+
+
 def cho_study(sp_rois: np.ndarray, sa_rois: np.ndarray, diameter_px: float, *,
               n_channels: int = N_CHANNELS, n_boot: int = N_BOOT, level: float = CI_LEVEL,
-              seed: int = 0) -> dict:
+              seed: int = 0, replicates: bool = False) -> dict:
     """LG CHO d' and AUC with percentile intervals from a bootstrap over realisations.
 
     ``sp_rois`` [R, a, n, n] and ``sa_rois`` [R, b, n, n]: the signal-present and signal-absent
     ROIs of each of R realisations (a, b >= 1 ROIs each). Each replicate resamples the R
     realisations with replacement and splits the drawn realisations 50/50 into train and test
     (a realisation drawn twice stays on one side). Returns ``{"dprime", "dprime_ci", "auc",
-    "auc_ci", "n_channels", "channel_width_px", "realisations", "n_boot"}``.
+    "auc_ci", "n_channels", "channel_width_px", "realisations", "n_boot"}``, and with
+    ``replicates`` the replicates' d' (``"dprime_boot"``, an array). The draws depend only on
+    ``seed``, R and ``n_boot``: studies of other inserts or methods on the same realisations with
+    the same seed use the same draws (paired), so their replicates can be averaged or compared.
     """
     sp, sa = np.asarray(sp_rois), np.asarray(sa_rois)
     if sp.ndim != 4 or sa.ndim != 4 or sp.shape[0] != sa.shape[0] or sp.shape[2:] != sa.shape[2:]:
@@ -128,17 +143,13 @@ def cho_study(sp_rois: np.ndarray, sa_rois: np.ndarray, diameter_px: float, *,
     rng = np.random.default_rng(seed)
     d, a = np.empty(n_boot), np.empty(n_boot)
     for i in range(n_boot):
-        draw = rng.integers(0, r, r)
-        uniq = rng.permutation(np.unique(draw))
-        train_ids = set(uniq[: len(uniq) // 2].tolist())
-        train = np.array([k in train_ids for k in draw])
-        if train.all() or not train.any():
-            train[0], train[-1] = True, False
-        tr, te = draw[train], draw[~train]
+        tr, te = _draw_split(rng, r)
         d[i], a[i] = hotelling(v_sp[tr].reshape(-1, n_channels), v_sa[tr].reshape(-1, n_channels),
                                v_sp[te].reshape(-1, n_channels), v_sa[te].reshape(-1, n_channels))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {"dprime": float(np.median(d)), "dprime_ci": [float(x) for x in np.percentile(d, q)],
+    extra = {"dprime_boot": d} if replicates else {}
+    return {**extra, "dprime": float(np.median(d)),
+            "dprime_ci": [float(x) for x in np.percentile(d, q)],
             "auc": float(np.median(a)), "auc_ci": [float(x) for x in np.percentile(a, q)],
             "n_channels": n_channels, "channel_width_px": width, "realisations": r,
             "n_boot": n_boot}

@@ -16,7 +16,9 @@ from typing import Optional
 
 import numpy as np
 
+import ctcho
 import ctio
+import ctverdict
 from cttexture import ROI_SIZE, cut_rois, nps_2d, nps_power, nps_summary, radial_nps
 
 # Measurements on the phantom of Mysimulate.py --qa (see README "Image quality beyond PSNR"):
@@ -376,7 +378,7 @@ def qa_measure(images: np.ndarray, truth: dict, mask: np.ndarray) -> dict:
            for ins in ttf_inserts(truth)}
     for ins in ttf_inserts(truth):
         ttf[ins["name"]]["mtf50_sd"] = mtf50_bootstrap_sd(images, ins, px)
-    det = {}
+    det, cho_boot = {}, {}
     for ins in truth["inserts"]:
         if ins["kind"] != "low-contrast":
             continue
@@ -384,11 +386,16 @@ def qa_measure(images: np.ndarray, truth: dict, mask: np.ndarray) -> dict:
         side = qa_roi_side(ins)
         sp = _square(images, ins["centre_px"], side)
         sa = np.stack([_square(images, b["centre_px"], side) for b in bgs], axis=1)
-        det[ins["name"]] = {**npw_dprime(sp, sa), "cnr": qa_cnr(images, ins, bgs),
+        cho = ctcho.cho_study(sp[:, None], sa, 2 * ins["radius_px"], replicates=True)
+        cho_boot[ins["name"]] = cho.pop("dprime_boot")
+        det[ins["name"]] = {**npw_dprime(sp, sa), "cnr": qa_cnr(images, ins, bgs), "cho": cho,
+                            "ct_error_hu": ctverdict.ct_number_error(images, ins, QA_CNR_CORE),
                             "diameter_mm": ins["diameter_mm"],
-                            "contrast_hu": ins["contrast_hu"]}
+                            "contrast_hu": ins["contrast_hu"], "mita": ins.get("mita", False)}
     dps = [d["dprime"] for d in det.values()]
-    return {"noise": noise, "ttf": ttf, "detect": det,
+    return {"noise": noise, "ttf": ttf, "detect": det, "cho_boot": cho_boot,
+            "mean_cho_dprime": float(np.mean([d["cho"]["dprime"] for d in det.values()]))
+            if det else None,
             "mean_dprime": float(np.mean(dps)) if dps else None,
             "mean_auc": float(np.mean([d["auc"] for d in det.values()])) if det else None}
 

@@ -203,6 +203,20 @@ def test_myevaluation_qa_end_to_end(qa_dir, tmp_path, capsys):
     assert eq["cncl_dose"] == 0.25 and len(eq["per_insert"]) == 16
     # an untrained (identity) generator: CNCL is the input, so FBP matches it at 25 %
     assert eq["fbp_equivalent_dose"] == pytest.approx(0.25, rel=0.02)
+    # LG-CHO figures per insert and the verdict with its interval (issue 24): paired replicates
+    # of an identical method give 25 % and no measurable saving
+    cho = report["per_dose"]["dose025"]["ldct"]["detect"]["10mm_+14HU"]["cho"]
+    assert cho["n_channels"] == 5
+    assert cho["dprime_ci"][0] <= cho["dprime"] <= cho["dprime_ci"][1]
+    v = report["verdict"]["all"]
+    assert v["dose"] == pytest.approx(0.25, rel=0.01)
+    # (a replicate a hair below FBP's 25 % d' falls below this two-dose ladder: 0)
+    assert v["ci"][0] <= 0.25 and v["ci"][1] == pytest.approx(0.25, rel=0.02)
+    assert v["verdict"] == "no measurable saving" and "200 mm body" in v["summary"]
+    assert len(report["verdict"]["mita"]["inserts"]) == 4
+    assert "Summary:" in printed and v["summary"] in printed
+    low = report["per_dose"]["dose100"]["ldct"]["detect"]
+    assert abs(low["10mm_+14HU"]["ct_error_hu"]) < 2.0  # FBP keeps a large insert's HU
 
 
 def test_bad_qa_input_is_one_error_line(tmp_path):
@@ -253,3 +267,38 @@ def test_qa_diameter_builds_every_size_with_its_matrix_and_noise(tmp_path):
         assert outer / sizes[k] == pytest.approx(68.0 / 200.0, abs=0.01)
         assert sum(i.get("mita", False) for i in t["inserts"]) == 4
     assert truths["d350mm"]["noise_hu"]["dose025"] > 2 * truths["d150mm"]["noise_hu"]["dose025"]
+
+
+def test_dose_equivalence_interval_and_verdict_on_a_known_ladder():
+    """FBP d' = 4 sqrt(dose) (the NPW/ideal d' of quantum noise), replicates with sd 0.1: a
+    method reaching FBP's 50 % d' at 25 % saves dose (equivalent ~50 %, interval above 25 %);
+    one equal to FBP at 25 % saves nothing; one below FBP's 10 % costs dose."""
+    import ctverdict
+
+    rng = np.random.default_rng(0)
+    doses = [0.1, 0.25, 0.5, 1.0]
+    fbp = [4 * math.sqrt(d) + rng.normal(0, 0.1, 400) for d in doses]
+    target = 4 * math.sqrt(0.5) + rng.normal(0, 0.1, 400)
+    better = ctverdict.equivalence_interval(doses, fbp, target)
+    assert better["dose"] == pytest.approx(0.5, rel=0.05)
+    assert 0.25 < better["ci"][0] < 0.5 < better["ci"][1] < 1.0
+    assert ctverdict.verdict(better, 0.25) == "saves dose"
+    line = ctverdict.summary_line("M", better, 0.25, "3-10 mm, 3-14 HU", 300, 1.0)
+    assert line.startswith("at 25% dose, M matches FBP at 5") and "300 mm body" in line
+    same = ctverdict.equivalence_interval(doses, fbp, fbp[1])  # paired: the same replicates
+    assert same["dose"] == pytest.approx(0.25) and ctverdict.verdict(same, 0.25) == \
+        "no measurable saving"
+    worse = ctverdict.equivalence_interval(doses, fbp, np.full(400, 0.5))
+    assert worse["below"] == 400 and ctverdict.verdict(worse, 0.25) == "costs dose"
+    top = ctverdict.equivalence_interval(doses, fbp, np.full(400, 9.0))
+    assert top["dose"] is None and top["beyond"] == 400
+    assert "> 100%" in ctverdict.summary_line("M", top, 0.25, "x", 300, 1.0)
+
+
+def test_ct_number_error_of_an_exact_disc():
+    import ctverdict
+
+    img = sharp_disc(41, 6.0, 14.0)[None] + np.zeros((3, 1, 1))
+    ins = {"centre_px": [20, 20], "radius_px": 6.0, "hu": 14.0}
+    assert ctverdict.ct_number_error(img, ins, 0.6) == pytest.approx(0.0, abs=1e-9)
+    assert ctverdict.ct_number_error(img + 3.0, ins, 0.6) == pytest.approx(3.0)
