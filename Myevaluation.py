@@ -775,9 +775,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "realisations per slice")
     ap.add_argument("--qa", default=None, metavar="QA_DIR",
                     help="image-quality QA phantom of Mysimulate.py --qa: TTF / MTF50, CNR, "
-                    "NPW d' and AUC, NPS against dose for the input, the Gaussian baseline and "
-                    "--run's CNCL (writes qa.json, qa.md, PNGs to --out, default "
-                    "QA_DIR/eval_<run name>)")
+                    "NPW and LG-CHO d' and AUC with intervals, CT-number error, NPS against "
+                    "dose for the input, the Gaussian baseline and --run's CNCL, and the dose "
+                    "equivalence verdict (writes qa.json, qa.md, PNGs to --out, default "
+                    "QA_DIR/eval_<run name>; a folder of several sizes: every size, reports in "
+                    "OUT/dNNNmm)")
     ap.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default=ctmetrics.DEFAULT_PROTOCOL,
                     help="metric convention of the printed tables (all are always stored)")
     ap.add_argument("--data", default=None, metavar="PATH",
