@@ -302,3 +302,21 @@ def test_ct_number_error_of_an_exact_disc():
     ins = {"centre_px": [20, 20], "radius_px": 6.0, "hu": 14.0}
     assert ctverdict.ct_number_error(img, ins, 0.6) == pytest.approx(0.0, abs=1e-9)
     assert ctverdict.ct_number_error(img + 3.0, ins, 0.6) == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_myevaluation_qa_every_size_and_one_summary_line_each(tmp_path, capsys):
+    """--qa on a --qa-diameter A B folder evaluates both sizes (reports in OUT/dNNNmm) and ends
+    with the quotable summary line of each size (issue 24)."""
+    qa = tmp_path / "qa"
+    ctphantom.make_qa(qa, diameters=(150, 200), pixel_mm=2.0, doses=(1.0, 0.25),
+                      realisations=4)
+    run = make_run(tmp_path / "run", base=4, depth=3)
+    assert E.main(["--qa", str(qa), "--run", str(run), "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("Summary:"):]
+    for d in (150, 200):
+        report = json.loads((tmp_path / "ev" / f"d{d}mm" / "qa.json").read_text())
+        assert report["body_diameter_mm"] == d and set(report["verdict"]) == {"all", "mita"}
+        assert f"{d} mm body" in report["verdict"]["all"]["summary"]
+        assert report["verdict"]["all"]["summary"] in summary
