@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli
+from conftest import assert_one_error_line, cli
 from test_protocols import REFERENCES
 
 import ctio
@@ -446,3 +446,74 @@ def test_roi_rule_on_real_full_dose(real_data):
             assert -100 <= roi.mean() <= 150 and roi.min() > -500
             found += 1
     assert found >= 10
+
+
+# --- Arguments checked before any work (issue 26 items 2 and 9) ---------------------------------
+def _snapshot(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_nps_sim_refusals_before_any_work(tiny_run, tmp_path):
+    """--nps-sim: an --out inside the input, an unwritable --out, --seed -1 and a --weights file
+    that is not weights are each one error line with exit 2, and the input stays as it was."""
+    import Mysimulate
+
+    demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=1, size=96)
+    fd_dir = next(demo.glob("DEMO*/full_*"))
+    before = _snapshot(demo)
+    bogus = tmp_path / "not_weights.h5"
+    bogus.write_bytes(b"not hdf5")
+    cases = [(["--out", fd_dir / "nps"], ("inside the input", fd_dir.resolve())),
+             (["--out", "/sys/ct_nps_test"], ("--out /sys/ct_nps_test", "cannot write")),
+             (["--out", tmp_path / "o", "--seed", "-1"], ("--seed -1",)),
+             (["--out", tmp_path / "o", "--weights", bogus], (bogus, "HDF5"))]
+    for args, needles in cases:
+        res = run_eval_cli("--nps-sim", fd_dir, "--run", tiny_run, *args)
+        assert_one_error_line(res, *needles, code=2)
+        assert _snapshot(demo) == before and not (tmp_path / "o").exists()
+
+
+def test_nps_sim_uses_weights(tiny_run, tmp_path, capsys):
+    """--nps-sim --weights FILE denoises with FILE (named in nps_sim.json)."""
+    import shutil
+
+    import ctrun
+    import Myevaluation
+    import Mysimulate
+
+    demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=1, size=128)
+    fd_dir = next(demo.glob("DEMO*/full_*"))
+    weights = tmp_path / "mine.weights.h5"
+    shutil.copy(ctrun.generator_weights(tiny_run, "best"), weights)
+    assert Myevaluation.main(["--nps-sim", str(fd_dir), "--run", str(tiny_run), "--weights",
+                              str(weights), "--out", str(tmp_path / "nps")]) == 0
+    report = json.loads((tmp_path / "nps" / "nps_sim.json").read_text())
+    assert report["weights"] == str(weights)
+
+
+def test_figure_and_zoom_refused_before_tables(denoised, tmp_path):
+    """--compare --figure: a folder, no --zoom, a box outside the image or an unwritable place
+    are refused with one line before any table is printed."""
+    import Myevaluation
+
+    _, out = denoised
+    if not (out / "metrics.json").is_file():
+        assert Myevaluation.main(["--pred", str(out)]) == 0
+    patient = next(iter(SIZES))
+    with open(out / "manifest.csv") as f:
+        slice_id = next(r["slice_id"] for r in csv.DictReader(f) if r["patient"] == patient)
+    png = tmp_path / "z.png"
+    h, w = SIZES[patient][0]
+    cases = [(["--figure", tmp_path, "--zoom", f"{patient}:{slice_id}:0:8:0:8"], ("a folder",)),
+             (["--figure", png], ("--figure needs --zoom",)),
+             (["--figure", png, "--zoom", f"{patient}:{slice_id}:0:8:0:{w + 1}"],
+              ("leaves the", f"{h}x{w}")),
+             (["--figure", "/sys/z.png", "--zoom", f"{patient}:{slice_id}:0:8:0:8"],
+              ("cannot write",)),
+             (["--zoom", f"{patient}:{slice_id}:0:8:0:8"], ("--zoom needs --figure",))]
+    before = _snapshot(out)
+    for args, needles in cases:
+        res = run_eval_cli("--compare", out, *args)
+        assert_one_error_line(res, *needles, code=2)
+        assert res.stdout == "" and not png.exists()
+    assert _snapshot(out) == before
