@@ -314,23 +314,31 @@ def _interval_note(report: dict) -> str:
     return ctmetrics.interval_note(report["n_slices"], report["n_patients"])
 
 
+def _rmse_unit(protocol: str) -> tuple[str, int]:
+    """RMSE column unit and digits: HU, or the scored image's units (DU-GAN's [0, 1])."""
+    p = ctmetrics.METRIC_PROTOCOLS[protocol]
+    return ("HU", 2) if p.rmse_hu else (f"[0, {p.scale:g}]", 4)
+
+
 def markdown_table(overall: dict, sigma: float, protocol: str = ctmetrics.DEFAULT_PROTOCOL) -> str:
     """Metric table of one protocol, with intervals, followed by the protocol line."""
-    lines = ["| method | PSNR (dB) | SSIM | RMSE (HU) |", "|---|---|---|---|"]
+    unit, digits = _rmse_unit(protocol)
+    lines = [f"| method | PSNR (dB) | SSIM | RMSE ({unit}) |", "|---|---|---|---|"]
     for method in METHODS:
         s = overall[method][protocol]
         lines.append(f"| {method_label(method, sigma)} | {_ci(s['psnr'], 2)} | "
-                     f"{_ci(s['ssim'], 4)} | {_ci(s['rmse'], 2)} |")
+                     f"{_ci(s['ssim'], 4)} | {_ci(s['rmse'], digits)} |")
     return "\n".join([*lines, "", ctmetrics.protocol_text(protocol)])
 
 
 def paired_table(tests: dict, protocol: str) -> str:
     """CNCL minus LDCT / Gaussian: mean difference [interval] and Wilcoxon p, per metric."""
-    lines = ["| paired | Δ PSNR (dB) | p | Δ SSIM | p | Δ RMSE (HU) | p |",
+    unit, rmse_digits = _rmse_unit(protocol)
+    lines = [f"| paired | Δ PSNR (dB) | p | Δ SSIM | p | Δ RMSE ({unit}) | p |",
              "|---|---|---|---|---|---|---|"]
     for a, b in ctmetrics.PAIRED:
         cells = []
-        for m, digits in (("psnr", 2), ("ssim", 4), ("rmse", 2)):
+        for m, digits in (("psnr", 2), ("ssim", 4), ("rmse", rmse_digits)):
             t = tests[f"{a}-{b}"][protocol][m]
             cells += [_ci({"mean": t["mean_diff"], "ci95": t["ci95"], "n": t["n"]}, digits),
                       "–" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"]

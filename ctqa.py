@@ -51,7 +51,8 @@ QA_PROTOCOL = (
     "Background structure: std of the realisation-mean image in uniform water with its "
     "remaining noise (noise variance / N) removed. "
     "NPS: noise = (X_k - mean_k X) * sqrt(N / (N - 1)), 32x32 ROIs (50 % overlap) in uniform "
-    "water away from inserts, plane removed, AAPM TG-233 NPS. "
+    "water away from inserts, plane removed, AAPM TG-233 NPS and mean frequency f_av (1-D radial "
+    "NPS, as cttexture.nps_summary). "
     "Dose equivalence: the FBP dose whose mean d' (over the 16 low-contrast inserts) equals "
     "CNCL's at 25 %, by linear interpolation of d' in log(dose) between ladder doses.")
 QA_LABELS = {"ldct": "FBP (LDCT input)", "gaussian": "Gaussian filter", "cncl": "CNCL",
