@@ -3,7 +3,7 @@
 Usage::
 
     python Myevaluation.py --pred OUT [--data PATH] [--layout ...] [--gaussian-sigma 0.7]
-                           [--protocol redcnn|dugan|corediff|full|all]
+                           [--protocol redcnn|dugan|corediff|skimage|full|all]
     python Myevaluation.py --compare OUT [OUT ...] [--protocol ...]
     python Myevaluation.py --nps-sim FD_PATH --run RUN [--out DIR] [--dose 0.25]
     python Myevaluation.py --qa QA_DIR --run RUN [--out DIR]   # the Mysimulate.py --qa phantom
