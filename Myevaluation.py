@@ -16,13 +16,14 @@ reference, scores three methods against it:
                 sigma ``--gaussian-sigma`` pixels, reflect borders),
 * ``cncl``      the network output (the float32 HU ``pred_npy`` of the manifest, not the PNG).
 
-Metrics come from :func:`hu_metrics` (the project's single metric implementation; Mymodel
-imports it for validation) in every protocol of ``ctmetrics.METRIC_PROTOCOLS``. The noise texture
-(flat-ROI noise std and AAPM TG-233 NPS, :func:`find_flat_rois`, :func:`nps_2d`) is measured on
-the same ROIs for the three methods and the full dose. Writes ``OUT/metrics.csv`` (per slice and
-method), ``OUT/metrics.json`` (overall and per patient: means, sample std, bootstrap intervals,
-paired Wilcoxon tests, radial NPS curves) and ``OUT/nps/<patient>_nps.png``; prints one table per
-``--protocol``, each followed by its protocol line (``ctmetrics.protocol_text``).
+Metrics come from ``ctmetrics.hu_metrics`` (the project's single metric implementation; Mymodel
+imports it for validation) in every protocol of ``ctmetrics.METRIC_PROTOCOLS``; the CT-number
+bias per tissue band from ``ctmetrics.hu_bias``. The noise texture (flat-ROI noise std and AAPM
+TG-233 NPS, ``cttexture``) is measured on the same ROIs for the three methods and the full dose.
+Writes ``OUT/metrics.csv`` (per slice and method), ``OUT/metrics.json`` (overall and per patient:
+means, sample std, bootstrap intervals over patients, paired tests on per-patient means, bias,
+radial NPS curves) and ``OUT/nps/<patient>_nps.png``; prints one table per ``--protocol``, each
+followed by its protocol line (``ctmetrics.protocol_text``).
 
 References come from the manifest's ``fd_path``; with ``--data`` they are re-discovered there
 instead (matched by patient and slice id, as Mytest.py names them), e.g. when Mytest.py ran on
