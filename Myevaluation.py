@@ -3,7 +3,7 @@
 Usage::
 
     python Myevaluation.py --pred OUT [--data PATH] [--layout ...] [--gaussian-sigma 0.7]
-                           [--protocol redcnn|dugan|corediff|full|all]
+                           [--protocol redcnn|dugan|corediff|skimage|full|all]
     python Myevaluation.py --compare OUT [OUT ...] [--protocol ...]
     python Myevaluation.py --nps-sim FD_PATH --run RUN [--out DIR] [--dose 0.25]
     python Myevaluation.py --qa QA_DIR --run RUN [--out DIR]   # the Mysimulate.py --qa phantom
@@ -16,13 +16,14 @@ reference, scores three methods against it:
                 sigma ``--gaussian-sigma`` pixels, reflect borders),
 * ``cncl``      the network output (the float32 HU ``pred_npy`` of the manifest, not the PNG).
 
-Metrics come from :func:`hu_metrics` (the project's single metric implementation; Mymodel
-imports it for validation) in every protocol of ``ctmetrics.METRIC_PROTOCOLS``. The noise texture
-(flat-ROI noise std and AAPM TG-233 NPS, :func:`find_flat_rois`, :func:`nps_2d`) is measured on
-the same ROIs for the three methods and the full dose. Writes ``OUT/metrics.csv`` (per slice and
-method), ``OUT/metrics.json`` (overall and per patient: means, sample std, bootstrap intervals,
-paired Wilcoxon tests, radial NPS curves) and ``OUT/nps/<patient>_nps.png``; prints one table per
-``--protocol``, each followed by its protocol line (``ctmetrics.protocol_text``).
+Metrics come from ``ctmetrics.hu_metrics`` (the project's single metric implementation; Mymodel
+imports it for validation) in every protocol of ``ctmetrics.METRIC_PROTOCOLS``; the CT-number
+bias per tissue band from ``ctmetrics.hu_bias``. The noise texture (flat-ROI noise std and AAPM
+TG-233 NPS, ``cttexture``) is measured on the same ROIs for the three methods and the full dose.
+Writes ``OUT/metrics.csv`` (per slice and method), ``OUT/metrics.json`` (overall and per patient:
+means, sample std, bootstrap intervals over patients, paired tests on per-patient means, bias,
+radial NPS curves) and ``OUT/nps/<patient>_nps.png``; prints one table per ``--protocol``, each
+followed by its protocol line (``ctmetrics.protocol_text``).
 
 References come from the manifest's ``fd_path``; with ``--data`` they are re-discovered there
 instead (matched by patient and slice id, as Mytest.py names them), e.g. when Mytest.py ran on
@@ -53,54 +54,16 @@ import numpy as np
 
 import ctio
 import ctmetrics
+import ctqa
 import ctrun
+import cttexture
 import ctverdict
-from ctmetrics import (
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
-    METRICS,
-    PAIRED,
-    PROTOCOLS,
-    metric_stats,
-    paired_tests,
-    slice_metrics,
-)
-from ctqa import (
-    QA_PROTOCOL,
-    QA_REFERENCE_DOSE,
-    QA_WINDOW,
-    dose_equivalent,
-    json_num,
-    json_ttf,
-    per_insert_equivalence,
-    plot_qa,
-    qa_measure,
-    qa_tables,
-    qa_ttf,
-    qa_uniform_mask,
-    read_qa_series,
-    read_qa_truth,
-    series_of,
-    ttf_inserts,
-)
-from cttexture import (
-    NOISE_FIELDS,
-    NOISE_PROTOCOL,
-    ROI_SIZE,
-    NoiseAccumulator,
-    cut_rois,
-    noise_rois,
-    nps_power,
-    pixel_spacing_mm,
-    plot_radial_nps,
-    slice_noise,
-)
 
 METHODS = ("ldct", "gaussian", "cncl")  # scored against the full-dose reference
 NOISE_METHODS = (*METHODS, "fd")  # noise texture is measured on the reference too
 CSV_FIELDS = ("patient", "slice_id", "method",
-              *(f"{m}_{p}" for p in PROTOCOLS for m in METRICS), *NOISE_FIELDS)
+              *(f"{m}_{p}" for p in ctmetrics.PROTOCOLS for m in ctmetrics.METRICS),
+              *ctmetrics.BIAS_FIELDS, *cttexture.NOISE_FIELDS)
 _POSITION_TOL_MM = 0.01
 
 
@@ -228,7 +191,7 @@ def _load_group(rows: list[dict], out: Path, sigma: float):
         lds.append(ld)
         preds.append(pred)
         refs.append(ref)
-        spacings.append(pixel_spacing_mm(header))
+        spacings.append(cttexture.pixel_spacing_mm(header))
     ld = np.stack(lds)
     gauss = np.stack([gaussian_baseline(x, sigma) for x in lds])
     return ld, gauss, np.stack(preds), np.stack(refs), spacings
@@ -246,29 +209,31 @@ def _pred_shape(path: Path) -> tuple:
 
 
 def _score_group(group: list[dict], out: Path, sigma: float,
-                 noise: NoiseAccumulator) -> list[dict]:
+                 noise: cttexture.NoiseAccumulator) -> list[dict]:
     """Result rows (metrics and noise figures) of one batch of same-size slices."""
     ld, gauss, pred, ref, spacings = _load_group(group, out, sigma)
     n = len(group)
-    scores = slice_metrics(np.concatenate([ld, gauss, pred]), np.concatenate([ref] * 3))
+    scores = ctmetrics.slice_metrics(np.concatenate([ld, gauss, pred]), np.concatenate([ref] * 3))
     results = []
     for i, row in enumerate(group):
         images = {"ldct": ld[i], "gaussian": gauss[i], "cncl": pred[i], "fd": ref[i]}
-        figures, powers, n_rois = slice_noise(images, ref[i], spacings[i])
+        figures, powers, n_rois = cttexture.slice_noise(images, ref[i], spacings[i])
         for method, power in powers.items():
             noise.add(row["patient"], method, power, n_rois, spacings[i])
         for k, method in enumerate(NOISE_METHODS):
             res = {"patient": row["patient"], "slice_id": row["slice_id"], "method": method,
                    **figures[method]}
-            for r in PROTOCOLS:
-                for m in METRICS:
+            for r in ctmetrics.PROTOCOLS:
+                for m in ctmetrics.METRICS:
                     res[f"{m}_{r}"] = float(scores[r][m][k * n + i]) if k < 3 else None
+            res.update(ctmetrics.hu_bias(images[method], ref[i]) if k < 3
+                       else dict.fromkeys(ctmetrics.BIAS_FIELDS))
             results.append(res)
     return results
 
 
 def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8,
-             noise: Optional[NoiseAccumulator] = None) -> list[dict]:
+             noise: Optional[cttexture.NoiseAccumulator] = None) -> list[dict]:
     """Score every row (all must have ``fd_path``); batches group consecutive same-size slices,
     so memory holds one batch. Prints progress and slices/s.
 
@@ -279,7 +244,7 @@ def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8,
 
     import ctdose
 
-    noise = NoiseAccumulator(NOISE_METHODS) if noise is None else noise
+    noise = cttexture.NoiseAccumulator(NOISE_METHODS) if noise is None else noise
     results: list[dict] = []
     group: list[dict] = []
     shape = None
@@ -316,16 +281,20 @@ def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8,
 
 
 def summarize(results: list[dict]) -> dict:
-    """{method: {protocol: {metric: stats}, "noise": {field: stats}}} over ``results``."""
+    """{method: {protocol: {metric: stats}, "bias": {band: stats}, "noise": {field: stats}}}
+    over ``results``."""
     out = {}
     for method in NOISE_METHODS:
         sel = [d for d in results if d["method"] == method]
         pats = [d["patient"] for d in sel]
-        out[method] = {"noise": {f: metric_stats([d[f] for d in sel], pats)
-                                 for f in NOISE_FIELDS[1:]}}
+        out[method] = {"noise": {f: ctmetrics.metric_stats([d[f] for d in sel], pats)
+                                 for f in cttexture.NOISE_FIELDS[1:]}}
         if method in METHODS:
-            out[method].update({r: {m: metric_stats([d[f"{m}_{r}"] for d in sel], pats)
-                                    for m in METRICS} for r in PROTOCOLS})
+            stats = ctmetrics.metric_stats
+            out[method].update({r: {m: stats([d[f"{m}_{r}"] for d in sel], pats)
+                                    for m in ctmetrics.METRICS} for r in ctmetrics.PROTOCOLS})
+            out[method]["bias"] = {f[5:]: stats([d[f] for d in sel], pats)
+                                   for f in ctmetrics.BIAS_FIELDS}
     return out
 
 
@@ -344,35 +313,52 @@ def _ci(stats: dict, digits: int) -> str:
 
 
 def _interval_note(report: dict) -> str:
-    unit = "patients" if report["n_patients"] > 1 else "slices (one patient)"
-    return (f"n = {report['n_slices']} slices, {report['n_patients']} patient(s); mean over "
-            f"slices [{CONFIDENCE:.0%} bootstrap interval, {BOOTSTRAP_RESAMPLES} resamples of "
-            f"{unit}]")
+    return ctmetrics.interval_note(report["n_slices"], report["n_patients"])
+
+
+def _rmse_unit(protocol: str) -> tuple[str, int]:
+    """RMSE column unit and digits: HU, or the scored image's units (DU-GAN's [0, 1])."""
+    p = ctmetrics.METRIC_PROTOCOLS[protocol]
+    return ("HU", 2) if p.rmse_hu else (f"[0, {p.scale:g}]", 4)
 
 
 def markdown_table(overall: dict, sigma: float, protocol: str = ctmetrics.DEFAULT_PROTOCOL) -> str:
     """Metric table of one protocol, with intervals, followed by the protocol line."""
-    lines = ["| method | PSNR (dB) | SSIM | RMSE (HU) |", "|---|---|---|---|"]
+    unit, digits = _rmse_unit(protocol)
+    lines = [f"| method | PSNR (dB) | SSIM | RMSE ({unit}) |", "|---|---|---|---|"]
     for method in METHODS:
         s = overall[method][protocol]
         lines.append(f"| {method_label(method, sigma)} | {_ci(s['psnr'], 2)} | "
-                     f"{_ci(s['ssim'], 4)} | {_ci(s['rmse'], 2)} |")
+                     f"{_ci(s['ssim'], 4)} | {_ci(s['rmse'], digits)} |")
     return "\n".join([*lines, "", ctmetrics.protocol_text(protocol)])
 
 
 def paired_table(tests: dict, protocol: str) -> str:
     """CNCL minus LDCT / Gaussian: mean difference [interval] and Wilcoxon p, per metric."""
-    lines = ["| paired (per slice) | Δ PSNR (dB) | p | Δ SSIM | p | Δ RMSE (HU) | p |",
+    unit, rmse_digits = _rmse_unit(protocol)
+    lines = [f"| paired | Δ PSNR (dB) | p | Δ SSIM | p | Δ RMSE ({unit}) | p |",
              "|---|---|---|---|---|---|---|"]
-    for a, b in PAIRED:
+    for a, b in ctmetrics.PAIRED:
         cells = []
-        for m, digits in (("psnr", 2), ("ssim", 4), ("rmse", 2)):
+        for m, digits in (("psnr", 2), ("ssim", 4), ("rmse", rmse_digits)):
             t = tests[f"{a}-{b}"][protocol][m]
             cells += [_ci({"mean": t["mean_diff"], "ci95": t["ci95"], "n": t["n"]}, digits),
-                      "" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"]
+                      "–" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"]
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", "paired Wilcoxon signed-rank test over slices (two-sided, "
-                      "scipy.stats.wilcoxon); Δ = first minus second method"])
+    return "\n".join([*lines, "", ctmetrics.PAIRED_TEXT + "; Δ = first minus second method, "
+                      "mean over slices [bootstrap interval over patients]"])
+
+
+def bias_table(overall: dict, sigma: float) -> str:
+    """CT-number accuracy: mean error (HU) per method, overall and per tissue band."""
+    bands = ("all", *ctmetrics.HU_BANDS)
+    lines = ["| method | " + " | ".join(f"bias {b} (HU)" for b in bands) + " |",
+             "|---|" + "---|" * len(bands)]
+    for method in METHODS:
+        s = overall[method]["bias"]
+        lines.append(f"| {method_label(method, sigma)} | "
+                     + " | ".join(_ci(s[b], 2) for b in bands) + " |")
+    return "\n".join([*lines, "", ctmetrics.BIAS_TEXT])
 
 
 def noise_table(overall: dict, sigma: float, unit: str) -> str:
@@ -390,7 +376,7 @@ def noise_table(overall: dict, sigma: float, unit: str) -> str:
         lines.append(f"| {method_label(method, sigma)} | {_ci(s['noise_std'], 1)} | "
                      f"{ratio(s, 'noise_std')} | {_ci(s['nps_peak'], 3)} | "
                      f"{_ci(s['nps_mean_freq'], 3)} | {ratio(s, 'nps_mean_freq')} |")
-    return "\n".join([*lines, "", NOISE_PROTOCOL])
+    return "\n".join([*lines, "", cttexture.NOISE_PROTOCOL])
 
 
 
@@ -513,16 +499,42 @@ def zoom_figure(outs: list[Path], patient: str, slice_id: str, box: tuple[int, i
 # --- Noise-only NPS with the simulator (--nps-sim) ----------------------------------------------
 
 
+def check_out_dir(out: Path, inputs: list[Path], flag: str = "--out") -> Path:
+    """The resolved output folder ``out``, refused (CTDataError) when it is a file, lies inside
+    one of ``inputs`` (outputs never go into input data) or cannot be created / written: a
+    temporary folder is made and removed in its nearest existing ancestor (no other trace)."""
+    import tempfile
+
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ctio.CTDataError(f"{flag} {out}: exists and is not a folder")
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or src in out.parents:
+            raise ctio.CTDataError(f"{flag} {out} is inside the input {src}; outputs are never "
+                                   "written into the input data")
+    base = next(p for p in (out, *out.parents) if p.exists())
+    if not base.is_dir():
+        raise ctio.CTDataError(f"{flag} {out}: {base} is not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=base).cleanup()
+    except OSError as e:
+        raise ctio.CTDataError(f"{flag} {out}: cannot write in {base} ({e.strerror})") from None
+    return out
+
+
 def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Optional[str] = None,
             dose: float = 0.25, seed: int = 0, max_slices: Optional[int] = None,
-            batch: int = 4) -> dict:
+            batch: int = 4, weights: Optional[str] = None) -> dict:
     """Noise-only NPS: per full-dose slice two independent simulated low-dose realisations
     (ctdose.simulate_pair_from_fd, seeds (seed, slice, 1) and (seed, slice, 2)), both
-    denoised by the run's generator (Mytest's loader and Denoiser); the NPS of
-    (D(LD1) - D(LD2)) / sqrt(2) over body ROIs, beside (LD1 - LD2) / sqrt(2) for the input.
+    denoised by the run's generator (Mytest's loader and Denoiser; ``weights`` default RUN's
+    generator_best); the NPS of (D(LD1) - D(LD2)) / sqrt(2) over body ROIs (the largest of
+    ``cttexture.NPS_SIM_ROI_SIZES`` that fits the first slice), beside (LD1 - LD2) / sqrt(2)
+    for the input.
 
-    Writes OUT/nps_sim.json and OUT/nps_sim.png (OUT defaults to RUN/nps_sim); returns the
-    report."""
+    Everything is checked before any work. Writes OUT/nps_sim.json and OUT/nps_sim.png (OUT
+    defaults to RUN/nps_sim); returns the report."""
     import time
 
     import ctdose
@@ -532,47 +544,50 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     records = [r for r in ds.records if r.fd_path][:max_slices]
     if not records:
         raise ctio.CTDataError(f"{fd_path}: no full-dose slices found")
-    run_dir, model, weights = Mytest.resolve_run(run)
-    out_dir = Path(out) if out else run_dir / "nps_sim"
+    run_dir, model, weights = Mytest.resolve_run(run, weights)
+    out_dir = check_out_dir(Path(out) if out else run_dir / "nps_sim", [Path(fd_path)])
     denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
-    acc = NoiseAccumulator(("ldct", "cncl"))
+    acc = cttexture.NoiseAccumulator(("ldct", "cncl"))
     progress = ctdose.Progress(len(records), "nps-sim")
-    start = time.time()
+    start, size = time.time(), None
     for i, rec in enumerate(records):
         fd, header = ctio.read_slice(rec.fd_path)
         px = ctdose.pixel_size_mm(header, fd.shape, None)
         lds = [ctdose.simulate_pair_from_fd(fd, dose, px, (seed, i, k)) for k in (1, 2)]
         dens = denoise(lds)
-        corners = noise_rois(fd, fd)
+        size = size or cttexture.noise_roi_size(fd)
+        corners = cttexture.noise_rois(fd, size)
         if corners:
-            spacing = pixel_spacing_mm(header)
+            spacing = cttexture.pixel_spacing_mm(header)
             for method, (a, b) in (("ldct", lds), ("cncl", dens)):
                 diff = (np.asarray(a, np.float64) - b) / math.sqrt(2.0)
-                acc.add("all", method, nps_power(cut_rois(diff, corners)), len(corners), spacing)
+                power = cttexture.nps_power(cttexture.cut_rois(diff, corners, size))
+                acc.add("all", method, power, len(corners), spacing)
         progress.update(i + 1)
     elapsed = time.time() - start
     print(f"nps-sim: {len(records)} slices in {elapsed:.1f} s "
           f"({len(records) / max(elapsed, 1e-9):.2f} slices/s)")
     if not acc.count:
-        raise ctio.CTDataError(f"{fd_path}: no {ROI_SIZE}x{ROI_SIZE} ROI fits inside the body")
+        raise ctio.CTDataError(f"{fd_path}: no {size}x{size} ROI fits inside the body")
     curves = acc.curves("all")
     report = {"fd_path": str(Path(fd_path).resolve()), "run": str(run_dir.resolve()),
               "weights": str(weights), "dose": dose, "seed": seed, "n_slices": len(records),
-              "roi_size": ROI_SIZE, "definition": NPS_SIM_PROTOCOL, **curves}
+              "roi_size": size, "definition": nps_sim_protocol(size), **curves}
     out_dir.mkdir(parents=True, exist_ok=True)
     with ctio.atomic_path(out_dir / "nps_sim.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    plot_radial_nps(out_dir / "nps_sim.png", curves, f"noise-only NPS, dose {dose:g}",
+    cttexture.plot_radial_nps(out_dir / "nps_sim.png", curves, f"noise-only NPS, dose {dose:g}",
                     {m: method_label(m, 0.0) for m in ("ldct", "cncl")})
     return report
 
 
-NPS_SIM_PROTOCOL = (
-    "noise-only NPS: two independent simulated low-dose realisations per full-dose slice; "
-    "noise = (X1 - X2) / sqrt(2) for the input (ldct) and for the denoised pair (cncl); "
-    f"{ROI_SIZE}x{ROI_SIZE} ROIs (50 % overlap) wholly inside the body (FD > -500 HU, eroded); "
-    "plane removed; "
-    "NPS = dx dy / (Nx Ny) <|DFT|^2> (AAPM TG-233)")
+def nps_sim_protocol(size: int) -> str:
+    return ("noise-only NPS: two independent simulated low-dose realisations per full-dose "
+            "slice; noise = (X1 - X2) / sqrt(2) for the input (ldct) and for the denoised pair "
+            f"(cncl); {size}x{size} ROIs (the largest of "
+            f"{', '.join(map(str, cttexture.NPS_SIM_ROI_SIZES))} with >= "
+            f"{cttexture.NPS_SIM_MIN_ROIS} ROIs; 50 % overlap) wholly inside the body (FD > "
+            f"-500 HU, eroded); {cttexture.TG233_TEXT}")
 
 
 def nps_sim_table(report: dict) -> str:
@@ -583,7 +598,7 @@ def nps_sim_table(report: dict) -> str:
         s = report[method]
         lines.append(f"| {label} | {s['noise_std']:.2f} | {s['nps_peak']:.3f} | "
                      f"{s['nps_mean_freq']:.3f} | {s['n_rois']} |")
-    return "\n".join([*lines, "", NPS_SIM_PROTOCOL])
+    return "\n".join([*lines, "", report["definition"]])
 
 
 # --- Image-quality QA phantom (--qa) ------------------------------------------------------------
@@ -642,27 +657,27 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
     import Mytest
 
     qa_dir = Path(qa_dir)
-    truth = read_qa_truth(qa_dir)
+    truth = ctqa.read_qa_truth(qa_dir)
     run_dir, model, weights = Mytest.resolve_run(run, weights)
     out_dir = Path(out) if out else qa_dir / f"eval_{run_dir.name}"
     denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
     px = truth["pixel_mm"]
     start = time.time()
-    fd = read_qa_series(qa_dir, truth, "full")
-    mask = qa_uniform_mask(truth, fd[0])
-    fd_ttf = {ins["name"]: qa_ttf(fd[0], ins, px) for ins in ttf_inserts(truth)}
+    fd = ctqa.read_qa_series(qa_dir, truth, "full")
+    mask = ctqa.qa_uniform_mask(truth, fd[0])
+    fd_ttf = {ins["name"]: ctqa.qa_ttf(fd[0], ins, px) for ins in ctqa.ttf_inserts(truth)}
     results: dict = {}
     n_images = 0
-    ref = min(truth["doses"], key=lambda d: abs(d - QA_REFERENCE_DOSE))
+    ref = min(truth["doses"], key=lambda d: abs(d - ctqa.QA_REFERENCE_DOSE))
     examples = {"fd": fd[0]}
     for dose in truth["doses"]:
-        name = series_of(truth, dose)
-        ld = read_qa_series(qa_dir, truth, name)
+        name = ctqa.series_of(truth, dose)
+        ld = ctqa.read_qa_series(qa_dir, truth, name)
         cncl = np.stack([y for i in range(0, len(ld), batch)
                          for y in denoise(list(ld[i:i + batch]))])
         methods = {"ldct": ld, "gaussian": np.stack([gaussian_baseline(x, sigma) for x in ld]),
                    "cncl": cncl}
-        results[name] = {m: qa_measure(imgs, truth, mask) for m, imgs in methods.items()}
+        results[name] = {m: ctqa.qa_measure(imgs, truth, mask) for m, imgs in methods.items()}
         if dose == ref:
             examples.update({m: imgs[0] for m, imgs in methods.items()})
         n_images += len(ld)
@@ -670,22 +685,22 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
               f"({time.time() - start:.0f} s)", flush=True)
     elapsed = time.time() - start
     doses = list(truth["doses"])
-    names = [series_of(truth, d) for d in doses]
+    names = [ctqa.series_of(truth, d) for d in doses]
     equivalence = None
-    if QA_REFERENCE_DOSE in doses and len(doses) > 1:
-        target = results[series_of(truth, QA_REFERENCE_DOSE)]["cncl"]["mean_dprime"]
-        dose, note = dose_equivalent(doses, [results[n]["ldct"]["mean_dprime"] for n in names],
+    if ctqa.QA_REFERENCE_DOSE in doses and len(doses) > 1:
+        target = results[ctqa.series_of(truth, ctqa.QA_REFERENCE_DOSE)]["cncl"]["mean_dprime"]
+        dose, note = ctqa.dose_equivalent(doses, [results[n]["ldct"]["mean_dprime"] for n in names],
                                      target)
-        equivalence = {"cncl_dose": QA_REFERENCE_DOSE, "cncl_mean_dprime": target,
+        equivalence = {"cncl_dose": ctqa.QA_REFERENCE_DOSE, "cncl_mean_dprime": target,
                        "fbp_equivalent_dose": dose, "note": note,
-                       **per_insert_equivalence(results, names, doses)}
+                       **ctqa.per_insert_equivalence(results, names, doses)}
     report = {
         "qa_dir": str(qa_dir.resolve()), "run": str(run_dir.resolve()),
-        "weights": str(weights), "gaussian_sigma": sigma, "protocol": QA_PROTOCOL,
+        "weights": str(weights), "gaussian_sigma": sigma, "protocol": ctqa.QA_PROTOCOL,
         "pixel_mm": px, "doses": doses, "realisations": truth.get("realisations"),
         "full_dose": truth.get("full_dose"), "seconds": round(elapsed, 1),
         "images_per_s": round(n_images / max(elapsed, 1e-9), 3),
-        "full_dose_ttf": {k: json_ttf(v) for k, v in fd_ttf.items()},
+        "full_dose_ttf": {k: ctqa.json_ttf(v) for k, v in fd_ttf.items()},
         "full_dose_structure": float(np.std(fd[0][mask])),
         "dose_equivalence": equivalence,
         "body_diameter_mm": truth["body"]["diameter_mm"],
@@ -694,18 +709,18 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
         "per_dose": {n: {m: {"noise": r["noise"], "mean_dprime": r["mean_dprime"],
                              "mean_auc": r["mean_auc"], "detect": r["detect"],
                              "mean_cho_dprime": r["mean_cho_dprime"],
-                             "ttf": {k: json_ttf(v) for k, v in r["ttf"].items()}}
+                             "ttf": {k: ctqa.json_ttf(v) for k, v in r["ttf"].items()}}
                          for m, r in results[n].items()} for n in names},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with ctio.atomic_path(out_dir / "qa.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=json_num) + "\n")
-    text = qa_tables(report) + "\n" + ctverdict.verdict_tables(report)
+        tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=ctqa.json_num) + "\n")
+    text = ctqa.qa_tables(report) + "\n" + ctverdict.verdict_tables(report)
     with ctio.atomic_path(out_dir / "qa.md") as tmp:
         tmp.write_text(text + "\n")
-    plot_qa(out_dir, report)
+    ctqa.plot_qa(out_dir, report)
     strip = np.concatenate([examples[m] for m in ("fd", "ldct", "cncl")], axis=1)
-    ctio.write_png(out_dir / "phantom.png", ctio.window_to_uint8(strip, QA_WINDOW))
+    ctio.write_png(out_dir / "phantom.png", ctio.window_to_uint8(strip, ctqa.QA_WINDOW))
     report["out"] = str(out_dir)
     report["text"] = text
     return report
@@ -737,7 +752,7 @@ def qa_sizes(args: argparse.Namespace, sigma: float) -> int:
     folders = ([qa / k for k in ctio.read_json(sizes, f"{sizes}: unreadable")["sizes"]]
                if sizes.is_file() else [qa])
     for folder in folders:  # every folder checked before the first is denoised
-        read_qa_truth(folder)
+        ctqa.read_qa_truth(folder)
     summaries = []
     for folder in folders:
         out = (Path(args.out) / folder.name if args.out and folder != qa else args.out)
@@ -780,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "equivalence verdict (writes qa.json, qa.md, PNGs to --out, default "
                     "QA_DIR/eval_<run name>; a folder of several sizes: every size, reports in "
                     "OUT/dNNNmm)")
-    ap.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default=ctmetrics.DEFAULT_PROTOCOL,
+    ap.add_argument("--protocol", choices=(*ctmetrics.PROTOCOLS, "all"),
+                    default=ctmetrics.DEFAULT_PROTOCOL,
                     help="metric convention of the printed tables (all are always stored)")
     ap.add_argument("--data", default=None, metavar="PATH",
                     help="dataset folder to take the full-dose references from instead of the "
@@ -794,13 +810,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--nps-sim, --qa: training run folder (default: the latest under "
                     "runs/)")
     ap.add_argument("--weights", default=None, metavar="FILE",
-                    help="--qa: generator weights (default: RUN's generator_best, else "
-                    "generator_latest)")
+                    help="--nps-sim, --qa: generator weights (default: RUN's generator_best, "
+                    "else generator_latest)")
     ap.add_argument("--out", default=None, metavar="DIR",
-                    help="--nps-sim: output folder (default: RUN/nps_sim); --qa: (default "
+                    help="--nps-sim: output folder, not inside FD_PATH (default: "
+                    "RUN/nps_sim); --qa: (default "
                     "QA_DIR/eval_<run name>)")
     ap.add_argument("--dose", type=float, default=0.25, help="--nps-sim: simulated dose fraction")
-    ap.add_argument("--seed", type=int, default=0, help="--nps-sim: noise seed")
+    ap.add_argument("--seed", type=int, default=0, help="--nps-sim: noise seed (>= 0)")
     ap.add_argument("--max-slices", type=int, default=None, metavar="N",
                     help="--nps-sim: use the first N slices only (default: all)")
     return ap
@@ -808,11 +825,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_tables(report: dict, protocol: str) -> None:
     sigma = report["gaussian_sigma"]
-    for name in PROTOCOLS if protocol == "all" else (protocol,):
+    for name in ctmetrics.PROTOCOLS if protocol == "all" else (protocol,):
         print(markdown_table(report["overall"], sigma, name))
         print()
         print(paired_table(report["paired"], name))
         print()
+    print(bias_table(report["overall"], sigma))
+    print()
     print(noise_table(report["overall"], sigma, report["noise"]["unit"]))
     print()
     print(_interval_note(report))
@@ -827,20 +846,27 @@ def main(argv=None) -> int:
     if args.batch < 1:
         raise ctio.CTDataError(f"--batch {args.batch}: need at least 1")
     if args.compare:
-        for name in PROTOCOLS if args.protocol == "all" else (args.protocol,):
+        zoom = check_zoom_figure(args)  # before any table is printed
+        for name in ctmetrics.PROTOCOLS if args.protocol == "all" else (args.protocol,):
             print(compare([Path(o) for o in args.compare], name))
             print()
             print(ctmetrics.protocol_text(name))
-        if args.figure:
-            write_zoom_figure(args)
+        if zoom:
+            ctio.write_png(args.figure, zoom_figure([Path(o) for o in args.compare], *zoom))
+            print(f"figure: {args.figure}")
         return 0
+    if args.figure or args.zoom:
+        raise ctio.CTDataError("--figure / --zoom go with --compare OUT [OUT ...]")
     if args.nps_sim:
         if not (math.isfinite(args.dose) and 0 < args.dose <= 1):
             raise ctio.CTDataError(f"--dose {args.dose:g}: need 0 < dose <= 1")
         if args.max_slices is not None and args.max_slices < 1:
             raise ctio.CTDataError(f"--max-slices {args.max_slices}: need at least 1")
+        if args.seed < 0:
+            raise ctio.CTDataError(f"--seed {args.seed}: need a non-negative integer")
         report = nps_sim(args.nps_sim, args.run, args.out, layout=args.layout, dose=args.dose,
-                         seed=args.seed, max_slices=args.max_slices, batch=args.batch)
+                         seed=args.seed, max_slices=args.max_slices, batch=args.batch,
+                         weights=args.weights)
         print(nps_sim_table(report))
         return 0
     if args.qa:
@@ -851,19 +877,40 @@ def main(argv=None) -> int:
     return score(args)
 
 
-def write_zoom_figure(args: argparse.Namespace) -> None:
-    """--compare --figure PNG --zoom PATIENT:SLICE:Y0:Y1:X0:X1."""
-    parts = (args.zoom or "").split(":")
+def check_zoom_figure(args: argparse.Namespace) -> Optional[tuple]:
+    """--compare's --figure PNG --zoom PATIENT:SLICE:Y0:Y1:X0:X1, checked before any work:
+    (patient, slice_id, box) or None without --figure. The PNG must not be a folder and its
+    folder must be writable; the slice must be in every folder's manifest and the box inside
+    its image."""
+    if args.figure is None:
+        if args.zoom is not None:
+            raise ctio.CTDataError("--zoom needs --figure PNG")
+        return None
+    figure = Path(args.figure)
+    if figure.is_dir():
+        raise ctio.CTDataError(f"--figure {figure}: is a folder; give a PNG file name")
+    check_out_dir(figure.resolve().parent, [], "--figure")
+    if args.zoom is None:
+        raise ctio.CTDataError("--figure needs --zoom PATIENT:SLICE:Y0:Y1:X0:X1")
+    parts = args.zoom.split(":")
     try:
         patient, slice_id, box = parts[0], parts[1], tuple(int(v) for v in parts[2:])
         if len(box) != 4 or not (0 <= box[0] < box[1] and 0 <= box[2] < box[3]):
             raise ValueError
     except (ValueError, IndexError):
         raise ctio.CTDataError(f"--zoom {args.zoom!r}: want PATIENT:SLICE:Y0:Y1:X0:X1 with "
-                               "Y0 < Y1 and X0 < X1") from None
-    image = zoom_figure([Path(o) for o in args.compare], patient, slice_id, box)
-    ctio.write_png(args.figure, image)
-    print(f"figure: {args.figure}")
+                               "0 <= Y0 < Y1 and 0 <= X0 < X1") from None
+    for out in map(Path, args.compare):
+        rows = {(r["patient"], r["slice_id"]): r for r in read_manifest(out)}
+        row = rows.get((patient, slice_id))
+        if row is None:
+            raise ctio.CTDataError(f"{out}: no slice {patient}:{slice_id} in its manifest")
+        h, w = _pred_shape(out / row["pred_npy"])
+        if box[1] > h or box[3] > w:
+            raise ctio.CTDataError(f"--zoom {args.zoom}: the box {box[0]}:{box[1]} x "
+                                   f"{box[2]}:{box[3]} leaves the {h}x{w} image of "
+                                   f"{patient}:{slice_id}")
+    return patient, slice_id, box
 
 
 def score(args: argparse.Namespace) -> int:
@@ -882,7 +929,7 @@ def score(args: argparse.Namespace) -> int:
                 "the data is low-dose only; pass --data with the full-dose references")
         raise ctio.CTDataError(f"{out / 'manifest.csv'}: no slice has a full-dose reference "
                                f"({hint})")
-    noise = NoiseAccumulator(NOISE_METHODS)
+    noise = cttexture.NoiseAccumulator(NOISE_METHODS)
     results = evaluate(scored, out, sigma, args.batch, noise)
 
     patients = sorted({r["patient"] for r in scored})
@@ -890,14 +937,15 @@ def score(args: argparse.Namespace) -> int:
     units = {c["unit"] for c in curves.values()}
     report = {
         "protocol": ctmetrics.PROTOCOL,
-        "protocols": {n: ctmetrics.protocol_text(n) for n in PROTOCOLS},
-        "noise_protocol": NOISE_PROTOCOL,
+        "protocols": {n: ctmetrics.protocol_text(n) for n in ctmetrics.PROTOCOLS},
+        "noise_protocol": cttexture.NOISE_PROTOCOL,
         "gaussian_sigma": sigma,
         "gaussian_filter": "scipy.ndimage.gaussian_filter(mode='reflect', truncate=4.0) of LD HU",
         "std": "sample standard deviation over slices (ddof=1)",
-        "ci95": f"{CONFIDENCE:.0%} percentile bootstrap of the mean over slices, resampling "
-                f"patients (slices when one patient), {BOOTSTRAP_RESAMPLES} resamples, seed "
-                f"{BOOTSTRAP_SEED}",
+        "ci95": f"percentile bootstrap (seed {ctmetrics.BOOTSTRAP_SEED}): "
+                + ctmetrics.interval_note(len(scored), len(patients)),
+        "paired_test": ctmetrics.PAIRED_TEXT,
+        "bias_protocol": ctmetrics.BIAS_TEXT,
         "n_slices": len(scored),
         "n_patients": len(patients),
         "n_without_reference": len(rows) - len(scored),
@@ -905,7 +953,7 @@ def score(args: argparse.Namespace) -> int:
         "weights": sorted({r.get("weights", "") for r in scored if r.get("weights")}),
         "references": str(Path(data).resolve()) if data else "manifest fd_path",
         "overall": summarize(results),
-        "paired": paired_tests(results),
+        "paired": ctmetrics.paired_tests(results),
         "noise": {"unit": units.pop() if len(units) == 1 else "mixed (see per patient)",
                   "per_patient": curves},
         "per_patient": {
@@ -916,7 +964,7 @@ def score(args: argparse.Namespace) -> int:
     write_outputs(out, results, report)
     for p in patients:
         if any(m in curves[p] for m in NOISE_METHODS):
-            plot_radial_nps(out / "nps" / f"{p}_nps.png", curves[p], f"radial NPS, {p}",
+            cttexture.plot_radial_nps(out / "nps" / f"{p}_nps.png", curves[p], f"radial NPS, {p}",
                             {m: method_label(m, sigma) for m in NOISE_METHODS})
 
     _print_tables(report, args.protocol)

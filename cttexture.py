@@ -22,6 +22,10 @@ ROI_HU = (-100.0, 150.0)  # full-dose mean of a soft-tissue ROI
 ROI_FLAT_SIGMA_PX = 4.0  # "large scale": the full dose smoothed by this Gaussian ...
 ROI_FLAT_HU = 8.0  # ... departs from its fitted plane by at most this std (HU) inside the ROI
 NOISE_FIELDS = ("n_rois", "noise_std", "nps_peak", "nps_mean_freq")
+# Noise-only images (Myevaluation.py --nps-sim) have no anatomy: the largest ROI that fits
+# (at least NPS_SIM_MIN_ROIS per slice) keeps the detrending bias small (README, "Noise texture").
+NPS_SIM_ROI_SIZES = (128, 64, 32)
+NPS_SIM_MIN_ROIS = 4
 
 
 def pixel_spacing_mm(header) -> Optional[float]:
@@ -94,8 +98,9 @@ def nps_frequencies(shape: tuple[int, int], pixel_mm: Optional[float]):
 
 
 def radial_nps(nps: np.ndarray, pixel_mm: Optional[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Radially averaged NPS: (frequency, mean NPS) in annuli one frequency step wide, from 0 to
-    the Nyquist frequency (square ROIs)."""
+    """Radially averaged NPS (TG-233's 1-D NPS): (frequency, mean NPS) over rings one frequency
+    step (1/N) wide, each pixel of the 2-D NPS in the ring of its nearest multiple k/N, k = 0
+    .. N/2 (the Nyquist frequency; the corners beyond it are left out). Square ROIs."""
     fy, fx = nps_frequencies(nps.shape, pixel_mm)
     step = fx[1] - fx[0]
     radius = np.hypot(*np.meshgrid(fy, fx, indexing="ij"))
@@ -107,16 +112,22 @@ def radial_nps(nps: np.ndarray, pixel_mm: Optional[float]) -> tuple[np.ndarray, 
 
 
 def nps_summary(nps: np.ndarray, pixel_mm: Optional[float]) -> dict:
-    """Noise std (sqrt of the NPS integral), radial-NPS peak frequency and the NPS-weighted
-    mean spatial frequency of a 2-D NPS."""
+    """Noise std, radial-NPS peak frequency and the AAPM TG-233 mean frequency of a 2-D NPS.
+
+    * ``noise_std`` = sqrt of the integral of the 2-D NPS (the noise variance; TG-233).
+    * ``nps_peak``: the frequency of the maximum of the 1-D radial NPS (:func:`radial_nps`).
+    * ``nps_mean_freq``: TG-233's f_av = integral f NPS(f) df / integral NPS(f) df over the
+      1-D radially averaged NPS from 0 to the Nyquist frequency (Solomon et al., Med Phys 39
+      (2012) 6048, eq. 3): sums over :func:`radial_nps`'s rings (step 1/N, rectangle rule);
+      white noise gives 0.25 cycles/pixel.
+    """
     fy, fx = nps_frequencies(nps.shape, pixel_mm)
     area = (fx[1] - fx[0]) * (fy[1] - fy[0])
-    total = float(nps.sum())
-    radius = np.hypot(*np.meshgrid(fy, fx, indexing="ij"))
     freq, radial = radial_nps(nps, pixel_mm)
-    return {"noise_std": math.sqrt(total * area),
+    weight = float(radial.sum())
+    return {"noise_std": math.sqrt(max(float(nps.sum()) * area, 0.0)),
             "nps_peak": float(freq[int(np.argmax(radial))]),
-            "nps_mean_freq": float((radius * nps).sum() / total) if total > 0 else 0.0}
+            "nps_mean_freq": float((freq * radial).sum() / weight) if weight > 0 else 0.0}
 
 
 class NoiseAccumulator:
@@ -195,15 +206,21 @@ def plot_radial_nps(path: Path, curves: dict, title: str, labels: dict[str, str]
     plt.close(fig)
 
 
+TG233_TEXT = (
+    "per ROI its least-squares plane removed; NPS = dx dy / (Nx Ny) <|DFT|^2> (AAPM TG-233); "
+    "noise std = sqrt(integral of the NPS); 1-D radial NPS = the 2-D NPS averaged over rings "
+    "1/N wide at k/N, k = 0..N/2 (each frequency in its nearest ring), peak = its maximum, "
+    "mean frequency f_av = sum f NPS(f) / sum NPS(f) over those rings up to Nyquist (TG-233; "
+    "Solomon et al. 2012); bias of f_av from the DC ring and detrending: +7 % (32 px ROIs), "
+    "+4 % (64), +2 % (128) for white noise, more for low-pass noise (README)")
 NOISE_PROTOCOL = (
     f"noise: {ROI_SIZE}x{ROI_SIZE} px ROIs tiled over each full-dose slice, kept when wholly in "
     f"the body, FD mean in [{ROI_HU[0]:g}, {ROI_HU[1]:g}] HU and FD smoothed by a Gaussian "
     f"(sigma {ROI_FLAT_SIGMA_PX:g} px) within {ROI_FLAT_HU:g} HU std of its plane; same ROIs for "
-    "every method; per ROI a fitted plane is removed; NPS = dx dy / (Nx Ny) <|DFT|^2> (AAPM "
-    "TG-233), std = sqrt(integral of the NPS), peak of the radial NPS, NPS-weighted mean frequency")
+    f"every method; {TG233_TEXT}")
 
 
-def noise_rois(noise: np.ndarray, fd: np.ndarray, size: int = ROI_SIZE) -> list:
+def noise_rois(fd: np.ndarray, size: int = ROI_SIZE) -> list:
     """Corners of the ``size`` x ``size`` ROIs, on a grid of half-ROI steps (50 % overlap, as
     TG-233 allows), that lie wholly inside the body of ``fd`` (the noise-only image has no
     anatomy, so no flatness rule is needed)."""
@@ -213,3 +230,12 @@ def noise_rois(noise: np.ndarray, fd: np.ndarray, size: int = ROI_SIZE) -> list:
     step = size // 2
     return [(y, x) for y in range(0, fd.shape[0] - size + 1, step)
             for x in range(0, fd.shape[1] - size + 1, step) if body[y:y + size, x:x + size].all()]
+
+
+def noise_roi_size(fd: np.ndarray) -> int:
+    """The largest of NPS_SIM_ROI_SIZES with at least NPS_SIM_MIN_ROIS :func:`noise_rois` in
+    the body of ``fd`` (the smallest when none has)."""
+    for size in NPS_SIM_ROI_SIZES:
+        if len(noise_rois(fd, size)) >= NPS_SIM_MIN_ROIS:
+            return size
+    return NPS_SIM_ROI_SIZES[-1]

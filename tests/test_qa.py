@@ -87,6 +87,26 @@ def test_mtf50_bootstrap_sd_grows_with_noise():
     assert 0 < sd[0] < sd[1]
 
 
+def test_ttf_gate_reports_mtf50_only_when_its_bootstrap_sd_is_small():
+    """MTF50 is shown only when its bootstrap sd over the realisations is <= 10 % of it; the
+    curve stays, and fewer than 4 realisations (no sd) are not measurable."""
+    img = blurred_disc(96, 15.0, 14.0, 1.0)
+    ins = insert(96, 15.0)
+    rng = np.random.default_rng(4)
+    for noise, ok in ((0.5, True), (25.0, False)):
+        stack = img + rng.normal(0, noise, (8, 96, 96))
+        sd = ctqa.mtf50_bootstrap_sd(stack, ins, PX)
+        t = ctqa.ttf_gate(ctqa.qa_ttf(stack.mean(axis=0), ins, PX), sd)
+        assert t["measurable"] is ok and len(t["ttf"]) > 10, (noise, sd, t["mtf50"])
+        if ok:
+            assert t["mtf50"] is not None and t["mtf50_sd"] <= 0.1 * t["mtf50"]
+        else:
+            assert t["mtf50"] is None and t["mtf10"] is None
+    few = img + rng.normal(0, 0.5, (3, 96, 96))
+    assert ctqa.mtf50_bootstrap_sd(few, ins, PX) is None
+    assert not ctqa.ttf_gate(ctqa.qa_ttf(few.mean(axis=0), ins, PX), None)["measurable"]
+
+
 def test_mtf_crossing_interpolates():
     f = np.array([0.0, 0.1, 0.2, 0.3])
     assert ctqa.mtf_crossing(f, np.array([1.0, 0.8, 0.4, 0.1]), 0.5) == pytest.approx(0.175)
