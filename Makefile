@@ -45,10 +45,13 @@ demo: $(STAMP)
 
 # Image-quality phantom (README "Image quality beyond PSNR"): TTF / MTF50, CNR, NPW d' / AUC and
 # the dose ladder of a run (default the demo run) on the digital QA phantom (built once).
-QA_DIR ?= data/qa
+# The 300 mm adult-abdomen phantom, 4 doses x 32 realisations (QA_SIM_FLAGS="--qa-diameter 200 300"
+# for two sizes); Myevaluation.py ends with the quotable summary line per size.
+QA_DIR ?= data/qa-v2
 QA_RUN ?= $(DEMO_RUN)
+QA_SIM_FLAGS ?=
 qa: $(STAMP)
-	test -f $(QA_DIR)/qa_truth.json || $(BIN)/python Mysimulate.py --qa $(QA_DIR)
+	test -f $(QA_DIR)/SIMULATION.json || $(BIN)/python Mysimulate.py --qa $(QA_DIR) $(QA_SIM_FLAGS)
 	$(BIN)/python Myevaluation.py --qa $(QA_DIR) --run $(QA_RUN)
 
 # Throughput, MFU, loader ratio and memory (see README "Benchmark"); figures, not assertions.

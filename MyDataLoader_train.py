@@ -9,7 +9,7 @@ Pipeline (``make_train_dataset``)::
 
 Elements are ``(ld, fd)``, float32 ``[P, P, 1]`` normalised with ``ctio.normalize`` (P = 0: whole
 slices). Full-dose-only data can be trained on with ``simulate_dose`` (quarter dose simulated per
-slice by ``Mysimulate``, deterministically, once, then cached). RAM does not grow with the number
+slice by ``ctdose``, deterministically, once, then cached). RAM does not grow with the number
 of slices: decoded slices live in files (``SliceCache``), shuffling works on indices.
 
 As a script it checks a dataset before training::
@@ -148,14 +148,14 @@ def load_pair(rec, simulate_dose: Optional[float] = None, seed: int = 0):
             raise ctio.CTDataError(f"size mismatch: {rec.ld_path} {ld_hu.shape} vs "
                                    f"{rec.fd_path} {fd_hu.shape}")
     else:
-        import Mysimulate
+        import ctdose
 
         # The same noise as Mysimulate.py --input for the same seed (one seed rule, one I0
         # rule; the per-series tube-current factor needs the whole series: pre-simulate).
-        pixel_mm = Mysimulate.pixel_size_mm(header, fd_hu.shape, None)
-        ld_hu = Mysimulate.simulate_pair_from_fd(
-            fd_hu, simulate_dose, pixel_mm, Mysimulate.slice_seed(seed, rec.patient, rec.slice_id),
-            i0=Mysimulate.slice_i0(header))
+        pixel_mm = ctdose.pixel_size_mm(header, fd_hu.shape, None)
+        ld_hu = ctdose.simulate_pair_from_fd(
+            fd_hu, simulate_dose, pixel_mm, ctdose.slice_seed(seed, rec.patient, rec.slice_id),
+            i0=ctdose.slice_i0(header))
     return ctio.normalize(ld_hu)[..., None], ctio.normalize(fd_hu)[..., None]
 
 

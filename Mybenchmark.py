@@ -494,7 +494,7 @@ def op_breakdown(logdir: str, since: float = 0.0, jit: bool = False) -> dict:
 
 def write_dicom_series(folder: Path, n: int, shape: tuple[int, int], seed: int = 0) -> Path:
     """``n`` generated CT slices as one DICOM series in ``folder`` (written with ctio)."""
-    import Mysimulate
+    import ctfixtures
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -504,7 +504,7 @@ def write_dicom_series(folder: Path, n: int, shape: tuple[int, int], seed: int =
                                  instance=i + 1, z_mm=1.0 * i, shape=shape,
                                  description="benchmark phantom")
         ctio.write_dicom(folder / f"{i + 1:04d}.dcm",
-                         Mysimulate.ellipse_phantom(shape, rng, noise_hu=15.0), hdr,
+                         ctfixtures.ellipse_phantom(shape, rng, noise_hu=15.0), hdr,
                          series_uid=series, description="benchmark phantom", derived=False)
     return folder
 
@@ -671,14 +671,14 @@ def bench_eval(n: int, shape: tuple[int, int], timeout: float) -> dict:
     per slice size included); ``command_s`` the whole command with its start-up."""
     import re
 
-    import Mysimulate
+    import ctfixtures
 
     work = Path(tempfile.mkdtemp(prefix="cncl_bench_eval_"))
     try:
         rng = np.random.default_rng(0)
         (work / "data").mkdir()
         for i in range(n):
-            fd = Mysimulate.ellipse_phantom(shape, rng)
+            fd = ctfixtures.ellipse_phantom(shape, rng)
             ctio.write_npy_redcnn(work / "data" / f"B001_{i}_target.npy", fd)
             ctio.write_npy_redcnn(work / "data" / f"B001_{i}_input.npy",
                                   fd + rng.normal(0, 25, shape))

@@ -26,8 +26,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from ctmetrics import hu_metrics  # the project's one metric implementation
 from ctrun import ARCH, NORMS, PRESETS, model_config, saved_model_config  # config.json's owner
-from Myevaluation import hu_metrics  # the project's one metric implementation
 
 __all__ = [
     "PRESETS",
@@ -418,8 +418,8 @@ class CNCLGAN(keras.Model):
     un-scaled per-replica means.
 
     Train logs: ``d_loss, g_adv, l1_content, l1_noise`` (``d_loss``/``g_adv`` stay 0
-    when ``adv_weight = 0``). Test logs: ``psnr, ssim`` (:func:`hu_metrics`, default
-    window) and ``l1_content``. Test data may carry a third element, a per-image weight
+    when ``adv_weight = 0``). Test logs: ``psnr, ssim`` (:func:`hu_metrics`, protocol
+    ``skimage``) and ``l1_content``. Test data may carry a third element, a per-image weight
     (``(ld, fd, w)``): weight-0 images pad a validation batch so that every replica gets
     one, and count in no metric.
 

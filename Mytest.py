@@ -158,13 +158,13 @@ def file_sha256(path: Path) -> str:
 
 
 def demo_test_patient() -> str:
-    """Mysimulate.DEMO_TEST_PATIENT (Mysimulate imports numpy and ctio only, not TensorFlow)."""
+    """ctfixtures.DEMO_TEST_PATIENT (ctfixtures imports numpy and ctio only, not TensorFlow)."""
     try:
-        import Mysimulate
+        import ctfixtures
 
-        return str(Mysimulate.DEMO_TEST_PATIENT)
+        return str(ctfixtures.DEMO_TEST_PATIENT)
     except (ImportError, AttributeError):  # the user can still name the patient
-        raise ctio.CTDataError("cannot find Mysimulate.DEMO_TEST_PATIENT to pick the demo test "
+        raise ctio.CTDataError("cannot find ctfixtures.DEMO_TEST_PATIENT to pick the demo test "
                                "patient; pass --patients") from None
 
 

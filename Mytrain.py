@@ -542,13 +542,13 @@ def resolve_data(args) -> tuple[list[str], str]:
     test patient held out through ``args.exclude`` like any --exclude."""
     if args.data:
         return list(args.data), ""
-    import Mysimulate
+    import ctfixtures
 
     note = f"no --data: training on the built-in demo data in {DEMO_DIR}"
     if not (DEMO_DIR / "README.txt").is_file():
         print(f"{note} (creating it now)", flush=True)
-        Mysimulate.make_demo(DEMO_DIR)
-    args.exclude = [*(args.exclude or []), Mysimulate.DEMO_TEST_PATIENT]
+        ctfixtures.make_demo(DEMO_DIR)
+    args.exclude = [*(args.exclude or []), ctfixtures.DEMO_TEST_PATIENT]
     return [str(DEMO_DIR)], note
 
 

@@ -6,7 +6,7 @@ the simulator and ``Mytest.py`` read and write data in exactly one way.
 Conventions defined here and nowhere else:
 
 * Normalisation: HU clipped to ``[HU_MIN, HU_MAX]`` = [-1024, 3072] -> ``(HU + 1024) / 4096``.
-* The metric protocol (``EVAL_WINDOW``, ``PROTOCOL``) printed with every table.
+* The display / evaluation window ``EVAL_WINDOW`` (the metric protocols live in ctmetrics).
 * ``CTDataError``: a problem with the user's input. CLIs print its one-line message and exit 2.
 * Outputs are written to a temporary name in the target folder and renamed (``atomic_path``).
 
@@ -35,58 +35,11 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-# --- Normalisation and metric protocol (defined once for the whole project) --------------------
+# --- Normalisation and display window (defined once for the whole project) ----------------------
 HU_MIN = -1024.0  # air; also the value given to padding / out-of-field pixels
 HU_MAX = 3072.0  # dense bone and metal beyond this carry no diagnostic soft-tissue information
 HU_RANGE = HU_MAX - HU_MIN  # 4096: the normalised image is (HU - HU_MIN) / HU_RANGE
 EVAL_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window used by RED-CNN and followers
-FULL_RANGE = (HU_MIN, HU_MAX)  # whole normalised range, reported beside the window figures
-SSIM_FILTER_SIZE = 11  # Gaussian SSIM window (Wang et al. 2004), valid region only
-SSIM_SIGMA = 1.5
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
-
-
-@dataclass(frozen=True)
-class MetricProtocol:
-    """One published way of scoring LDCT denoising: HU clipped to ``window``, shifted to
-    ``[0, high - low]`` and, when ``levels`` is set, scaled to and rounded at ``0..levels`` (an
-    8-bit image); PSNR and SSIM use the window width as data range (scale-free, so "scaled to
-    [0, 1], data range 1" is the same figure), RMSE is in HU of the (rounded) clipped image."""
-
-    window: tuple[float, float]
-    levels: Optional[int]
-    convention: str
-    source: str
-
-
-METRIC_PROTOCOLS = {  # the one table of protocols (Myevaluation.py --protocol NAME)
-    "redcnn": MetricProtocol(EVAL_WINDOW, None, "kept in HU",
-                             "RED-CNN (Chen et al., IEEE TMI 2017) and most Mayo-2016 papers"),
-    "dugan": MetricProtocol((-300.0, 300.0), None, "scaled to [0, 1] (PSNR and SSIM are "
-                            "scale-free: the figures equal those in HU)",
-                            "DU-GAN (Huang et al., IEEE TMI 2021)"),
-    "corediff": MetricProtocol((-1000.0, 1000.0), 255,
-                               "scaled to 8-bit and rounded to integers",
-                               "CoreDiff (Gao et al., IEEE TMI 2023)"),
-    "full": MetricProtocol(FULL_RANGE, None, "kept in HU",
-                           "this project's normalisation range"),
-}
-DEFAULT_PROTOCOL = "redcnn"
-
-
-def protocol_text(name: str = DEFAULT_PROTOCOL) -> str:
-    """The one-line protocol printed under every table of ``name``, built from the constants."""
-    p = METRIC_PROTOCOLS[name]
-    lo, hi = p.window
-    levels = f" 0..{p.levels}" if p.levels else ""
-    return (f"protocol {name}: HU clipped to [{lo:g}, {hi:g}], {p.convention}{levels}; PSNR and "
-            f"SSIM data range {hi - lo:g} HU, SSIM {SSIM_FILTER_SIZE}x{SSIM_FILTER_SIZE} "
-            f"Gaussian sigma {SSIM_SIGMA:g} (K1 {SSIM_K1:g}, K2 {SSIM_K2:g}, valid region); "
-            f"RMSE in HU; whole slices; source: {p.source}")
-
-
-PROTOCOL = protocol_text(DEFAULT_PROTOCOL)
 
 LAYOUTS = ("mayo", "npy", "tif", "dicom")
 # Files that may sit beside DICOM slices in hospital exports and are not slices.

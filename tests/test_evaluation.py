@@ -1,7 +1,7 @@
 """Myevaluation.py: metrics equal scikit-image's on the windowed images, files, table, errors.
 
 Inference runs with an UNTRAINED tiny generator (the identity), so CNCL scores equal the LDCT
-scores; the point here is the metric path (Myevaluation.hu_metrics), checked against skimage on
+scores; the point here is the metric path (ctmetrics.hu_metrics), checked against skimage on
 the same windowed images, per slice, method and protocol; the noise measures (NPS, ROIs) against
 analytic cases.
 """
@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli
+from conftest import assert_one_error_line, cli
+from test_protocols import REFERENCES
 
 import ctio
+import ctmetrics
 import ctrun
+import cttexture
 
 
 def write_npy_pairs(root: Path, sizes: dict, with_fd: bool = True, seed: int = 0) -> Path:
@@ -57,45 +60,18 @@ def run_eval_cli(*args):
     return cli("Myevaluation.py", *args, timeout=180)
 
 
-# The published conventions, spelled out here independently of ctio.METRIC_PROTOCOLS:
-# (HU window, scale of the windowed image, rounded to integers).
-CONVENTIONS = {"redcnn": ((-160, 240), None, False), "dugan": ((-300, 300), 1.0, False),
-               "corediff": ((-1000, 1000), 255.0, True), "full": ((-1024, 3072), None, False)}
-
-
-def skimage_scores(img: np.ndarray, ref: np.ndarray, protocol: str) -> dict:
-    """PSNR / SSIM with scikit-image on the protocol's image (HU window scaled, maybe 8-bit);
-    RMSE in HU of the same images."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    (lo, hi), scale, rounded = CONVENTIONS[protocol]
-    scale = scale or hi - lo
-
-    def conv(x):
-        v = (np.clip(x.astype(np.float64), lo, hi) - lo) / (hi - lo) * scale
-        return np.round(v) if rounded else v
-
-    a, b = conv(img), conv(ref)
-    return {
-        "psnr": peak_signal_noise_ratio(b, a, data_range=scale),
-        "ssim": structural_similarity(b, a, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False, data_range=scale),
-        "rmse": float(np.sqrt(np.mean((a - b) ** 2))) * (hi - lo) / scale,
-    }
-
-
 def test_protocol_table_is_the_published_conventions():
-    assert set(ctio.METRIC_PROTOCOLS) == set(CONVENTIONS)
-    for name, ((lo, hi), _, rounded) in CONVENTIONS.items():
-        p = ctio.METRIC_PROTOCOLS[name]
-        assert p.window == (lo, hi) and bool(p.levels) == rounded
-        assert f"[{lo}, {hi}]" in ctio.protocol_text(name)
-    assert ctio.METRIC_PROTOCOLS["corediff"].levels == 255
-    assert ctio.PROTOCOL == ctio.protocol_text("redcnn")
+    assert set(ctmetrics.METRIC_PROTOCOLS) == set(REFERENCES)
+    for name, lo, hi in (("redcnn", -160, 240), ("dugan", -300, 300), ("corediff", -1000, 1000),
+                         ("skimage", -160, 240), ("full", -1024, 3072)):
+        assert ctmetrics.METRIC_PROTOCOLS[name].window == (lo, hi)
+        assert f"[{lo}, {hi}]" in ctmetrics.protocol_text(name)
+    assert ctmetrics.PROTOCOL == ctmetrics.protocol_text("redcnn")
 
 
-def test_metrics_equal_skimage_and_outputs(denoised, capsys):
-    """Every protocol of every slice and method equals scikit-image's figure."""
+def test_metrics_equal_peer_code_and_outputs(denoised, capsys):
+    """Every protocol of every slice and method equals its reference (the peer's code or
+    scikit-image, tests/test_protocols.py)."""
     from scipy.ndimage import gaussian_filter
 
     import Myevaluation
@@ -119,8 +95,8 @@ def test_metrics_equal_skimage_and_outputs(denoised, capsys):
         ref = ctio.read_slice(m["fd_path"])[0]
         img = {"ldct": ld, "gaussian": gaussian_filter(ld, 0.7, mode="reflect"),
                "cncl": np.load(out / m["pred_npy"])}[r["method"]]
-        for protocol in CONVENTIONS:
-            want = skimage_scores(img, ref, protocol)
+        for protocol, reference in REFERENCES.items():
+            want = reference(img.astype(np.float64), ref.astype(np.float64))
             got = {k: float(r[f"{k}_{protocol}"]) for k in ("psnr", "ssim", "rmse")}
             assert abs(got["psnr"] - want["psnr"]) < 0.01, (r, protocol, want)
             assert abs(got["ssim"] - want["ssim"]) < 0.001, (r, protocol, want)
@@ -132,7 +108,7 @@ def test_metrics_equal_skimage_and_outputs(denoised, capsys):
                    - float(by[p, s, "ldct"]["psnr_redcnn"])) < 0.01
 
     report = json.loads((out / "metrics.json").read_text())
-    assert report["protocol"] == ctio.PROTOCOL
+    assert report["protocol"] == ctmetrics.PROTOCOL
     assert report["n_slices"] == 5 and report["n_patients"] == 2
     assert set(report["per_patient"]) == {"A", "B"}
     assert report["per_patient"]["A"]["n_slices"] == 3
@@ -147,15 +123,15 @@ def test_metrics_equal_skimage_and_outputs(denoised, capsys):
     assert overall["per_patient"]["A"] == pytest.approx(a_mean, abs=1e-5)
 
     lines = printed.splitlines()
-    head = "| method | PSNR (dB) | SSIM | RMSE (HU) |"
-    starts = [i for i, ln in enumerate(lines) if ln == head]
-    assert len(starts) == 4  # --protocol all: one table per protocol
-    for i, name in zip(starts, CONVENTIONS):
+    head = "| method | PSNR (dB) | SSIM | RMSE ("
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(head)]
+    assert len(starts) == len(REFERENCES)  # --protocol all: one table per protocol
+    for i, name in zip(starts, ctmetrics.PROTOCOLS):
         table = lines[i + 2:i + 5]
         assert [t.split(" | ")[0] for t in table] == ["| LDCT (input)",
                                                       "| Gaussian filter (sigma 0.7)", "| CNCL"]
         assert " [" in table[2]  # the bootstrap interval
-        assert lines[i + 5:i + 7] == ["", ctio.protocol_text(name)]  # protocol under the table
+        assert lines[i + 5:i + 7] == ["", ctmetrics.protocol_text(name)]  # protocol under the table
 
 
 def test_missing_manifest_is_one_line(tmp_path):
@@ -225,7 +201,7 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
     assert float(first[6]) == pytest.approx(
         base["cncl"]["redcnn"]["psnr"]["mean"] - base["ldct"]["redcnn"]["psnr"]["mean"],
         abs=0.011)
-    assert ctio.PROTOCOL in lines
+    assert ctmetrics.PROTOCOL in lines
 
     # A snapshot's epoch wins over the last one; folders that scored other slices are refused.
     assert ctrun.training_summary(str(run), "x/generator_epoch0001.weights.h5") == \
@@ -299,24 +275,23 @@ def windowed_pairs(shape, n: int, noise_hu: float, seed: int = 0):
 
 @pytest.mark.parametrize("shape,noise", [((64, 72), 40.0), ((180, 200), 15.0)])
 def test_separable_ssim_equals_tf_image_ssim(shape, noise):
-    """Myevaluation.ssim is tf.image.ssim's definition to 1e-6: it agrees with the float64
+    """ctmetrics.ssim is tf.image.ssim's definition to 1e-6: it agrees with the float64
     evaluation of that definition (scikit-image) to 1e-6, and with tf.image.ssim itself to 1e-6
     beyond tf.image.ssim's own float32 error (4-10e-6 on such CT-like data: its 121-tap 2-D sums
     of uncentred squares cancel in E[x^2] - E[x]^2)."""
     from skimage.metrics import structural_similarity
 
-    import Myevaluation
-
     tf = ctio.import_tensorflow()
     x, y = windowed_pairs(shape, 3, noise)
-    got = tf.function(lambda a, b: Myevaluation.ssim(a, b, 400.0))(x, y).numpy()
+    got = tf.function(lambda a, b: ctmetrics.ssim(a, b, 400.0))(x, y).numpy()
     want = tf.image.ssim(tf.constant(x), tf.constant(y), max_val=400.0,
-                         filter_size=ctio.SSIM_FILTER_SIZE, filter_sigma=ctio.SSIM_SIGMA,
-                         k1=ctio.SSIM_K1, k2=ctio.SSIM_K2).numpy()
+                         filter_size=ctmetrics.SSIM_FILTER_SIZE, filter_sigma=ctmetrics.SSIM_SIGMA,
+                         k1=ctmetrics.SSIM_K1, k2=ctmetrics.SSIM_K2).numpy()
     exact = np.array([structural_similarity(
         y[i, ..., 0].astype(np.float64), x[i, ..., 0].astype(np.float64), gaussian_weights=True,
-        sigma=ctio.SSIM_SIGMA, use_sample_covariance=False, data_range=400.0,
-        K1=ctio.SSIM_K1, K2=ctio.SSIM_K2, win_size=ctio.SSIM_FILTER_SIZE) for i in range(3)])
+        sigma=ctmetrics.SSIM_SIGMA, use_sample_covariance=False, data_range=400.0,
+        K1=ctmetrics.SSIM_K1, K2=ctmetrics.SSIM_K2, win_size=ctmetrics.SSIM_FILTER_SIZE)
+        for i in range(3)])
     assert got.shape == (3,) and got.dtype == np.float32
     assert np.max(np.abs(got - exact)) < 1e-6
     assert np.all(np.abs(got - want) <= np.abs(want - exact) + 1e-6)
@@ -328,63 +303,60 @@ def white_noise_rois(sigma: float, n_rois: int = 300, size: int = 32, seed: int 
 
 
 def test_nps_of_white_noise_integrates_to_variance_and_is_flat():
-    import Myevaluation
 
     sigma, px = 20.0, 0.5
     rois = white_noise_rois(sigma)
-    nps = Myevaluation.nps_2d(Myevaluation.nps_power(rois), len(rois), px)
-    fy, fx = Myevaluation.nps_frequencies(nps.shape, px)
+    nps = cttexture.nps_2d(cttexture.nps_power(rois), len(rois), px)
+    fy, fx = cttexture.nps_frequencies(nps.shape, px)
     assert fx[-1] < 1 / (2 * px) + 1e-9 and fx[1] - fx[0] == pytest.approx(1 / (32 * px))
     # integral over frequency = variance (TG-233 normalisation), in HU^2 whatever the spacing
     integral = nps.sum() * (fx[1] - fx[0]) * (fy[1] - fy[0])
     assert integral == pytest.approx(sigma ** 2 * (1 - 3 / 32 ** 2), rel=0.03)
-    summary = Myevaluation.nps_summary(nps, px)
+    summary = cttexture.nps_summary(nps, px)
     assert summary["noise_std"] == pytest.approx(sigma, rel=0.02)
     # flat at sigma^2 dx dy (HU^2 mm^2); the plane fit only removes the lowest frequencies
-    freq, radial = Myevaluation.radial_nps(nps, px)
+    freq, radial = cttexture.radial_nps(nps, px)
     assert freq[-1] == pytest.approx(1 / (2 * px))
     assert np.allclose(radial[2:], sigma ** 2 * px * px, rtol=0.1)
-    # white noise: the NPS-weighted mean of |f| over the square is ~0.38 of the sampling rate
-    assert summary["nps_mean_freq"] == pytest.approx(0.3826 / px, rel=0.03)
+    # white noise: TG-233's f_av is 0.25 cycles/px; on 32-px ROIs the DC ring (zero after the
+    # mean is removed) makes it sum(k, 1..16) / 16 / 32 = 0.2656, the plane a little more
+    assert summary["nps_mean_freq"] * px == pytest.approx(0.268, abs=0.006)
     # unknown spacing: cycles/pixel and HU^2 px^2, same std
-    unknown = Myevaluation.nps_2d(Myevaluation.nps_power(rois), len(rois), None)
-    assert Myevaluation.nps_summary(unknown, None)["noise_std"] == pytest.approx(
+    unknown = cttexture.nps_2d(cttexture.nps_power(rois), len(rois), None)
+    assert cttexture.nps_summary(unknown, None)["noise_std"] == pytest.approx(
         summary["noise_std"], rel=1e-9)
 
 
 def test_blurred_noise_has_lower_nps_mean_frequency():
     from scipy.ndimage import gaussian_filter
 
-    import Myevaluation
-
     field = np.random.default_rng(2).normal(0.0, 30.0, (512, 512))
     blurred = gaussian_filter(field, 1.0, mode="wrap")
     corners = [(y, x) for y in range(0, 512, 32) for x in range(0, 512, 32)]
-    power = [Myevaluation.nps_power(Myevaluation.cut_rois(f, corners)) for f in (field, blurred)]
-    white, smooth = (Myevaluation.nps_summary(Myevaluation.nps_2d(pw, len(corners), 0.7), 0.7)
+    power = [cttexture.nps_power(cttexture.cut_rois(f, corners)) for f in (field, blurred)]
+    white, smooth = (cttexture.nps_summary(cttexture.nps_2d(pw, len(corners), 0.7), 0.7)
                      for pw in power)
     assert smooth["nps_mean_freq"] < 0.6 * white["nps_mean_freq"]
     assert smooth["noise_std"] < 0.5 * white["noise_std"]
 
 
 def test_roi_rule_finds_flat_soft_tissue_only():
-    import Myevaluation
 
     rng = np.random.default_rng(3)
     n = 256
     yy, xx = np.mgrid[:n, :n]
     r = np.hypot(yy - n / 2, xx - n / 2)
     phantom = np.where(r < 110, 40.0, -1000.0) + rng.normal(0, 10, (n, n))
-    corners = Myevaluation.find_flat_rois(phantom)
+    corners = cttexture.find_flat_rois(phantom)
     assert len(corners) >= 16
     for y, x in corners:  # wholly inside the disc
-        assert r[y:y + Myevaluation.ROI_SIZE, x:x + Myevaluation.ROI_SIZE].max() < 110
+        assert r[y:y + cttexture.ROI_SIZE, x:x + cttexture.ROI_SIZE].max() < 110
     air = -1000.0 + rng.normal(0, 10, (n, n))
-    assert Myevaluation.find_flat_rois(air) == []
+    assert cttexture.find_flat_rois(air) == []
     bone = np.where(r < 110, 700.0, -1000.0)
-    assert Myevaluation.find_flat_rois(bone) == []  # body, but not soft tissue
+    assert cttexture.find_flat_rois(bone) == []  # body, but not soft tissue
     stripes = np.where(r < 110, 40.0 + 120.0 * np.sign(np.sin(xx / 6.0)), -1000.0)
-    assert Myevaluation.find_flat_rois(stripes) == []  # soft-tissue mean, structured at scale
+    assert cttexture.find_flat_rois(stripes) == []  # soft-tissue mean, structured at scale
 
 
 def test_bootstrap_of_identical_methods_contains_zero():
@@ -392,30 +364,35 @@ def test_bootstrap_of_identical_methods_contains_zero():
 
     rng = np.random.default_rng(4)
     results = []
-    for p in ("P1", "P2", "P3"):
+    for p in ("P1", "P2", "P3", "P4", "P5", "P6"):
         for s in range(4):
-            base = {f"{m}_{r}": float(rng.normal(30, 2)) for r in Myevaluation.PROTOCOLS
-                    for m in Myevaluation.METRICS}
+            base = {f"{m}_{r}": float(rng.normal(30, 2)) for r in ctmetrics.PROTOCOLS
+                    for m in ctmetrics.METRICS}
             for method in Myevaluation.METHODS:  # cncl identical to ldct; gaussian 1 dB better
                 row = dict(base)
                 if method == "gaussian":
                     row = {k: v + 1.0 for k, v in row.items()}
                 results.append({"patient": p, "slice_id": str(s), "method": method, **row})
-    tests = Myevaluation.paired_tests(results)
+    tests = ctmetrics.paired_tests(results)
     same = tests["cncl-ldct"]["redcnn"]["psnr"]
     assert same["mean_diff"] == 0 and same["wilcoxon_p"] == 1.0
     assert same["ci95"][0] <= 0 <= same["ci95"][1]
     worse = tests["cncl-gaussian"]["redcnn"]["psnr"]
     assert worse["mean_diff"] == pytest.approx(-1.0)
-    assert worse["wilcoxon_p"] < 0.01 and worse["ci95"][1] < 0
+    assert worse["wilcoxon_p"] < 0.05  # 6 patients, all worse (tied: normal approximation)
+    assert worse["ci95"][1] < 0 and worse["n_patients"] == 6
+    # three patients: the interval stays, the p-value goes (an exact test cannot reach 0.05)
+    three = ctmetrics.paired_tests([d for d in results if d["patient"] in ("P1", "P2", "P3")])
+    assert three["cncl-gaussian"]["redcnn"]["psnr"]["wilcoxon_p"] is None
+    assert three["cncl-gaussian"]["redcnn"]["psnr"]["ci95"][1] < 0
 
     # patient-level resampling: the interval of a patient-clustered figure is wider than the
     # slice-level one would be, and one patient falls back to slices
     values = np.repeat([10.0, 20.0, 30.0], 4) + rng.normal(0, 0.1, 12)
     pats = np.repeat(["P1", "P2", "P3"], 4)
-    lo, hi = Myevaluation.bootstrap_ci(values, pats)
+    lo, hi = ctmetrics.bootstrap_ci(values, pats)
     assert lo < 15 and hi > 25
-    lo1, hi1 = Myevaluation.bootstrap_ci(values[:4], pats[:4])
+    lo1, hi1 = ctmetrics.bootstrap_ci(values[:4], pats[:4])
     assert lo1 < values[:4].mean() < hi1 and hi1 - lo1 < 0.3
 
 
@@ -423,10 +400,11 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     """--nps-sim: two simulated realisations per full-dose slice, denoised by the run (here the
     identity generator, so the output noise is the input noise); the LDCT noise std equals the
     std of (LD1 - LD2) / sqrt(2) over the same body ROIs computed directly."""
+    import ctdose
+    import ctfixtures
     import Myevaluation
-    import Mysimulate
 
-    demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=2, size=128)
+    demo = ctfixtures.make_demo(tmp_path / "demo", patients=1, slices=2, size=128)
     fd_dir = next(demo.glob("DEMO*/full_*"))
     out = tmp_path / "nps"
     capsys.readouterr()
@@ -436,18 +414,20 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     report = json.loads((out / "nps_sim.json").read_text())
     assert (out / "nps_sim.png").stat().st_size > 1000
     assert report["unit"] == "cycles/mm" and report["n_slices"] == 2
-    assert "| LDCT (simulated input) |" in printed and Myevaluation.NPS_SIM_PROTOCOL in printed
+    assert "| LDCT (simulated input) |" in printed and report["definition"] in printed
+    size = report["roi_size"]
+    assert size in (64, 32)  # the largest that fits 4 ROIs in the 128-px demo body
 
     diffs = []
     records = ctio.discover(fd_dir, None, single_role="fd").records  # table order
     for i, rec in enumerate(records[:2]):
         fd, header = ctio.read_slice(rec.fd_path)
-        px = Mysimulate.pixel_size_mm(header, fd.shape, None)
-        a, b = (Mysimulate.simulate_pair_from_fd(fd, 0.25, px, (5, i, k)) for k in (1, 2))
+        px = ctdose.pixel_size_mm(header, fd.shape, None)
+        a, b = (ctdose.simulate_pair_from_fd(fd, 0.25, px, (5, i, k)) for k in (1, 2))
         noise = (a.astype(np.float64) - b) / np.sqrt(2)
-        diffs += [noise[y:y + 32, x:x + 32] for y, x in Myevaluation._noise_rois(noise, fd)]
-    yy, xx = np.mgrid[:32, :32]
-    design = np.stack([np.ones(32 * 32), xx.ravel(), yy.ravel()], axis=1)
+        diffs += [noise[y:y + size, x:x + size] for y, x in cttexture.noise_rois(fd, size)]
+    yy, xx = np.mgrid[:size, :size]
+    design = np.stack([np.ones(size * size), xx.ravel(), yy.ravel()], axis=1)
     residuals = [d.ravel() - design @ np.linalg.lstsq(design, d.ravel(), rcond=None)[0]
                  for d in diffs]
     direct = np.sqrt(np.mean([np.mean(r ** 2) for r in residuals]))
@@ -458,13 +438,83 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
 
 def test_roi_rule_on_real_full_dose(real_data):
     """On the real L506 full-dose slices the rule finds flat soft-tissue ROIs, inside the body."""
-    import Myevaluation
 
     found = 0
     for f in sorted((real_data / "mayo_pairs" / "npy_redcnn").glob("*_target.npy")):
         fd = ctio.read_slice(f)[0]
-        for y, x in Myevaluation.find_flat_rois(fd):
-            roi = fd[y:y + Myevaluation.ROI_SIZE, x:x + Myevaluation.ROI_SIZE]
+        for y, x in cttexture.find_flat_rois(fd):
+            roi = fd[y:y + cttexture.ROI_SIZE, x:x + cttexture.ROI_SIZE]
             assert -100 <= roi.mean() <= 150 and roi.min() > -500
             found += 1
     assert found >= 10
+
+
+# --- Arguments checked before any work (issue 26 items 2 and 9) ---------------------------------
+def _snapshot(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_nps_sim_refusals_before_any_work(tiny_run, tmp_path):
+    """--nps-sim: an --out inside the input, an unwritable --out, --seed -1 and a --weights file
+    that is not weights are each one error line with exit 2, and the input stays as it was."""
+    import Mysimulate
+
+    demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=1, size=96)
+    fd_dir = next(demo.glob("DEMO*/full_*"))
+    before = _snapshot(demo)
+    bogus = tmp_path / "not_weights.h5"
+    bogus.write_bytes(b"not hdf5")
+    cases = [(["--out", fd_dir / "nps"], ("inside the input", fd_dir.resolve())),
+             (["--out", "/sys/ct_nps_test"], ("--out /sys/ct_nps_test", "cannot write")),
+             (["--out", tmp_path / "o", "--seed", "-1"], ("--seed -1",)),
+             (["--out", tmp_path / "o", "--weights", bogus], (bogus, "HDF5"))]
+    for args, needles in cases:
+        res = run_eval_cli("--nps-sim", fd_dir, "--run", tiny_run, *args)
+        assert_one_error_line(res, *needles, code=2)
+        assert _snapshot(demo) == before and not (tmp_path / "o").exists()
+
+
+def test_nps_sim_uses_weights(tiny_run, tmp_path, capsys):
+    """--nps-sim --weights FILE denoises with FILE (named in nps_sim.json)."""
+    import shutil
+
+    import ctrun
+    import Myevaluation
+    import Mysimulate
+
+    demo = Mysimulate.make_demo(tmp_path / "demo", patients=1, slices=1, size=128)
+    fd_dir = next(demo.glob("DEMO*/full_*"))
+    weights = tmp_path / "mine.weights.h5"
+    shutil.copy(ctrun.generator_weights(tiny_run, "best"), weights)
+    assert Myevaluation.main(["--nps-sim", str(fd_dir), "--run", str(tiny_run), "--weights",
+                              str(weights), "--out", str(tmp_path / "nps")]) == 0
+    report = json.loads((tmp_path / "nps" / "nps_sim.json").read_text())
+    assert report["weights"] == str(weights)
+
+
+def test_figure_and_zoom_refused_before_tables(denoised, tmp_path):
+    """--compare --figure: a folder, no --zoom, a box outside the image or an unwritable place
+    are refused with one line before any table is printed."""
+    import Myevaluation
+
+    _, out = denoised
+    if not (out / "metrics.json").is_file():
+        assert Myevaluation.main(["--pred", str(out)]) == 0
+    patient = next(iter(SIZES))
+    with open(out / "manifest.csv") as f:
+        slice_id = next(r["slice_id"] for r in csv.DictReader(f) if r["patient"] == patient)
+    png = tmp_path / "z.png"
+    h, w = SIZES[patient][0]
+    cases = [(["--figure", tmp_path, "--zoom", f"{patient}:{slice_id}:0:8:0:8"], ("a folder",)),
+             (["--figure", png], ("--figure needs --zoom",)),
+             (["--figure", png, "--zoom", f"{patient}:{slice_id}:0:8:0:{w + 1}"],
+              ("leaves the", f"{h}x{w}")),
+             (["--figure", "/sys/z.png", "--zoom", f"{patient}:{slice_id}:0:8:0:8"],
+              ("cannot write",)),
+             (["--zoom", f"{patient}:{slice_id}:0:8:0:8"], ("--zoom needs --figure",))]
+    before = _snapshot(out)
+    for args, needles in cases:
+        res = run_eval_cli("--compare", out, *args)
+        assert_one_error_line(res, *needles, code=2)
+        assert res.stdout == "" and not png.exists()
+    assert _snapshot(out) == before

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from conftest import cli, make_run
 
+import ctfixtures
 import ctio
 import ctrun
-import Mysimulate
 
 BASE, DEPTH = 8, 3  # tiny generator; depth 3 -> slices are padded to multiples of 8
 
 
 def phantom(shape, rng) -> np.ndarray:
-    return Mysimulate.ellipse_phantom(shape, rng)
+    return ctfixtures.ellipse_phantom(shape, rng)
 
 
 def write_mayo(root: Path, patient: str, shape, n: int, with_fd: bool = True,

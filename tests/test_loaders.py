@@ -156,12 +156,13 @@ def test_training_needs_full_dose(tmp_path):
 
 def test_on_the_fly_simulation_equals_mysimulate_for_the_same_seed(tmp_path):
     """--simulate-dose and Mysimulate.py --input give the same quarter dose for the same seed:
-    one seed rule and one I0 rule (Mysimulate.slice_seed, Mysimulate.slice_i0)."""
+    one seed rule and one I0 rule (ctdose.slice_seed, ctdose.slice_i0)."""
+    import ctfixtures
     import Mysimulate
 
     rng = np.random.default_rng(0)
     for k in range(2):
-        hu = Mysimulate.ellipse_phantom((64, 64), rng)
+        hu = ctfixtures.ellipse_phantom((64, 64), rng)
         write_ct(tmp_path / "fd" / f"{k}.dcm", hu, z=3.0 * k)
     Mysimulate.simulate_dataset(tmp_path / "fd", tmp_path / "sim", 0.25, seed=3, progress=False)
     fly = train_loader.find_training_data(str(tmp_path / "fd"), simulate_dose=0.25)

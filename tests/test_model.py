@@ -304,14 +304,14 @@ def _windowed(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.clip(hu, *window).astype(np.float64) - window[0]
 
 
-@pytest.mark.parametrize("window", [EVAL_WINDOW, (HU_MIN, HU_MAX)])
-def test_hu_metrics_matches_skimage(window):
+@pytest.mark.parametrize("protocol,window", [("skimage", EVAL_WINDOW), ("full", (HU_MIN, HU_MAX))])
+def test_hu_metrics_matches_skimage(protocol, window):
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:64, 0:72] / 64.0
     ref_hu = np.stack([300.0 * np.sin(3 * xx + k) * np.cos(2 * yy) for k in range(3)])
     pred_hu = ref_hu + rng.normal(0, 40.0, ref_hu.shape)
     ref, pred = normalize(ref_hu)[..., None], normalize(pred_hu)[..., None]
-    out = Mymodel.hu_metrics(tf.constant(pred), tf.constant(ref), window=window)
+    out = Mymodel.hu_metrics(tf.constant(pred), tf.constant(ref), protocol)
     assert set(out) == {"psnr", "ssim", "rmse"}
     for v in out.values():
         assert v.shape == (3,) and v.dtype == tf.float32

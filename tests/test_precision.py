@@ -51,7 +51,7 @@ def perturbed_run(root):
 def test_bfloat16_inference_close_to_float32(tmp_path, capsys):
     import keras
 
-    import Mysimulate
+    import ctfixtures
     import Mytest
 
     run = perturbed_run(tmp_path)
@@ -59,7 +59,7 @@ def test_bfloat16_inference_close_to_float32(tmp_path, capsys):
     data.mkdir()
     rng = np.random.default_rng(1)
     for i in range(2):
-        hu = Mysimulate.ellipse_phantom((64, 72), rng) + rng.normal(0, 20, (64, 72))
+        hu = ctfixtures.ellipse_phantom((64, 72), rng) + rng.normal(0, 20, (64, 72))
         np.save(data / f"P1_{i}_input.npy", (np.maximum(hu, -1024) + 1024) / 4096)
     preds = {}
     for precision in ("float32", "bfloat16"):

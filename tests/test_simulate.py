@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO, cli  # noqa: E402
 
+import ctdose  # noqa: E402
+import ctfixtures  # noqa: E402
 import ctio  # noqa: E402
 import Mysimulate  # noqa: E402
 
@@ -43,7 +46,7 @@ def test_noise_std_scales_as_inverse_sqrt_dose_and_mean_is_kept():
     hu, roi = water_cylinder()
     stds, means = {}, {}
     for dose in (0.5, 0.25):
-        ld = Mysimulate.simulate_pair_from_fd(hu, dose, 1.6, (1, 2))
+        ld = ctdose.simulate_pair_from_fd(hu, dose, 1.6, (1, 2))
         stds[dose] = float((ld - hu)[roi].std())
         means[dose] = float(ld[roi].mean())
     ratio = stds[0.25] / stds[0.5]
@@ -55,9 +58,9 @@ def test_noise_std_scales_as_inverse_sqrt_dose_and_mean_is_kept():
 
 def test_determinism_shape_and_outside_circle():
     hu, _ = water_cylinder(size=96, pixel_mm=3.0)
-    a = Mysimulate.simulate_pair_from_fd(hu, 0.25, 3.0, (7, 3))
-    b = Mysimulate.simulate_pair_from_fd(hu, 0.25, 3.0, (7, 3))
-    c = Mysimulate.simulate_pair_from_fd(hu, 0.25, 3.0, (8, 3))
+    a = ctdose.simulate_pair_from_fd(hu, 0.25, 3.0, (7, 3))
+    b = ctdose.simulate_pair_from_fd(hu, 0.25, 3.0, (7, 3))
+    c = ctdose.simulate_pair_from_fd(hu, 0.25, 3.0, (8, 3))
     assert a.dtype == np.float32 and a.shape == hu.shape
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1.0
@@ -65,8 +68,8 @@ def test_determinism_shape_and_outside_circle():
     assert np.array_equal(a[:5, :5], hu[:5, :5])
     # Non-square slices keep their shape; generator-based API agrees with the seed-tuple one.
     rect = hu[10:-10, :]
-    r1 = Mysimulate.simulate_low_dose(rect, 0.25, pixel_mm=3.0, rng=np.random.default_rng(5))
-    r2 = Mysimulate.simulate_low_dose(rect, 0.25, pixel_mm=3.0, rng=np.random.default_rng(5))
+    r1 = ctdose.simulate_low_dose(rect, 0.25, pixel_mm=3.0, rng=np.random.default_rng(5))
+    r2 = ctdose.simulate_low_dose(rect, 0.25, pixel_mm=3.0, rng=np.random.default_rng(5))
     assert r1.shape == rect.shape
     np.testing.assert_array_equal(r1, r2)
 
@@ -75,9 +78,9 @@ def test_noise_std_in_body():
     fd = np.full((64, 64), -1000.0)
     fd[16:48, 16:48] = 40.0
     ld = fd + np.random.default_rng(0).normal(0, 10, fd.shape)
-    assert abs(Mysimulate.noise_std_in_body(ld, fd) - 10) < 1.5
+    assert abs(ctdose.noise_std_in_body(ld, fd) - 10) < 1.5
     with pytest.raises(ValueError):
-        Mysimulate.noise_std_in_body(fd, np.full((64, 64), -1000.0))
+        ctdose.noise_std_in_body(fd, np.full((64, 64), -1000.0))
 
 
 def test_exposure_factors_and_bowtie():
@@ -88,10 +91,10 @@ def test_exposure_factors_and_bowtie():
         h = Dataset()
         h.XRayTubeCurrent = ma
         headers.append(h)
-    assert Mysimulate.exposure_factors(headers) == pytest.approx([0.5, 1.0, 1.5])
-    assert Mysimulate.exposure_factors(headers + [Dataset()]) == [1.0] * 4
-    assert Mysimulate.exposure_factors([None, None]) == [1.0, 1.0]
-    t = Mysimulate.bowtie_transmission(np.array([0.0, 100.0, 170.0, 400.0]))
+    assert ctdose.exposure_factors(headers) == pytest.approx([0.5, 1.0, 1.5])
+    assert ctdose.exposure_factors(headers + [Dataset()]) == [1.0] * 4
+    assert ctdose.exposure_factors([None, None]) == [1.0, 1.0]
+    t = ctdose.bowtie_transmission(np.array([0.0, 100.0, 170.0, 400.0]))
     assert t[0] == 1.0 and np.all(np.diff(t) <= 0) and 0.03 < t[-1] < 0.1
 
 
@@ -185,18 +188,18 @@ def test_bad_input_one_line_error(tmp_path, args):
 
 # --- Demo dataset -------------------------------------------------------------------------------
 def test_demo_dataset(tmp_path):
-    out = Mysimulate.make_demo(tmp_path / "demo", patients=2, slices=3, size=64, seed=1)
+    out = ctfixtures.make_demo(tmp_path / "demo", patients=2, slices=3, size=64, seed=1)
     assert (out / "README.txt").is_file()
     ds = ctio.discover(out)
     assert ds.layout == "mayo" and ds.paired
     assert ds.patients == ["CTSMALL", "DEMO01", "DEMO02"]
-    assert Mysimulate.demo_patient_names(2)[-1] == ds.patients[-1] == "DEMO02"
-    assert Mysimulate.DEMO_TEST_PATIENT == sorted(Mysimulate.demo_patient_names())[-1] == "DEMO04"
+    assert ctfixtures.demo_patient_names(2)[-1] == ds.patients[-1] == "DEMO02"
+    assert ctfixtures.DEMO_TEST_PATIENT == sorted(ctfixtures.demo_patient_names())[-1] == "DEMO04"
     assert sum(r.patient == "CTSMALL" for r in ds.records) == 1
 
     # Read-back equals the intended HU (within 1 HU), paired by position on both sides.
     recs = {round(r.position, 3): r for r in ds.records if r.patient == "DEMO01"}
-    for _k, z_mm, fd, ld in Mysimulate.demo_patient_slices(0, slices=3, size=64, seed=1):
+    for _k, z_mm, fd, ld in ctfixtures.demo_patient_slices(0, slices=3, size=64, seed=1):
         rec = recs[round(z_mm, 3)]
         fd_back, fd_hdr = ctio.read_slice(rec.fd_path)
         ld_back, ld_hdr = ctio.read_slice(rec.ld_path)
@@ -204,9 +207,9 @@ def test_demo_dataset(tmp_path):
         assert list(fd_hdr.ImagePositionPatient) == list(ld_hdr.ImagePositionPatient)
         assert fd_hdr.SeriesInstanceUID != ld_hdr.SeriesInstanceUID
         assert fd.min() == -1000 and fd.max() > 600  # air outside, bone inside
-        assert 5 < Mysimulate.noise_std_in_body(ld, fd) < 80
+        assert 5 < ctdose.noise_std_in_body(ld, fd) < 80
     # The demo is deterministic in its seed.
-    again = [ld for *_, ld in Mysimulate.demo_patient_slices(0, slices=3, size=64, seed=1)]
+    again = [ld for *_, ld in ctfixtures.demo_patient_slices(0, slices=3, size=64, seed=1)]
     np.testing.assert_array_equal(again[-1], ld)
 
     loader = REPO / "MyDataLoader_train.py"
@@ -220,7 +223,7 @@ def test_demo_dataset(tmp_path):
 def test_calibration_against_real_pairs():
     if not (SAMPLE_DATA / "mayo_pairs").is_dir() or not (SAMPLE_DATA / "L067_full_1mm").is_dir():
         pytest.skip(f"real sample data not found at {SAMPLE_DATA} (set CT_SAMPLE_DATA)")
-    fig = Mysimulate.calibration_report(SAMPLE_DATA, n_slices=4, print_fn=None,
+    fig = ctdose.calibration_report(SAMPLE_DATA, n_slices=4, print_fn=None,
                                         headerless=False)
     assert 15 < fig["real_mean"] < 40, fig["real_mean"]
     assert 0.75 <= fig["ratio"] <= 1.25, (fig["sim_mean"], fig["real_mean"])
@@ -257,7 +260,7 @@ def test_failure_midway_leaves_nothing_and_rerun_needs_no_overwrite(tmp_path, mo
     # The anonymised input (empty SOPClassUID) is written; no --overwrite needed after a failure.
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
     ds = ctio.discover(out)
-    assert ds.paired and len(ds.records) == 3 and (out / Mysimulate.MARKER).is_file()
+    assert ds.paired and len(ds.records) == 3 and (out / ctdose.MARKER).is_file()
     # --overwrite replaces a simulated dataset, but never a folder Mysimulate did not write.
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out, "--overwrite",
                             "--seed", "5"]) == 0
@@ -296,7 +299,7 @@ def test_sigkill_leaves_no_dataset_that_looks_complete(tmp_path):
 def test_headerless_calibration_on_real_pairs(real_data):
     """Issue 19 item 7: .npy/.tif input (no header) gets real-QD-like noise: simulated dose 0.25
     from the 7 real pairs' FD vs their real QD - FD, body noise std, within 15 % on average."""
-    pairs = Mysimulate.headerless_calibration(real_data)
+    pairs = ctdose.headerless_calibration(real_data)
     assert len(pairs) == 7
     real = np.mean([r for r, _ in pairs.values()])
     sim = np.mean([s for _, s in pairs.values()])
@@ -311,8 +314,8 @@ def test_phantom_painters_compose_to_the_reference_demo_images():
     also bit-identical; the rounding to integer HU keeps this check independent of the last
     float bits of scipy's blur)."""
     h = hashlib.sha256()
-    for p in range(Mysimulate.DEMO_PATIENTS):
-        for _k, _z, fd in Mysimulate.demo_phantom_slices(p, size=96):
+    for p in range(ctfixtures.DEMO_PATIENTS):
+        for _k, _z, fd in ctfixtures.demo_phantom_slices(p, size=96):
             h.update(fd.astype("<i2").tobytes())
     assert h.hexdigest() == "ed66d9e417430680b74115ef6b78c37eef20bd6ab966cf83ca4d782c04b5f65b"
 
@@ -321,11 +324,11 @@ def test_mayo_like_fixture_is_discovered_and_paired(tmp_path):
     """The scale fixture is a Mayo tree that ctio.discover pairs: the right counts, anatomy that
     changes along z, quarter dose with a real-QD-like noise level; its folder is not replaced
     without --overwrite."""
-    out = Mysimulate.make_mayo_like(tmp_path / "ml", patients=2, slices=3, size=64, workers=1)
+    out = ctfixtures.make_mayo_like(tmp_path / "ml", patients=2, slices=3, size=64, workers=1)
     ds = ctio.discover(out)
     assert ds.layout == "mayo" and ds.paired and ds.patients == ["ML01", "ML02"]
     assert len(ds.records) == 6 and {r.shape for r in ds.records} == {(64, 64)}
-    assert (out / "ML01" / "quarter_3mm").is_dir() and (out / Mysimulate.MARKER).is_file()
+    assert (out / "ML01" / "quarter_3mm").is_dir() and (out / ctdose.MARKER).is_file()
     fds = []
     for rec in ds.records[:3]:
         fd, fd_hdr = ctio.read_slice(rec.fd_path)
@@ -333,15 +336,64 @@ def test_mayo_like_fixture_is_discovered_and_paired(tmp_path):
         assert fd_hdr.SliceLocation == ld_hdr.SliceLocation and fd.max() > 300  # spine
         fds.append(fd)
     # The lowest slice (k = 2) is an anchor: its noise level is the simulator's there.
-    px = Mysimulate.DEMO_FOV_MM / 64
-    direct = Mysimulate.simulate_pair_from_fd(fds[0], 0.25, px, (9, 9),
-                                              i0=Mysimulate.matched_i0(px))
+    px = ctfixtures.DEMO_FOV_MM / 64
+    direct = ctdose.simulate_pair_from_fd(fds[0], 0.25, px, (9, 9),
+                                              i0=ctdose.matched_i0(px))
     ld0 = ctio.read_slice(ds.records[0].ld_path)[0]
-    ratio = (Mysimulate.noise_std_in_body(ld0, fds[0])
-             / Mysimulate.noise_std_in_body(direct, fds[0]))
+    ratio = (ctdose.noise_std_in_body(ld0, fds[0])
+             / ctdose.noise_std_in_body(direct, fds[0]))
     assert 0.7 < ratio < 1.4, ratio
     assert np.abs(fds[0] - fds[2]).mean() > 1  # anatomy varies along z
-    *_, last = Mysimulate.mayo_like_patient_slices(0, 3, 64)  # deterministic; z falls with k
+    *_, last = ctfixtures.mayo_like_patient_slices(0, 3, 64)  # deterministic; z falls with k
     np.testing.assert_array_equal(last[3], ld0)
     r = run_cli("--mayo-like", out, "--patients", 1, "--slices", 1, "--size", 32)
     assert r.returncode == 2 and "folder exists and is not empty" in r.stderr
+
+
+def _retag(folder: Path, **tags) -> None:
+    import pydicom
+
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.save_as(f)
+
+
+def test_monochrome1_input_gives_a_monochrome2_pair_with_the_same_hu(tmp_path):
+    """Issue 26 item 8: the simulated QD is MONOCHROME2, so the FD copy is too (same HU)."""
+    src = tmp_path / "fd" / "P1"
+    write_fd_series(src)
+    _retag(src, PhotometricInterpretation="MONOCHROME1")
+    before = tree_hash(tmp_path / "fd")
+    out = tmp_path / "out"
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out, "--seed", "1"]) == 0
+    assert tree_hash(tmp_path / "fd") == before
+    ds = ctio.discover(out)
+    originals = {ctio.slice_position(ctio.read_dicom_header(f)): f for f in src.iterdir()}
+    assert len(ds.records) == 3
+    for rec in ds.records:
+        q, f = ctio.read_dicom_header(rec.ld_path), ctio.read_dicom_header(rec.fd_path)
+        assert q.PhotometricInterpretation == f.PhotometricInterpretation == "MONOCHROME2"
+        np.testing.assert_array_equal(ctio.read_slice(rec.fd_path)[0],
+                                      ctio.read_slice(originals[rec.position])[0])
+        assert f.SOPInstanceUID != ctio.read_dicom_header(originals[rec.position]).SOPInstanceUID
+
+
+def test_anisotropic_pixel_spacing_is_said_once_per_series(tmp_path, capsys):
+    """Issue 26 item 8: the simulator projects square pixels; anisotropic PixelSpacing is
+    simulated at the mean spacing, and the user is told so (one note per series, and in
+    SIMULATION.json); an explicit --pixel-mm says nothing."""
+    src = tmp_path / "fd" / "P1"
+    write_fd_series(src)
+    _retag(src, PixelSpacing=[4.0, 5.0])
+    out = tmp_path / "out"
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
+    notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note:")]
+    assert len(notes) == 1 and "anisotropic PixelSpacing 4 x 5 mm" in notes[0]
+    assert "4.5 mm" in notes[0]
+    marker = json.loads((out / Mysimulate.MARKER).read_text())
+    assert list(marker["anisotropic_pixel_spacing"].values()) == [[4.0, 5.0]]
+    assert Mysimulate.main(["--input", tmp_path / "fd", "--out", tmp_path / "o2",
+                            "--pixel-mm", "4.5"]) == 0
+    assert "anisotropic" not in capsys.readouterr().err

@@ -173,13 +173,13 @@ def test_cpu_kernels_chosen_only_where_tf_would_not_and_the_user_did_not(monkeyp
 def test_demo_test_patient_is_held_out_like_any_exclude(tmp_path, monkeypatch):
     """No --data: the demo's test patient goes through --exclude (recorded in config.json's
     train.exclude, so --resume holds it out too); prepare() needs no TensorFlow."""
-    import Mysimulate
+    import ctfixtures
     import Mytrain
 
-    demo = Mysimulate.make_demo(tmp_path / "demo", slices=2, size=64)
+    demo = ctfixtures.make_demo(tmp_path / "demo", slices=2, size=64)
     monkeypatch.setattr(Mytrain, "DEMO_DIR", demo)
     plan = Mytrain.prepare(["--out", str(tmp_path / "run"), "--exclude", "DEMO01:0001"])
-    test_patient = Mysimulate.DEMO_TEST_PATIENT
+    test_patient = ctfixtures.DEMO_TEST_PATIENT
     assert plan.args.exclude == ["DEMO01:0001", test_patient]
     assert test_patient not in plan.dataset.patients and "DEMO01" in plan.dataset.patients
     assert all((r.patient, r.slice_id) != ("DEMO01", "0001") for r in plan.dataset.records)
