@@ -70,6 +70,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+import ctdata
 import ctio
 
 # --- Noise model constants ----------------------------------------------------------------------
@@ -267,7 +268,7 @@ def exposure_factors(headers: Sequence) -> list[float]:
     return [v / median for v in values]
 
 
-def _series_factors(records: Sequence[ctio.SliceRecord]) -> dict[str, float]:
+def _series_factors(records: Sequence[ctdata.SliceRecord]) -> dict[str, float]:
     """{fd_path: exposure factor}, one series per (patient, folder) of DICOM FD files."""
     series: dict[tuple[str, str], list[str]] = {}
     for rec in records:
@@ -295,7 +296,7 @@ def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: f
     data = Path(data_dir)
     figures: dict = {}
     for key, sub in (("real_npy", "mayo_pairs/npy_redcnn"), ("real_tif", "mayo_pairs/tif_cncl")):
-        ds = ctio.discover(data / sub)
+        ds = ctdata.discover(data / sub)
         if not ds.paired:
             raise ctio.CTDataError(f"{data / sub}: expected QD/FD pairs")
         figures[key] = {f"{r.patient}_{r.slice_id}": noise_std_in_body(
@@ -303,7 +304,7 @@ def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: f
     real = list(figures["real_npy"].values()) + list(figures["real_tif"].values())
     figures["real_mean"] = float(np.mean(real))
 
-    ds = ctio.discover(data / "L067_full_1mm", layout="dicom", single_role="fd")
+    ds = ctdata.discover(data / "L067_full_1mm", layout="dicom", single_role="fd")
     factors = _series_factors(ds.records)
     picks = np.unique(np.linspace(0, len(ds.records) - 1, max(1, n_slices)).round().astype(int))
     sim = {}
@@ -353,7 +354,7 @@ def headerless_calibration(data_dir, *, dose: float = 0.25, i0: float = I0_DEFAU
     data = Path(data_dir)
     out = {}
     for sub in ("mayo_pairs/npy_redcnn", "mayo_pairs/tif_cncl"):
-        for r in ctio.discover(data / sub).records:
+        for r in ctdata.discover(data / sub).records:
             fd, header = ctio.read_slice(r.fd_path)
             ld = simulate_pair_from_fd(fd, dose, pixel_size_mm(header, fd.shape, None),
                                        slice_seed(seed, r.patient, r.slice_id),
@@ -460,7 +461,7 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
     """
     input_dir, out = Path(input_dir), Path(out)
     _check_out(out, overwrite, [input_dir])
-    ds = ctio.discover(input_dir, layout, single_role="fd")
+    ds = ctdata.discover(input_dir, layout, single_role="fd")
     records = [r for r in ds.records if r.fd_path]
     if not records:
         raise ctio.CTDataError(f"{input_dir}: no full-dose slices found (layout {ds.layout}); "
@@ -490,7 +491,7 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
             "slices": len(records), "seconds": time.time() - start}
 
 
-def _write_simulated(dest: Path, layout: str, rec: ctio.SliceRecord, ld: np.ndarray, header,
+def _write_simulated(dest: Path, layout: str, rec: ctdata.SliceRecord, ld: np.ndarray, header,
                      dose: float, seed: int, counters: dict[Path, int]) -> None:
     """Write one simulated slice and a copy of its full-dose source into ``dest``."""
     src = Path(rec.fd_path)
@@ -1300,7 +1301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (required with --input and --demo)")
     ap.add_argument("--dose", type=float, default=0.25, help="dose fraction in (0, 1)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (per-slice streams)")
-    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+    ap.add_argument("--layout", choices=ctdata.LAYOUTS, default=None,
                     help="input layout (auto-detected when not given)")
     ap.add_argument("--pixel-mm", type=float, default=None,
                     help="pixel size in mm (when not given: DICOM PixelSpacing, else "

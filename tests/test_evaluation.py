@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import cli
 
+import ctdata
 import ctio
 import ctrun
 
@@ -439,7 +440,7 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     assert "| LDCT (simulated input) |" in printed and Myevaluation.NPS_SIM_PROTOCOL in printed
 
     diffs = []
-    records = ctio.discover(fd_dir, None, single_role="fd").records  # table order
+    records = ctdata.discover(fd_dir, None, single_role="fd").records  # table order
     for i, rec in enumerate(records[:2]):
         fd, header = ctio.read_slice(rec.fd_path)
         px = Mysimulate.pixel_size_mm(header, fd.shape, None)
