@@ -173,7 +173,7 @@ class SliceCache:
         def stat(p):
             if not p:
                 return None
-            st = os.stat(p)
+            st = os.stat(ctio.split_frame(p)[0])  # a frame of a multi-frame file: its file
             return [os.path.abspath(p), st.st_size, st.st_mtime_ns]
 
         sim = None if rec.ld_path else [self.simulate_dose, self.seed]

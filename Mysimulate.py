@@ -495,7 +495,7 @@ def _write_simulated(dest: Path, layout: str, rec: ctdata.SliceRecord, ld: np.nd
                      dose: float, seed: int, counters: dict[Path, int]) -> None:
     """Write one simulated slice and a copy of its full-dose source into ``dest``."""
     src = Path(rec.fd_path)
-    if layout in ("mayo", "dicom"):
+    if layout in ("mayo", "dicom", "tree"):
         if header is None:
             raise ctio.CTDataError(f"{src}: expected a DICOM slice")
         suffix = "sim"

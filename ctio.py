@@ -166,8 +166,91 @@ def _check_image(hu: np.ndarray, path) -> np.ndarray:
     return hu.astype(np.float32, copy=False)
 
 
-def read_dicom_header(path, with_pixels: bool = False):
-    """Read a DICOM file with pydicom; a non-DICOM, corrupt or non-CT file is a CTDataError."""
+class NotASliceError(CTDataError):
+    """A file among the slices that is not a CT image slice (not DICOM, not an image, or a
+    colour / secondary-capture picture such as a dose report): discovery skips it with a note."""
+
+
+FRAME_MARK = "#frame="  # a frame of a multi-frame file: "FILE#frame=N", N from 1 (DICOM's count)
+_FRAME_PATH = re.compile(rf"^(?P<file>.+){re.escape(FRAME_MARK)}(?P<n>\d+)$")
+# Functional groups (DICOM PS3.3 C.7.6.16) whose attributes a frame of an Enhanced CT image
+# carries at the top level in a classic CT image: macro sequence -> its attributes.
+_FRAME_MACROS = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth"),
+    "CTImageFrameTypeSequence": ("FrameType",),
+}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # prefix of every Secondary Capture SOP class
+
+
+def frame_path(path, frame: int) -> str:
+    """The path that names frame ``frame`` (from 1) of the multi-frame file ``path``."""
+    return f"{path}{FRAME_MARK}{int(frame)}"
+
+
+def split_frame(path) -> tuple[Path, Optional[int]]:
+    """``(file, frame)`` of a :func:`frame_path` (frame None for a plain file path)."""
+    m = _FRAME_PATH.match(str(path))
+    if m and not Path(str(path)).exists():
+        return Path(m["file"]), int(m["n"])
+    return Path(str(path)), None
+
+
+def number_of_frames(ds) -> int:
+    """NumberOfFrames (1 when absent or empty)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def is_multiframe(ds) -> bool:
+    """An Enhanced (functional-group) image or any file holding more than one frame."""
+    return "PerFrameFunctionalGroupsSequence" in ds or number_of_frames(ds) > 1
+
+
+def frame_header(ds, frame: int, path):
+    """The header of frame ``frame`` (from 1) of the multi-frame image ``ds`` as a classic CT slice
+    has it: the Shared, then that frame's Per-frame Functional Groups (:data:`_FRAME_MACROS`:
+    position, orientation, pixel spacing, rescale, window, frame type -> ImageType) copied to the
+    top level, without the groups and pixel data; InstanceNumber is the frame number.
+    ``source_frame`` (a Python attribute, not a DICOM element) keeps the frame number for the
+    derived images' SourceImageSequence."""
+    import copy
+
+    n = number_of_frames(ds)
+    if not 1 <= frame <= n:
+        raise CTDataError(f"{path}: no frame {frame} (the file holds {n})")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if per_frame and len(per_frame) != n:
+        raise CTDataError(f"{path}: {len(per_frame)} per-frame functional groups for {n} frames")
+    groups = [*(ds.get("SharedFunctionalGroupsSequence") or [])[:1],
+              *([per_frame[frame - 1]] if per_frame else [])]
+    from pydicom.dataset import Dataset
+
+    skip = {"PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelData",
+            "NumberOfFrames"}
+    flat = Dataset()
+    for elem in ds:
+        if elem.keyword not in skip:
+            flat.add(copy.deepcopy(elem))
+    if hasattr(ds, "file_meta"):
+        flat.file_meta = copy.deepcopy(ds.file_meta)
+    for group in groups:
+        for macro, keywords in _FRAME_MACROS.items():
+            for item in group.get(macro) or []:
+                for kw in keywords:
+                    if kw in item:
+                        setattr(flat, "ImageType" if kw == "FrameType" else kw, item[kw].value)
+    flat.InstanceNumber = frame  # one instance per frame once written as classic slices
+    flat.source_frame = frame
+    return flat
+
+
+def _read_dicom_file(path, with_pixels: bool):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -175,19 +258,56 @@ def read_dicom_header(path, with_pixels: bool = False):
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=not with_pixels)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        except InvalidDicomError:
+            raise NotASliceError(f"{path}: not a readable DICOM file (no DICOM preamble)") from None
+        except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
             raise _unreadable(path, "DICOM", e) from None
     eof = [str(w.message) for w in caught if "End of file" in str(w.message)]
     if eof or len(ds) == 0:
         raise CTDataError(f"{path}: truncated or corrupt DICOM file "
                           f"({eof[0] if eof else 'no data elements'})")
+    return ds
+
+
+def _check_ct_image(ds, path) -> None:
+    sop = str(ds.get("SOPClassUID", "") or "")
     modality = str(ds.get("Modality", "")).upper()
+    if "Rows" not in ds and modality not in ("", "CT"):  # a dose report, presentation state...
+        raise NotASliceError(f"{path}: not an image (modality {modality})")
     if modality != "CT":
         raise CTDataError(f"{path}: modality is {modality or 'missing'}, not CT")
     if "Rows" not in ds or "Columns" not in ds:
         raise CTDataError(f"{path}: DICOM without image size (Rows/Columns): truncated or "
                           "corrupt file, or not an image")
+    if sop.startswith(_SECONDARY_CAPTURE) or int(ds.get("SamplesPerPixel") or 1) != 1:
+        what = "secondary-capture" if sop.startswith(_SECONDARY_CAPTURE) else "colour"
+        desc = str(ds.get("SeriesDescription", "") or "").strip()
+        raise NotASliceError(f"{path}: a {what} image{f' ({desc})' if desc else ''}, "
+                             "not a CT slice")
+
+
+def read_dicom_header(path, with_pixels: bool = False):
+    """Read a DICOM file (or one frame of a multi-frame file, see :func:`frame_path` and
+    :func:`frame_header`) with pydicom. A corrupt or non-CT file is a CTDataError; a file that is
+    no CT image slice at all (not DICOM, no image, colour or secondary capture) is a
+    :class:`NotASliceError`."""
+    file, frame = split_frame(path)
+    ds = _read_dicom_file(file, with_pixels and frame is None)
+    _check_ct_image(ds, path)
+    if frame is not None or "PerFrameFunctionalGroupsSequence" in ds:
+        return frame_header(ds, frame or 1, file)
     return ds
+
+
+def dicom_frames(path) -> list[tuple[str, object]]:
+    """``[(slice path, header)]`` of a DICOM file: itself, or one :func:`frame_path` and
+    :func:`frame_header` per frame of a multi-frame image (headers only, no pixels decoded)."""
+    ds = _read_dicom_file(path, False)
+    _check_ct_image(ds, path)
+    if not is_multiframe(ds):
+        return [(str(path), ds)]
+    return [(frame_path(path, k), frame_header(ds, k, path))
+            for k in range(1, number_of_frames(ds) + 1)]
 
 
 def _check_decodable(ds, path) -> None:
@@ -212,7 +332,8 @@ def _check_decodable(ds, path) -> None:
 
 
 def read_dicom(path) -> tuple[np.ndarray, object]:
-    """DICOM slice -> (HU float32 [H, W], header without pixel data).
+    """DICOM slice, or one frame of a multi-frame file (:func:`frame_path`) -> (HU float32
+    [H, W], header without pixel data; a frame's header is its :func:`frame_header`).
 
     HU = pydicom's modality LUT (RescaleSlope / RescaleIntercept, or a Modality LUT Sequence).
     Pixels equal to PixelPaddingValue and anything below -1024 HU (out-of-field) become -1024 HU.
@@ -221,16 +342,18 @@ def read_dicom(path) -> tuple[np.ndarray, object]:
     14, JPEG baseline/extended, JPEG-LS), pyjpegls
     (JPEG-LS). A syntax without an installed decoder is a CTDataError naming the package.
     """
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut, pixel_array
 
     ds = read_dicom_header(path, with_pixels=True)
-    if "PixelData" not in ds:
+    frame = getattr(ds, "source_frame", None)  # a frame of a multi-frame file: decode only it
+    if frame is None and "PixelData" not in ds:
         raise CTDataError(f"{path}: DICOM without pixel data")
     _check_decodable(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = ds.pixel_array
+            raw = (ds.pixel_array if frame is None
+                   else pixel_array(str(split_frame(path)[0]), index=frame - 1))
     except Exception as e:  # pydicom raises many types for truncated or undecodable data
         raise CTDataError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from None
     if raw.ndim != 2:
@@ -243,7 +366,8 @@ def read_dicom(path) -> tuple[np.ndarray, object]:
     if pad is not None:
         hu[raw == pad] = HU_MIN
     np.maximum(hu, HU_MIN, out=hu)
-    del ds.PixelData
+    if "PixelData" in ds:
+        del ds.PixelData
     return _check_image(hu, path), ds
 
 
@@ -508,10 +632,41 @@ def sop_class_uid(ds) -> str:
     import pydicom.uid
 
     meta = getattr(ds, "file_meta", None)
+    if getattr(ds, "source_frame", None) is not None:  # one frame of a multi-frame image
+        return pydicom.uid.CTImageStorage
     for uid in (ds.get("SOPClassUID"), meta and meta.get("MediaStorageSOPClassUID")):
         if uid and str(uid).strip():
             return str(uid).strip()
     return pydicom.uid.CTImageStorage
+
+
+def _derived_from(ds, source) -> None:
+    """Mark ``ds`` (a copy of ``source``'s header) as derived from ``source`` now: its
+    SourceImageSequence names ``source``'s SOP Instance (and frame, for a frame of a multi-frame
+    image; DICOM PS3.3 C.7.6.1.1.4), not the sources ``source`` itself listed; ContentDate /
+    ContentTime and InstanceCreationDate / Time are the time of writing. A source without
+    SOPInstanceUID (generated data) is referenced by nothing."""
+    import datetime
+
+    from pydicom.dataset import Dataset
+
+    now = datetime.datetime.now()
+    ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S.%f")
+    if "SourceImageSequence" in ds:
+        del ds.SourceImageSequence
+    instance = str(source.get("SOPInstanceUID", "") or "").strip()
+    if not instance:
+        return
+    ref = Dataset()
+    meta = getattr(source, "file_meta", None)
+    ref.ReferencedSOPClassUID = str(source.get("SOPClassUID", "") or "").strip() or (
+        meta and meta.get("MediaStorageSOPClassUID")) or ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = instance
+    frame = getattr(source, "source_frame", None)
+    if frame is not None:
+        ref.ReferencedFrameNumber = int(frame)
+    ds.SourceImageSequence = [ref]
 
 
 def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: str,
@@ -520,7 +675,9 @@ def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: s
 
     Pixels are re-encoded with the header's rescale (uncompressed, explicit VR little endian);
     SeriesInstanceUID is ``series_uid``, SOPInstanceUID is new, and ``description`` goes into
-    SeriesDescription. ``derived`` marks ImageType DERIVED\\SECONDARY.
+    SeriesDescription. ``derived`` marks ImageType DERIVED\\SECONDARY, references ``header``'s
+    SOP Instance (and frame) in SourceImageSequence and dates the content now
+    (:func:`_derived_from`).
     """
     import copy
 
@@ -550,10 +707,11 @@ def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: s
     ds.SeriesDescription = description[:64]
     if series_number is not None:
         ds.SeriesNumber = series_number
+    ds.SOPClassUID = sop_class_uid(ds)
     if derived:
         ds.ImageType = ["DERIVED", "SECONDARY"]
+        _derived_from(ds, header)
     meta = pydicom.dataset.FileMetaDataset(getattr(ds, "file_meta", pydicom.dataset.Dataset()))
-    ds.SOPClassUID = sop_class_uid(ds)
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
