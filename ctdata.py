@@ -425,8 +425,8 @@ def _patient_name(t: _DicomSlice, root: Path) -> str:
 def _match_series(qd: list, fd: list) -> list[tuple[Optional[list], Optional[list]]]:
     """Pair one patient's QD and FD series (lists of slices sorted by position) by their slice
     positions: one of each is one pair (its mismatches are reported slice by slice); otherwise
-    each QD series needs exactly one FD series with the same positions. FD series left over are
-    full dose without a pair (for simulation)."""
+    each QD series needs exactly one FD series with the same positions; FD series left over are
+    skipped with a note. A patient without QD series is full dose only (for simulation)."""
     if not fd or not qd or (len(qd) == 1 and len(fd) == 1):
         return [(q, fd[0] if fd else None) for q in qd] if qd else [(None, f) for f in fd]
 
@@ -442,7 +442,10 @@ def _match_series(qd: list, fd: list) -> list[tuple[Optional[list], Optional[lis
                               f"{q[0].series_number}, {q[0].description or 'no description'})")
         used.add(same[0])
         pairs.append((q, fd[same[0]]))
-    return pairs + [(None, f) for i, f in enumerate(fd) if i not in used]
+    for f in (f for i, f in enumerate(fd) if i not in used):
+        print(f"note: skipped full-dose series {f[0].series_number} in {f[0].path.parent}: no "
+              "quarter / low-dose series has its slice positions")
+    return pairs
 
 
 def _unit_labels(units) -> list[str]:

@@ -117,7 +117,7 @@ def test_dicomdir_cd_export_groups_series_by_patient_and_pairs_by_description(tm
     assert "AUTORUN" not in capsys.readouterr().out
 
 
-def test_nested_tree_one_patient_identity_across_folders_and_series(tmp_path):
+def test_nested_tree_one_patient_identity_across_folders_and_series(tmp_path, capsys):
     """ROOT/<visit>/<study>/<series>/*.dcm: one PatientID in two folders with two QD/FD series pairs
     (3 mm and 1 mm, paired by slice position) is ONE patient for every loader; a patient
     without PatientID, or with a placeholder one, is named by its top folder."""
@@ -130,12 +130,15 @@ def test_nested_tree_one_patient_identity_across_folders_and_series(tmp_path):
                  description="low dose 1mm")
     write_series(root / "anon" / "a" / "quarter_x", [2.0, 4.0], patient="", offset=5.0)
     write_series(root / "anon" / "a" / "full_x", [4.0, 2.0], patient="")
+    write_series(root / "anon" / "a" / "full_thin", [2.0, 2.5, 3.0], patient="")  # no QD partner
     for name in ("L067", "L096"):  # as in the Mayo challenge files: PatientID "Anonymous"
         write_series(root / name / "a" / "quarter_y", [2.0], patient="Anonymous", offset=5.0)
         write_series(root / name / "a" / "full_y", [2.0], patient="Anonymous")
     ds = ctdata.discover(root)
     assert ds.layout == "tree" and ds.paired
     assert ds.patients == ["L067", "L096", "P_7", "anon"]
+    assert "skipped full-dose series 1 in " + str(root / "anon" / "a" / "full_thin") in \
+        capsys.readouterr().out
     ids = [r.slice_id for r in ds.records if r.patient == "P_7"]
     assert sorted(ids) == ["3mm_0000", "3mm_0001", "3mm_0002", "s1_0000", "s1_0001"]
     check_pairs(ds)
