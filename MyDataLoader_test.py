@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+import ctdata
 import ctio
 
 
@@ -36,12 +37,12 @@ class TestSlice:
 
 
 def load_test_dataset(data, layout: Optional[str] = None,
-                      patients: Optional[list[str]] = None) -> ctio.CTDataset:
+                      patients: Optional[list[str]] = None) -> ctdata.CTDataset:
     """Find the slices under ``data``; an unpaired DICOM series counts as low-dose input.
 
     Raises CTDataError if nothing usable is found or a requested patient is absent.
     """
-    ds = ctio.discover(data, layout, single_role="ld")
+    ds = ctdata.discover(data, layout, single_role="ld")
     if not ds.has_ld:
         raise ctio.CTDataError(f"{data}: only full-dose slices found; nothing to denoise")
     if patients:
@@ -53,7 +54,7 @@ def load_test_dataset(data, layout: Optional[str] = None,
     return ds
 
 
-def read_record(rec: ctio.SliceRecord) -> TestSlice:
+def read_record(rec: ctdata.SliceRecord) -> TestSlice:
     """Decode one record (LD and, if present, FD) to HU."""
     ld, header = ctio.read_slice(rec.ld_path)
     fd = ctio.read_slice(rec.fd_path)[0] if rec.fd_path else None
@@ -64,7 +65,7 @@ def read_record(rec: ctio.SliceRecord) -> TestSlice:
                      header)
 
 
-def iter_slices(dataset: ctio.CTDataset) -> Iterator[TestSlice]:
+def iter_slices(dataset: ctdata.CTDataset) -> Iterator[TestSlice]:
     """Yield the dataset's slices in order, one decoded slice at a time."""
     for rec in dataset.records:
         yield read_record(rec)
@@ -74,11 +75,11 @@ def main(argv=None) -> int:
     ap = ctio.ArgumentParser(description="Check a dataset for denoising (Mytest.py).",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder (any supported layout)")
-    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+    ap.add_argument("--layout", choices=ctdata.LAYOUTS, default=None,
                     help="override layout auto-detection")
     args = ap.parse_args(argv)
     ds = load_test_dataset(args.data, args.layout)
-    ctio.print_summary(ctio.summarize(ds), args.data)
+    ctdata.print_summary(ctdata.summarize(ds), args.data)
     return 0
 
 

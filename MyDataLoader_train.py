@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+import ctdata
 import ctio
 import ctrun
 
@@ -48,7 +49,7 @@ class Split:
 
 def find_training_data(paths: Sequence[str], layout: Optional[str] = None,
                        simulate_dose: Optional[float] = None,
-                       exclude: Optional[Sequence[str]] = None) -> ctio.CTDataset:
+                       exclude: Optional[Sequence[str]] = None) -> ctdata.CTDataset:
     """Discover one or more dataset folders and check they can be trained on.
 
     Slices with a real QD/FD pair are used as they are. Full-dose-only slices need
@@ -62,7 +63,7 @@ def find_training_data(paths: Sequence[str], layout: Optional[str] = None,
     return apply_exclude(dataset, exclude)
 
 
-def apply_exclude(dataset: ctio.CTDataset, exclude: Optional[Sequence[str]]) -> ctio.CTDataset:
+def apply_exclude(dataset: ctdata.CTDataset, exclude: Optional[Sequence[str]]) -> ctdata.CTDataset:
     """``dataset`` without the ``exclude`` specs' slices; CTDataError if nothing is left."""
     if not exclude:
         return dataset
@@ -73,13 +74,13 @@ def apply_exclude(dataset: ctio.CTDataset, exclude: Optional[Sequence[str]]) -> 
     return kept
 
 
-def discover_all(paths: Sequence[str], layout: Optional[str] = None) -> list[ctio.CTDataset]:
-    """``ctio.discover`` each folder; unpaired DICOM series count as full dose."""
-    return [ctio.discover(p, layout, single_role="fd") for p in paths]
+def discover_all(paths: Sequence[str], layout: Optional[str] = None) -> list[ctdata.CTDataset]:
+    """``ctdata.discover`` each folder; unpaired DICOM series count as full dose."""
+    return [ctdata.discover(p, layout, single_role="fd") for p in paths]
 
 
-def check_trainable(found: list[ctio.CTDataset],
-                    simulate_dose: Optional[float] = None) -> ctio.CTDataset:
+def check_trainable(found: list[ctdata.CTDataset],
+                    simulate_dose: Optional[float] = None) -> ctdata.CTDataset:
     """Merge discovered folders, refusing slices that cannot be trained on (see above)."""
     if simulate_dose is not None and not 0.0 < simulate_dose < 1.0:
         raise ctio.CTDataError(f"--simulate-dose must be in (0, 1), got {simulate_dose}")
@@ -100,10 +101,11 @@ def check_trainable(found: list[ctio.CTDataset],
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ctio.CTDataError(f"patient {dup[0]} slice {dup[1]} appears in two --data folders")
-    return ctio.CTDataset("+".join(sorted(set(layouts))), ",".join(d.root for d in found), records)
+    return ctdata.CTDataset("+".join(sorted(set(layouts))), ",".join(d.root for d in found),
+                            records)
 
 
-def split_patients(dataset: ctio.CTDataset, val_patients: Optional[Sequence[str]] = None,
+def split_patients(dataset: ctdata.CTDataset, val_patients: Optional[Sequence[str]] = None,
                    val_fraction: float = VAL_FRACTION) -> Split:
     """Patient-level train/validation split.
 
@@ -182,7 +184,7 @@ class SliceCache:
         def stat(p):
             if not p:
                 return None
-            st = os.stat(p)
+            st = os.stat(ctio.split_frame(p)[0])  # a frame of a multi-frame file: its file
             return [os.path.abspath(p), st.st_size, st.st_mtime_ns]
 
         sim = None if rec.ld_path else [self.simulate_dose, self.seed]
@@ -430,7 +432,7 @@ def main(argv=None) -> int:
     ap = ctio.ArgumentParser(description="Check a dataset for training (Mytrain.py).",
                              formatter_class=ctio.HelpFormatter)
     ap.add_argument("--data", required=True, nargs="+", help="dataset folder(s)")
-    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+    ap.add_argument("--layout", choices=ctdata.LAYOUTS, default=None,
                     help="override layout auto-detection")
     ap.add_argument("--simulate-dose", type=float, default=None,
                     help="simulate this dose fraction for full-dose-only slices")
@@ -446,12 +448,12 @@ def main(argv=None) -> int:
         # A full-dose-only folder is a valid dataset for simulation: summarise it and say so.
         if all(not r.ld_path for d in found for r in d.records):
             for d, p in zip(found, args.data):
-                ctio.print_summary(ctio.summarize(d), p)
+                ctdata.print_summary(ctdata.summarize(d), p)
             print("note:      full dose only: train on it with --simulate-dose 0.25 "
                   "(or simulate a dataset with Mysimulate.py)")
             return 0
     ds = apply_exclude(check_trainable(found, args.simulate_dose), args.exclude)
-    ctio.print_summary(ctio.summarize(ds), " ".join(args.data))
+    ctdata.print_summary(ctdata.summarize(ds), " ".join(args.data))
     split = split_patients(ds, args.val_patients)
     print(f"split:     {len(split.train)} training / {len(split.val)} validation slices; "
           f"{split.how}")

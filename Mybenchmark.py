@@ -51,6 +51,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+import ctdata
 import ctio
 import ctrun
 
@@ -873,7 +874,7 @@ def bench_scale(data: Optional[Path], quick: bool, timeout: float, say: Callable
                                                 if marker.is_file() else {})}
         say("scale: discovery (headers only) ...")
         t0 = time.perf_counter()
-        ds = ctio.discover(data)
+        ds = ctdata.discover(data)
         dt = time.perf_counter() - t0
         files = 2 * len(ds.records) if ds.paired else len(ds.records)
         res["discovery"] = {"files": files, "seconds": dt, "files_per_s": files / dt}

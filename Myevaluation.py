@@ -52,6 +52,7 @@ from typing import Optional
 
 import numpy as np
 
+import ctdata
 import ctio
 import ctmetrics
 import ctqa
@@ -88,7 +89,7 @@ def read_manifest(out: Path) -> list[dict]:
 def attach_references(rows: list[dict], data: Optional[str], layout: Optional[str]) -> None:
     """Replace each row's ``fd_path`` by the reference found under ``data`` (same patient and
     slice id); rows without one get an empty ``fd_path``."""
-    ds = ctio.discover(data, layout, single_role="fd")
+    ds = ctdata.discover(data, layout, single_role="fd")
     found = {(r.patient, r.slice_id): r for r in ds.records if r.fd_path}
     if not found:
         raise ctio.CTDataError(f"{data}: no full-dose reference slices found")
@@ -540,7 +541,7 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     import ctdose
     import Mytest
 
-    ds = ctio.discover(fd_path, layout, single_role="fd")
+    ds = ctdata.discover(fd_path, layout, single_role="fd")
     records = [r for r in ds.records if r.fd_path][:max_slices]
     if not records:
         raise ctio.CTDataError(f"{fd_path}: no full-dose slices found")
@@ -801,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, metavar="PATH",
                     help="dataset folder to take the full-dose references from instead of the "
                     "manifest's fd_path (default: the manifest's references)")
-    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+    ap.add_argument("--layout", choices=ctdata.LAYOUTS, default=None,
                     help="layout of --data / --nps-sim (default: auto-detected)")
     ap.add_argument("--gaussian-sigma", type=float, default=0.7, metavar="SIGMA",
                     help="sigma (pixels) of the Gaussian-filter baseline")

@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+import ctdata
 import ctio
 from ctdose import (
     ASSUMED_FOV_MM,
@@ -95,14 +96,14 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
     """
     input_dir, out = Path(input_dir), Path(out)
     check_out(out, overwrite, [input_dir])
-    ds = ctio.discover(input_dir, layout, single_role="fd")
+    ds = ctdata.discover(input_dir, layout, single_role="fd")
     records = [r for r in ds.records if r.fd_path]
     if not records:
         raise ctio.CTDataError(f"{input_dir}: no full-dose slices found (layout {ds.layout}); "
                                "give full-dose input (clean/, *_target.npy, full_* or DICOM)")
     for rec in records:  # a corrupt or NaN slice fails here, before anything is written
         ctio.read_slice(rec.fd_path)
-    factors = series_factors(records) if ds.layout in ("mayo", "dicom") else {}
+    factors = series_factors(records) if ds.layout in ("mayo", "dicom", "tree") else {}
     start = time.time()
     bar = Progress(len(records), f"simulating dose {dose:g}") if progress else None
     ctio.remove_stale_temporaries([out.parent])  # folders of killed earlier runs
@@ -129,7 +130,7 @@ def simulate_dataset(input_dir, out, dose: float, *, seed: int = 0, layout: Opti
             "slices": len(records), "seconds": time.time() - start}
 
 
-def _note_anisotropic(header, rec: ctio.SliceRecord, px: float,
+def _note_anisotropic(header, rec: ctdata.SliceRecord, px: float,
                       seen: dict[str, list[float]]) -> None:
     """The simulator projects square pixels: a slice whose two PixelSpacing values differ (by
     more than 1 %) is simulated at their mean ``px``; say so once per series (stderr note, and
@@ -146,7 +147,7 @@ def _note_anisotropic(header, rec: ctio.SliceRecord, px: float,
               "mean, its texture is not stretched)", file=sys.stderr)
 
 
-def _write_simulated(dest: Path, layout: str, rec: ctio.SliceRecord, ld: np.ndarray,
+def _write_simulated(dest: Path, layout: str, rec: ctdata.SliceRecord, ld: np.ndarray,
                      fd: np.ndarray, header, dose: float, seed: int,
                      counters: dict[Path, int]) -> None:
     """Write one simulated slice and a copy of its full-dose source into ``dest``. A DICOM pair
@@ -154,7 +155,7 @@ def _write_simulated(dest: Path, layout: str, rec: ctio.SliceRecord, ld: np.ndar
     MONOCHROME1 full dose is re-encoded MONOCHROME2 (same HU, new SOP instance, DERIVED) rather
     than byte-copied."""
     src = Path(rec.fd_path)
-    if layout in ("mayo", "dicom"):
+    if layout in ("mayo", "dicom", "tree"):
         if header is None:
             raise ctio.CTDataError(f"{src}: expected a DICOM slice")
         suffix = "sim"
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (required with --input and --demo)")
     ap.add_argument("--dose", type=float, default=0.25, help="dose fraction in (0, 1)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (per-slice streams)")
-    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+    ap.add_argument("--layout", choices=ctdata.LAYOUTS, default=None,
                     help="input layout (auto-detected when not given)")
     ap.add_argument("--pixel-mm", type=float, default=None,
                     help="pixel size in mm (when not given: DICOM PixelSpacing, else "

@@ -45,6 +45,7 @@ from typing import Optional
 
 import numpy as np
 
+import ctdata
 import ctio
 import ctrun
 from MyDataLoader_test import TestSlice, load_test_dataset, read_record
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slices (or tiles) per network call")
     ap.add_argument("--overwrite", action="store_true",
                     help="redo slices whose outputs already exist in OUT")
-    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+    ap.add_argument("--layout", choices=ctdata.LAYOUTS, default=None,
                     help="dataset layout (default: auto-detected)")
     ap.add_argument("--patients", nargs="+", default=None, metavar="P",
                     help="only these patients (default: all; the demo test patient for data/demo)")
@@ -173,7 +174,7 @@ class Plan:
     """Everything main() needs, validated before TensorFlow is imported."""
 
     data: Path
-    dataset: ctio.CTDataset
+    dataset: ctdata.CTDataset
     run_dir: Path
     model: dict
     weights: Path
@@ -262,7 +263,7 @@ def row_outputs(row: dict) -> list[str]:
     return [row[c] for c in ("pred_npy", "png", "tiff", "dicom", "figure") if row.get(c)]
 
 
-def is_done(row: Optional[dict], rec: ctio.SliceRecord, plan: Plan, sha: str) -> bool:
+def is_done(row: Optional[dict], rec: ctdata.SliceRecord, plan: Plan, sha: str) -> bool:
     """True if ``row`` already holds every requested output of ``rec`` made with these weights."""
     if row is None or row["weights_sha256"] != sha or row["window"] != _window_str(plan.window):
         return False

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import ctdata
 import ctio
 import ctrun
 
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", nargs="+", default=None,
                     help="dataset folder(s), any layout the loaders read; default: the built-in "
                          f"demo data in {os.path.relpath(DEMO_DIR, REPO)} (created if absent)")
-    ap.add_argument("--layout", choices=ctio.LAYOUTS, default=None,
+    ap.add_argument("--layout", choices=ctdata.LAYOUTS, default=None,
                     help="override layout auto-detection")
     ap.add_argument("--simulate-dose", type=float, default=None,
                     help="simulate this dose fraction for full-dose-only slices")
@@ -483,7 +484,7 @@ class Plan:
     model: dict  # ctrun.model_config, or the continued run's saved one
     continues: str  # "": new run; "resume": --resume; "restart": a multi-worker run rerun
     data: list[str]
-    dataset: ctio.CTDataset
+    dataset: ctdata.CTDataset
     split: object  # MyDataLoader_train.Split
     notes: list[str]  # printed once training is about to start
 

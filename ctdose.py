@@ -62,6 +62,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+import ctdata
 import ctio
 
 # --- Noise model constants ----------------------------------------------------------------------
@@ -221,7 +222,7 @@ def exposure_factors(headers: Sequence) -> list[float]:
     return [v / median for v in values]
 
 
-def series_factors(records: Sequence[ctio.SliceRecord]) -> dict[str, float]:
+def series_factors(records: Sequence[ctdata.SliceRecord]) -> dict[str, float]:
     """{fd_path: exposure factor}, one series per (patient, folder) of DICOM FD files."""
     series: dict[tuple[str, str], list[str]] = {}
     for rec in records:
@@ -249,7 +250,7 @@ def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: f
     data = Path(data_dir)
     figures: dict = {}
     for key, sub in (("real_npy", "mayo_pairs/npy_redcnn"), ("real_tif", "mayo_pairs/tif_cncl")):
-        ds = ctio.discover(data / sub)
+        ds = ctdata.discover(data / sub)
         if not ds.paired:
             raise ctio.CTDataError(f"{data / sub}: expected QD/FD pairs")
         figures[key] = {f"{r.patient}_{r.slice_id}": noise_std_in_body(
@@ -257,7 +258,7 @@ def calibration_report(data_dir, *, n_slices: int = 8, dose: float = 0.25, i0: f
     real = list(figures["real_npy"].values()) + list(figures["real_tif"].values())
     figures["real_mean"] = float(np.mean(real))
 
-    ds = ctio.discover(data / "L067_full_1mm", layout="dicom", single_role="fd")
+    ds = ctdata.discover(data / "L067_full_1mm", layout="dicom", single_role="fd")
     factors = series_factors(ds.records)
     picks = np.unique(np.linspace(0, len(ds.records) - 1, max(1, n_slices)).round().astype(int))
     sim = {}
@@ -307,7 +308,7 @@ def headerless_calibration(data_dir, *, dose: float = 0.25, i0: float = I0_DEFAU
     data = Path(data_dir)
     out = {}
     for sub in ("mayo_pairs/npy_redcnn", "mayo_pairs/tif_cncl"):
-        for r in ctio.discover(data / sub).records:
+        for r in ctdata.discover(data / sub).records:
             fd, header = ctio.read_slice(r.fd_path)
             ld = simulate_pair_from_fd(fd, dose, pixel_size_mm(header, fd.shape, None),
                                        slice_seed(seed, r.patient, r.slice_id),

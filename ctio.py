@@ -1,4 +1,5 @@
-"""Shared CT file I/O: read slices to HU, find and pair datasets, write outputs safely.
+"""Shared CT file I/O: read one slice to HU, write outputs safely (finding and pairing datasets
+is ``ctdata``'s part).
 
 Everything that touches CT files on disk lives here, so that the training loader, the test loader,
 the simulator and ``Mytest.py`` read and write data in exactly one way.
@@ -9,15 +10,6 @@ Conventions defined here and nowhere else:
 * The display / evaluation window ``EVAL_WINDOW`` (the metric protocols live in ctmetrics).
 * ``CTDataError``: a problem with the user's input. CLIs print its one-line message and exit 2.
 * Outputs are written to a temporary name in the target folder and renamed (``atomic_path``).
-
-Layouts understood by :func:`discover` (see the README for examples):
-
-* ``mayo``  ``ROOT/<patient>/{quarter_*,full_*}/`` DICOM (or ``ROOT/{quarter_*,full_*}/`` for one
-  patient). QD/FD paired by slice position, never by listing order.
-* ``npy``   RED-CNN ``<patient>_<idx>_input.npy`` (QD) / ``_target.npy`` (FD), HU = v*4096 - 1024.
-* ``tif``   CNCL ``noisy/`` (QD) and ``clean/`` (FD) with identical file names, float HU.
-* ``dicom`` one unpaired DICOM series per folder (``ROOT/*.dcm`` or ``ROOT/<patient>/*.dcm``):
-  low-dose input for inference, or full dose for simulation.
 """
 
 from __future__ import annotations
@@ -29,9 +21,8 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -41,14 +32,7 @@ HU_MAX = 3072.0  # dense bone and metal beyond this carry no diagnostic soft-tis
 HU_RANGE = HU_MAX - HU_MIN  # 4096: the normalised image is (HU - HU_MIN) / HU_RANGE
 EVAL_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window used by RED-CNN and followers
 
-LAYOUTS = ("mayo", "npy", "tif", "dicom")
-# Files that may sit beside DICOM slices in hospital exports and are not slices.
-_NOT_SLICES = {".txt", ".md", ".json", ".csv", ".xml", ".pdf", ".jpg", ".jpeg", ".png", ".zip",
-               ".log", ".ini", ".html", ".py"}
-_POSITION_TOL_MM = 0.01  # QD and FD slices of one position agree to well below this
-_SPACING_TOL_MM = 1e-3  # QD and FD pixel spacings of one position agree to well below this
 _AXIAL_MIN_COS = 0.9  # |slice normal . table axis| below this (tilt > ~25 deg): not axial
-_NPY_NAME = re.compile(r"^(?P<patient>.+)_(?P<idx>\d+)_(?P<kind>input|target)\.npy$")
 
 
 class CTDataError(Exception):
@@ -134,8 +118,91 @@ def _check_image(hu: np.ndarray, path) -> np.ndarray:
     return hu.astype(np.float32, copy=False)
 
 
-def read_dicom_header(path, with_pixels: bool = False):
-    """Read a DICOM file with pydicom; a non-DICOM, corrupt or non-CT file is a CTDataError."""
+class NotASliceError(CTDataError):
+    """A file among the slices that is not a CT image slice (not DICOM, not an image, or a
+    colour / secondary-capture picture such as a dose report): discovery skips it with a note."""
+
+
+FRAME_MARK = "#frame="  # a frame of a multi-frame file: "FILE#frame=N", N from 1 (DICOM's count)
+_FRAME_PATH = re.compile(rf"^(?P<file>.+){re.escape(FRAME_MARK)}(?P<n>\d+)$")
+# Functional groups (DICOM PS3.3 C.7.6.16) whose attributes a frame of an Enhanced CT image
+# carries at the top level in a classic CT image: macro sequence -> its attributes.
+_FRAME_MACROS = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth"),
+    "CTImageFrameTypeSequence": ("FrameType",),
+}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # prefix of every Secondary Capture SOP class
+
+
+def frame_path(path, frame: int) -> str:
+    """The path that names frame ``frame`` (from 1) of the multi-frame file ``path``."""
+    return f"{path}{FRAME_MARK}{int(frame)}"
+
+
+def split_frame(path) -> tuple[Path, Optional[int]]:
+    """``(file, frame)`` of a :func:`frame_path` (frame None for a plain file path)."""
+    m = _FRAME_PATH.match(str(path))
+    if m and not Path(str(path)).exists():
+        return Path(m["file"]), int(m["n"])
+    return Path(str(path)), None
+
+
+def number_of_frames(ds) -> int:
+    """NumberOfFrames (1 when absent or empty)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def is_multiframe(ds) -> bool:
+    """An Enhanced (functional-group) image or any file holding more than one frame."""
+    return "PerFrameFunctionalGroupsSequence" in ds or number_of_frames(ds) > 1
+
+
+def frame_header(ds, frame: int, path):
+    """The header of frame ``frame`` (from 1) of the multi-frame image ``ds`` as a classic CT slice
+    has it: the Shared, then that frame's Per-frame Functional Groups (:data:`_FRAME_MACROS`:
+    position, orientation, pixel spacing, rescale, window, frame type -> ImageType) copied to the
+    top level, without the groups and pixel data; InstanceNumber is the frame number.
+    ``source_frame`` (a Python attribute, not a DICOM element) keeps the frame number for the
+    derived images' SourceImageSequence."""
+    import copy
+
+    n = number_of_frames(ds)
+    if not 1 <= frame <= n:
+        raise CTDataError(f"{path}: no frame {frame} (the file holds {n})")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if per_frame and len(per_frame) != n:
+        raise CTDataError(f"{path}: {len(per_frame)} per-frame functional groups for {n} frames")
+    groups = [*(ds.get("SharedFunctionalGroupsSequence") or [])[:1],
+              *([per_frame[frame - 1]] if per_frame else [])]
+    from pydicom.dataset import Dataset
+
+    skip = {"PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelData",
+            "NumberOfFrames"}
+    flat = Dataset()
+    for elem in ds:
+        if elem.keyword not in skip:
+            flat.add(copy.deepcopy(elem))
+    if hasattr(ds, "file_meta"):
+        flat.file_meta = copy.deepcopy(ds.file_meta)
+    for group in groups:
+        for macro, keywords in _FRAME_MACROS.items():
+            for item in group.get(macro) or []:
+                for kw in keywords:
+                    if kw in item:
+                        setattr(flat, "ImageType" if kw == "FrameType" else kw, item[kw].value)
+    flat.InstanceNumber = frame  # one instance per frame once written as classic slices
+    flat.source_frame = frame
+    return flat
+
+
+def _read_dicom_file(path, with_pixels: bool):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -143,19 +210,56 @@ def read_dicom_header(path, with_pixels: bool = False):
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=not with_pixels)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        except InvalidDicomError:
+            raise NotASliceError(f"{path}: not a readable DICOM file (no DICOM preamble)") from None
+        except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
             raise _unreadable(path, "DICOM", e) from None
     eof = [str(w.message) for w in caught if "End of file" in str(w.message)]
     if eof or len(ds) == 0:
         raise CTDataError(f"{path}: truncated or corrupt DICOM file "
                           f"({eof[0] if eof else 'no data elements'})")
+    return ds
+
+
+def _check_ct_image(ds, path) -> None:
+    sop = str(ds.get("SOPClassUID", "") or "")
     modality = str(ds.get("Modality", "")).upper()
+    if "Rows" not in ds and modality not in ("", "CT"):  # a dose report, presentation state...
+        raise NotASliceError(f"{path}: not an image (modality {modality})")
     if modality != "CT":
         raise CTDataError(f"{path}: modality is {modality or 'missing'}, not CT")
     if "Rows" not in ds or "Columns" not in ds:
         raise CTDataError(f"{path}: DICOM without image size (Rows/Columns): truncated or "
                           "corrupt file, or not an image")
+    if sop.startswith(_SECONDARY_CAPTURE) or int(ds.get("SamplesPerPixel") or 1) != 1:
+        what = "secondary-capture" if sop.startswith(_SECONDARY_CAPTURE) else "colour"
+        desc = str(ds.get("SeriesDescription", "") or "").strip()
+        raise NotASliceError(f"{path}: a {what} image{f' ({desc})' if desc else ''}, "
+                             "not a CT slice")
+
+
+def read_dicom_header(path, with_pixels: bool = False):
+    """Read a DICOM file (or one frame of a multi-frame file, see :func:`frame_path` and
+    :func:`frame_header`) with pydicom. A corrupt or non-CT file is a CTDataError; a file that is
+    no CT image slice at all (not DICOM, no image, colour or secondary capture) is a
+    :class:`NotASliceError`."""
+    file, frame = split_frame(path)
+    ds = _read_dicom_file(file, with_pixels and frame is None)
+    _check_ct_image(ds, path)
+    if frame is not None or "PerFrameFunctionalGroupsSequence" in ds:
+        return frame_header(ds, frame or 1, file)
     return ds
+
+
+def dicom_frames(path) -> list[tuple[str, object]]:
+    """``[(slice path, header)]`` of a DICOM file: itself, or one :func:`frame_path` and
+    :func:`frame_header` per frame of a multi-frame image (headers only, no pixels decoded)."""
+    ds = _read_dicom_file(path, False)
+    _check_ct_image(ds, path)
+    if not is_multiframe(ds):
+        return [(str(path), ds)]
+    return [(frame_path(path, k), frame_header(ds, k, path))
+            for k in range(1, number_of_frames(ds) + 1)]
 
 
 def _check_decodable(ds, path) -> None:
@@ -180,7 +284,8 @@ def _check_decodable(ds, path) -> None:
 
 
 def read_dicom(path) -> tuple[np.ndarray, object]:
-    """DICOM slice -> (HU float32 [H, W], header without pixel data).
+    """DICOM slice, or one frame of a multi-frame file (:func:`frame_path`) -> (HU float32
+    [H, W], header without pixel data; a frame's header is its :func:`frame_header`).
 
     HU = pydicom's modality LUT (RescaleSlope / RescaleIntercept, or a Modality LUT Sequence).
     Pixels equal to PixelPaddingValue and anything below -1024 HU (out-of-field) become -1024 HU.
@@ -189,16 +294,18 @@ def read_dicom(path) -> tuple[np.ndarray, object]:
     14, JPEG baseline/extended, JPEG-LS), pyjpegls
     (JPEG-LS). A syntax without an installed decoder is a CTDataError naming the package.
     """
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut, pixel_array
 
     ds = read_dicom_header(path, with_pixels=True)
-    if "PixelData" not in ds:
+    frame = getattr(ds, "source_frame", None)  # a frame of a multi-frame file: decode only it
+    if frame is None and "PixelData" not in ds:
         raise CTDataError(f"{path}: DICOM without pixel data")
     _check_decodable(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = ds.pixel_array
+            raw = (ds.pixel_array if frame is None
+                   else pixel_array(str(split_frame(path)[0]), index=frame - 1))
     except Exception as e:  # pydicom raises many types for truncated or undecodable data
         raise CTDataError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e})") from None
     if raw.ndim != 2:
@@ -211,7 +318,8 @@ def read_dicom(path) -> tuple[np.ndarray, object]:
     if pad is not None:
         hu[raw == pad] = HU_MIN
     np.maximum(hu, HU_MIN, out=hu)
-    del ds.PixelData
+    if "PixelData" in ds:
+        del ds.PixelData
     return _check_image(hu, path), ds
 
 
@@ -290,110 +398,6 @@ def slice_position(ds) -> float:
                       "or InstanceNumber to order the slice by")
 
 
-# --- Finding and pairing datasets ---------------------------------------------------------------
-@dataclass
-class SliceRecord:
-    """One slice position: its identity and source files (either side may be missing)."""
-
-    patient: str
-    slice_id: str
-    position: float
-    ld_path: Optional[str]
-    fd_path: Optional[str]
-    shape: tuple[int, int]
-
-
-@dataclass
-class CTDataset:
-    """The slices found under ``root``, sorted by patient and position."""
-
-    layout: str
-    root: str
-    records: list[SliceRecord] = field(default_factory=list)
-
-    @property
-    def patients(self) -> list[str]:
-        return sorted({r.patient for r in self.records})
-
-    @property
-    def paired(self) -> bool:
-        return bool(self.records) and all(r.ld_path and r.fd_path for r in self.records)
-
-    @property
-    def has_ld(self) -> bool:
-        return bool(self.records) and all(r.ld_path for r in self.records)
-
-    def for_patients(self, patients) -> CTDataset:
-        keep = set(patients)
-        return CTDataset(self.layout, self.root, [r for r in self.records if r.patient in keep])
-
-    def select(self, include=None, exclude=None) -> CTDataset:
-        """Keep the slices matching ``include`` and not ``exclude``.
-
-        Each spec is ``PATIENT`` (all its slices) or ``PATIENT:SLICE`` (one slice id, as shown in
-        the manifest, e.g. ``L506:160``). A spec matching nothing is a CTDataError (typo guard).
-        """
-        def matcher(specs):
-            hits = {s: 0 for s in specs}
-
-            def match(r):
-                found = False
-                for s in specs:
-                    patient, _, sid = s.partition(":")
-                    if r.patient == patient and (not sid or r.slice_id == sid):
-                        hits[s] += 1
-                        found = True
-                return found
-            return match, hits
-
-        records = self.records
-        for specs, keep in ((include, True), (exclude, False)):
-            if specs:
-                match, hits = matcher(list(specs))
-                records = [r for r in records if match(r) == keep]
-                unused = [s for s, n in hits.items() if n == 0]
-                if unused:
-                    raise CTDataError(f"{self.root}: no slice matches {unused[0]} "
-                                      "(use PATIENT or PATIENT:SLICE)")
-        return CTDataset(self.layout, self.root, records)
-
-
-def _visible(p: Path) -> bool:
-    return not p.name.startswith(".")
-
-
-def _slice_files(folder: Path) -> list[Path]:
-    """Candidate slice files in one folder (hidden files, DICOMDIR and documents skipped)."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and _visible(p) and p.name.upper() != "DICOMDIR"
-                  and p.suffix.lower() not in _NOT_SLICES)
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
-
-
-def _dose_dirs(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """{suffix: dir} for ``quarter_<suffix>`` and ``full_<suffix>`` sub-folders."""
-    qd, fd = {}, {}
-    for d in _subdirs(folder):
-        name = d.name.lower()
-        if name.startswith("quarter_"):
-            qd[d.name[len("quarter_"):]] = d
-        elif name.startswith("full_"):
-            fd[d.name[len("full_"):]] = d
-    return qd, fd
-
-
-class _DicomSlice(NamedTuple):
-    """Header facts of one DICOM slice that discovery and pairing need (no pixels decoded)."""
-
-    position: float
-    path: Path
-    shape: tuple[int, int]
-    spacing: Optional[tuple[float, float]]  # PixelSpacing (row, column) in mm, if present
-
-
 def pixel_spacing(ds) -> Optional[tuple[float, float]]:
     """PixelSpacing (row, column) in mm, or None when absent or unreadable."""
     try:
@@ -421,202 +425,6 @@ def not_an_axial_slice(ds) -> Optional[str]:
     return None
 
 
-def _dicom_series(folder: Path) -> list[_DicomSlice]:
-    """Every axial DICOM slice in ``folder``, sorted by position. Localizers and non-axial
-    images are skipped with one printed line per folder."""
-    items, skipped = [], []
-    for f in _slice_files(folder):
-        ds = read_dicom_header(f)
-        why = not_an_axial_slice(ds)
-        if why:
-            skipped.append((f, why))
-            continue
-        items.append(_DicomSlice(slice_position(ds), f, (int(ds.Rows), int(ds.Columns)),
-                                 pixel_spacing(ds)))
-    if skipped:
-        print(f"note: skipped {len(skipped)} image(s) that are not axial slices in {folder} "
-              f"(first: {skipped[0][0].name}, {skipped[0][1]})")
-    items.sort(key=lambda t: t.position)
-    for a, b in zip(items, items[1:]):
-        if abs(a.position - b.position) < _POSITION_TOL_MM:
-            raise CTDataError(f"{b.path}: same slice position {b.position:g} as {a.path} "
-                              "(two series mixed in one folder?)")
-    _check_one_size([(t.path, t.shape) for t in items], folder)
-    return items
-
-
-def _check_one_size(files_shapes, where) -> None:
-    if not files_shapes:
-        return
-    f0, s0 = files_shapes[0]
-    for f, s in files_shapes[1:]:
-        if s != s0:
-            raise CTDataError(f"{where}: mixed slice sizes: {f0} is {s0[0]}x{s0[1]} but "
-                              f"{f} is {s[0]}x{s[1]}")
-
-
-def _check_same_grid(q: _DicomSlice, f: _DicomSlice) -> None:
-    """QD and FD of one position must share the table position, size and pixel spacing."""
-    if abs(q.position - f.position) > _POSITION_TOL_MM:
-        raise CTDataError(f"slice position mismatch: {q.path} at {q.position:g} mm vs {f.path} "
-                          f"at {f.position:g} mm")
-    if q.shape != f.shape:
-        raise CTDataError(f"size mismatch: {q.path} is {q.shape[0]}x{q.shape[1]} but {f.path} "
-                          f"is {f.shape[0]}x{f.shape[1]}")
-    if (q.spacing is None) != (f.spacing is None) or (
-            q.spacing and not np.allclose(q.spacing, f.spacing, rtol=0, atol=_SPACING_TOL_MM)):
-        def mm(s):
-            return "no PixelSpacing" if s is None else f"{s[0]:g}x{s[1]:g} mm pixels"
-        raise CTDataError(f"pixel spacing mismatch: {q.path} has {mm(q.spacing)} but {f.path} "
-                          f"has {mm(f.spacing)} (another field of view)")
-
-
-def _pair_by_position(patient: str, qd_dir: Optional[Path], fd_dir: Optional[Path],
-                      prefix: str = "") -> list[SliceRecord]:
-    qd = _dicom_series(qd_dir) if qd_dir else []
-    fd = _dicom_series(fd_dir) if fd_dir else []
-    if qd_dir and fd_dir:
-        if not qd or not fd:
-            empty = qd_dir if not qd else fd_dir
-            raise CTDataError(f"{empty}: no DICOM slices, but its counterpart has some")
-        if len(qd) != len(fd):
-            qpos = {round(t.position, 2) for t in qd}
-            fpos = {round(t.position, 2) for t in fd}
-            odd = ([t.path for t in qd if round(t.position, 2) not in fpos]
-                   + [t.path for t in fd if round(t.position, 2) not in qpos])
-            first = f"; first unmatched: {odd[0]}" if odd else ""
-            raise CTDataError(f"{qd_dir} has {len(qd)} slices but {fd_dir} has {len(fd)}{first}")
-        for q, f in zip(qd, fd):
-            _check_same_grid(q, f)
-        return [SliceRecord(patient, f"{prefix}{i:04d}", q.position, str(q.path), str(f.path),
-                            q.shape) for i, (q, f) in enumerate(zip(qd, fd))]
-    side = qd or fd
-    return [SliceRecord(patient, f"{prefix}{i:04d}", t.position, str(t.path) if qd else None,
-                        str(t.path) if fd else None, t.shape) for i, t in enumerate(side)]
-
-
-def _discover_mayo(root: Path) -> list[SliceRecord]:
-    qd, fd = _dose_dirs(root)
-    patient_dirs = [(root.name, root)] if (qd or fd) else [(d.name, d) for d in _subdirs(root)]
-    records = []
-    for patient, pdir in patient_dirs:
-        qd, fd = _dose_dirs(pdir)
-        if not qd and not fd:
-            continue
-        if qd and fd and set(qd) != set(fd):
-            raise CTDataError(f"{pdir}: quarter_* folders {sorted(qd)} do not match full_* "
-                              f"folders {sorted(fd)}")
-        suffixes = sorted(set(qd) | set(fd))
-        for suffix in suffixes:
-            prefix = f"{suffix}_" if len(suffixes) > 1 else ""
-            records += _pair_by_position(patient, qd.get(suffix), fd.get(suffix), prefix)
-    return records
-
-
-def _discover_npy(root: Path) -> list[SliceRecord]:
-    found: dict[tuple[str, int], dict[str, Path]] = {}
-    for f in _slice_files(root):
-        m = _NPY_NAME.match(f.name)
-        if m:
-            found.setdefault((m["patient"], int(m["idx"])), {})[m["kind"]] = f
-    any_target = any("target" in v for v in found.values())
-    any_input = any("input" in v for v in found.values())
-    records = []
-    for (patient, idx), files in sorted(found.items()):
-        if any_target and any_input and len(files) != 2:
-            have = next(iter(files.values()))
-            missing = "target" if "input" in files else "input"
-            raise CTDataError(f"{have}: no matching _{missing}.npy file")
-        ld, fd = files.get("input"), files.get("target")
-        shapes = [(f, slice_shape(f)) for f in (ld, fd) if f]
-        _check_one_size(shapes, f"{patient} slice {idx}")
-        records.append(SliceRecord(patient, str(idx), float(idx), ld and str(ld),
-                                   fd and str(fd), shapes[0][1]))
-    return records
-
-
-def _discover_tif(root: Path) -> list[SliceRecord]:
-    noisy, clean = root / "noisy", root / "clean"
-    ld = {f.name: f for f in _slice_files(noisy)} if noisy.is_dir() else {}
-    fd = {f.name: f for f in _slice_files(clean)} if clean.is_dir() else {}
-    if ld and fd and set(ld) != set(fd):
-        odd = sorted(set(ld) ^ set(fd))[0]
-        where = noisy / odd if odd in ld else clean / odd
-        raise CTDataError(f"{where}: no file of the same name in "
-                          f"{clean if odd in ld else noisy}")
-    records = []
-    for i, name in enumerate(sorted(ld or fd)):
-        stem = Path(name).stem
-        patient = stem.split("_")[0] if "_" in stem else root.name
-        files = [f for f in (ld.get(name), fd.get(name)) if f]
-        shapes = [(f, slice_shape(f)) for f in files]
-        _check_one_size(shapes, name)
-        records.append(SliceRecord(patient, stem, float(i), ld.get(name) and str(ld[name]),
-                                   fd.get(name) and str(fd[name]), shapes[0][1]))
-    return records
-
-
-def _discover_dicom(root: Path, role: str) -> list[SliceRecord]:
-    folders = [root] if _slice_files(root) else _subdirs(root)
-    records = []
-    for folder in folders:
-        for i, t in enumerate(_dicom_series(folder)):
-            ld, fd = (str(t.path), None) if role == "ld" else (None, str(t.path))
-            records.append(SliceRecord(folder.name, f"{i:04d}", t.position, ld, fd, t.shape))
-    return records
-
-
-def detect_layout(root: Path) -> Optional[str]:
-    """Guess the layout of ``root`` from folder and file names (no file is read)."""
-    files = _slice_files(root)
-    if any(_NPY_NAME.match(f.name) for f in files):
-        return "npy"
-    subs = _subdirs(root)
-    names = {d.name for d in subs}
-    if names & {"noisy", "clean"}:
-        return "tif"
-    qd, fd = _dose_dirs(root)
-    if qd or fd or any(any(_dose_dirs(d)) for d in subs):
-        return "mayo"
-    if files or any(_slice_files(d) for d in subs):
-        return "dicom"
-    return None
-
-
-def discover(root, layout: Optional[str] = None, single_role: str = "ld") -> CTDataset:
-    """Find the slices under ``root`` and pair low dose with full dose.
-
-    Args:
-        root: dataset folder (see the module docstring for the layouts).
-        layout: one of ``LAYOUTS`` to override auto-detection, or None.
-        single_role: for the unpaired ``dicom`` layout, whether its slices are the low-dose input
-            (``"ld"``, inference) or the full dose (``"fd"``, simulation / training).
-
-    Raises CTDataError for a missing or empty folder, an unknown layout, unpaired or mismatched
-    slices (naming the first offending files), unreadable headers, or mixed slice sizes.
-    """
-    root = Path(root)
-    if layout is not None and layout not in LAYOUTS:
-        raise CTDataError(f"unknown layout '{layout}' (choose from: {', '.join(LAYOUTS)})")
-    if not root.exists():
-        raise CTDataError(f"{root}: no such file or directory")
-    if not root.is_dir():
-        raise CTDataError(f"{root}: not a folder (give the dataset folder)")
-    try:
-        if not any(root.iterdir()):
-            raise CTDataError(f"{root}: empty folder")
-        layout = layout or detect_layout(root)
-        if layout is None:
-            raise CTDataError(f"{root}: no CT slices found (expected a Mayo tree, *_input.npy/"
-                              "*_target.npy, noisy/ + clean/ TIFFs, or DICOM files)")
-        finder = {"mayo": _discover_mayo, "npy": _discover_npy, "tif": _discover_tif,
-                  "dicom": lambda r: _discover_dicom(r, single_role)}[layout]
-        records = finder(root)
-    except PermissionError as e:
-        raise CTDataError(f"{e.filename}: permission denied") from None
-    if not records:
-        raise CTDataError(f"{root}: no CT slices found for layout '{layout}'")
-    return CTDataset(layout, str(root), records)
 
 
 # --- Writing outputs (never half-written) -------------------------------------------------------
@@ -776,10 +584,41 @@ def sop_class_uid(ds) -> str:
     import pydicom.uid
 
     meta = getattr(ds, "file_meta", None)
+    if getattr(ds, "source_frame", None) is not None:  # one frame of a multi-frame image
+        return pydicom.uid.CTImageStorage
     for uid in (ds.get("SOPClassUID"), meta and meta.get("MediaStorageSOPClassUID")):
         if uid and str(uid).strip():
             return str(uid).strip()
     return pydicom.uid.CTImageStorage
+
+
+def _derived_from(ds, source) -> None:
+    """Mark ``ds`` (a copy of ``source``'s header) as derived from ``source`` now: its
+    SourceImageSequence names ``source``'s SOP Instance (and frame, for a frame of a multi-frame
+    image; DICOM PS3.3 C.7.6.1.1.4), not the sources ``source`` itself listed; ContentDate /
+    ContentTime and InstanceCreationDate / Time are the time of writing. A source without
+    SOPInstanceUID (generated data) is referenced by nothing."""
+    import datetime
+
+    from pydicom.dataset import Dataset
+
+    now = datetime.datetime.now()
+    ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S.%f")
+    if "SourceImageSequence" in ds:
+        del ds.SourceImageSequence
+    instance = str(source.get("SOPInstanceUID", "") or "").strip()
+    if not instance:
+        return
+    ref = Dataset()
+    meta = getattr(source, "file_meta", None)
+    ref.ReferencedSOPClassUID = str(source.get("SOPClassUID", "") or "").strip() or (
+        meta and meta.get("MediaStorageSOPClassUID")) or ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = instance
+    frame = getattr(source, "source_frame", None)
+    if frame is not None:
+        ref.ReferencedFrameNumber = int(frame)
+    ds.SourceImageSequence = [ref]
 
 
 def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: str,
@@ -788,7 +627,9 @@ def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: s
 
     Pixels are re-encoded with the header's rescale (uncompressed, explicit VR little endian);
     SeriesInstanceUID is ``series_uid``, SOPInstanceUID is new, and ``description`` goes into
-    SeriesDescription. ``derived`` marks ImageType DERIVED\\SECONDARY.
+    SeriesDescription. ``derived`` marks ImageType DERIVED\\SECONDARY, references ``header``'s
+    SOP Instance (and frame) in SourceImageSequence and dates the content now
+    (:func:`_derived_from`).
     """
     import copy
 
@@ -818,10 +659,11 @@ def write_dicom(path, hu: np.ndarray, header, *, series_uid: str, description: s
     ds.SeriesDescription = description[:64]
     if series_number is not None:
         ds.SeriesNumber = series_number
+    ds.SOPClassUID = sop_class_uid(ds)
     if derived:
         ds.ImageType = ["DERIVED", "SECONDARY"]
+        _derived_from(ds, header)
     meta = pydicom.dataset.FileMetaDataset(getattr(ds, "file_meta", pydicom.dataset.Dataset()))
-    ds.SOPClassUID = sop_class_uid(ds)
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -927,48 +769,6 @@ def run_cli(main) -> None:
               file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
-
-
-# --- Dataset summaries (the loaders' check-my-data commands) -----------------------------------
-def summarize(dataset: CTDataset) -> dict:
-    """Layout, patients, counts, sizes and HU range of each side.
-
-    Reads every slice, one at a time, so a corrupt file, NaN/inf or a pair of different sizes
-    raises CTDataError here rather than during training.
-    """
-    lo = {"ld": np.inf, "fd": np.inf}
-    hi = {"ld": -np.inf, "fd": -np.inf}
-    for r in dataset.records:
-        shapes = []
-        for side, path in (("ld", r.ld_path), ("fd", r.fd_path)):
-            if path:
-                img = read_slice(path)[0]
-                shapes.append((path, img.shape))
-                lo[side] = min(lo[side], float(img.min()))
-                hi[side] = max(hi[side], float(img.max()))
-        _check_one_size(shapes, f"{r.patient} slice {r.slice_id}")
-    return {
-        "layout": dataset.layout,
-        "patients": {p: sum(r.patient == p for r in dataset.records) for p in dataset.patients},
-        "slices": len(dataset.records),
-        "pairs": sum(bool(r.ld_path and r.fd_path) for r in dataset.records),
-        "sizes": sorted({f"{r.shape[0]}x{r.shape[1]}" for r in dataset.records}),
-        "hu_range": {k: (lo[k], hi[k]) for k in lo if np.isfinite(lo[k])},
-    }
-
-
-def print_summary(info: dict, data) -> None:
-    """Print :func:`summarize`'s result for a person."""
-    pats = ", ".join(f"{p} ({n})" for p, n in info["patients"].items())
-    print(f"data:      {data}")
-    print(f"layout:    {info['layout']}")
-    print(f"patients:  {len(info['patients'])}: {pats}")
-    print(f"slices:    {info['slices']}  (QD/FD pairs: {info['pairs']})")
-    print(f"size:      {', '.join(info['sizes'])}")
-    for side, name in (("ld", "LD (input)"), ("fd", "FD (reference)")):
-        if side in info["hu_range"]:
-            lo, hi = info["hu_range"][side]
-            print(f"HU {name}: [{lo:.0f}, {hi:.0f}]")
 
 
 # --- CPU features and compute precision ---------------------------------------------------------

@@ -24,6 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+import ctdata
 import ctio
 
 SHAPE = (16, 16)
@@ -71,7 +72,7 @@ def write_pair_series(qd_dir: Path, fd_dir: Path, zs, *, qd_order, fd_order, qd_
                  **{**base, **(fd_kw(k) if fd_kw else {})})
 
 
-def check_pairs(dataset: ctio.CTDataset, slice_of_position) -> None:
+def check_pairs(dataset: ctdata.CTDataset, slice_of_position) -> None:
     """Each record: LD and FD come from the same slice position and hold that slice's pixels."""
     for r in dataset.records:
         k = slice_of_position(r.position)
@@ -338,15 +339,15 @@ def test_mayo_two_patients_paired_by_position_not_listing(tmp_path):
         assert listing_pairs_would_be_wrong(tmp_path / patient / "quarter_3mm",
                                             tmp_path / patient / "full_3mm")
     (tmp_path / "notes.txt").write_text("not a patient")
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     assert ds.layout == "mayo" and ds.paired and ds.patients == ["L001", "L002"]
     assert len(ds.records) == 8
     for patient, z in zs.items():
         recs = [r for r in ds.records if r.patient == patient]
         assert [r.position for r in recs] == sorted(z)  # in table-position order
         assert all(r.shape == SHAPE for r in recs)
-        check_pairs(ctio.CTDataset("mayo", str(tmp_path), recs), lambda p, z=z: z.index(p))
-    summary = ctio.summarize(ds)
+        check_pairs(ctdata.CTDataset("mayo", str(tmp_path), recs), lambda p, z=z: z.index(p))
+    summary = ctdata.summarize(ds)
     assert summary["pairs"] == 8 and summary["patients"] == {"L001": 4, "L002": 4}
 
 
@@ -355,7 +356,7 @@ def test_mayo_one_patient_form(tmp_path):
     zs = [2.0, 1.0, 4.0, 3.0]
     write_pair_series(root / "quarter_1mm", root / "full_1mm", zs, qd_order=QD_ORDER,
                       fd_order=FD_ORDER)
-    ds = ctio.discover(root)
+    ds = ctdata.discover(root)
     assert ds.layout == "mayo" and ds.patients == ["L067"] and len(ds.records) == 4
     assert [r.position for r in ds.records] == [1.0, 2.0, 3.0, 4.0]
     check_pairs(ds, zs.index)
@@ -370,7 +371,7 @@ def test_pairing_falls_back_to_slice_location(tmp_path):
                       qd_kw=lambda k: {"slice_location": -zs[k]},
                       fd_kw=lambda k: {"drop": ("ImagePositionPatient",),
                                        "InstanceNumber": 10 - k})
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     assert ds.paired and len(ds.records) == 4
     assert [r.position for r in ds.records] == zs
     check_pairs(ds, zs.index)
@@ -383,7 +384,7 @@ def test_pairing_falls_back_to_instance_number(tmp_path):
                       qd_order=QD_ORDER, fd_order=FD_ORDER, qd_kw=lambda k: drop,
                       fd_kw=lambda k: drop)
     assert listing_pairs_would_be_wrong(tmp_path / "quarter_1mm", tmp_path / "full_1mm")
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     assert [r.position for r in ds.records] == [1.0, 2.0, 3.0, 4.0]
     check_pairs(ds, lambda p: int(p) - 1)
 
@@ -392,7 +393,7 @@ def test_slice_without_any_position_is_named(tmp_path):
     write_ct(tmp_path / "a.dcm", np.zeros(SHAPE), z=1.0)
     bad = write_ct(tmp_path / "b.dcm", np.zeros(SHAPE),
                    drop=("ImagePositionPatient", "SliceLocation", "InstanceNumber"))
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     assert str(bad) in msg and "InstanceNumber" in without(msg, tmp_path)
 
 
@@ -401,7 +402,7 @@ def test_count_mismatch_names_the_unmatched_file(tmp_path):
     write_pair_series(tmp_path / "quarter_1mm", tmp_path / "full_1mm", zs,
                       qd_order=QD_ORDER, fd_order=FD_ORDER)
     (tmp_path / "full_1mm" / f"img_{FD_ORDER[2]:03d}.dcm").unlink()  # FD at z = 2 is missing
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     # the QD slice left without a partner
     assert str(tmp_path / "quarter_1mm" / f"img_{QD_ORDER[2]:03d}.dcm") in msg
     assert "4" in without(msg, tmp_path) and "3" in without(msg, tmp_path)  # the two counts
@@ -412,7 +413,7 @@ def test_position_mismatch_names_both_files(tmp_path):
     write_pair_series(tmp_path / "quarter_1mm", tmp_path / "full_1mm", zs,
                       qd_order=QD_ORDER, fd_order=FD_ORDER,
                       fd_kw=lambda k: {"z": 3.5} if k == 3 else {})
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     assert "position" in without(msg, tmp_path)
     assert str(tmp_path / "quarter_1mm" / f"img_{QD_ORDER[3]:03d}.dcm") in msg
     assert str(tmp_path / "full_1mm" / f"img_{FD_ORDER[3]:03d}.dcm") in msg
@@ -422,13 +423,13 @@ def test_empty_counterpart_folder_is_named(tmp_path):
     write_ct(tmp_path / "full_1mm" / "a.dcm", np.zeros(SHAPE))
     (tmp_path / "quarter_1mm").mkdir()
     (tmp_path / "quarter_1mm" / "notes.txt").write_text("no slices here")
-    assert str(tmp_path / "quarter_1mm") in error_of(ctio.discover, tmp_path)
+    assert str(tmp_path / "quarter_1mm") in error_of(ctdata.discover, tmp_path)
 
 
 def test_quarter_and_full_suffixes_must_match(tmp_path):
     write_ct(tmp_path / "quarter_1mm" / "a.dcm", np.zeros(SHAPE))
     write_ct(tmp_path / "full_3mm" / "a.dcm", np.zeros(SHAPE))
-    msg = without(error_of(ctio.discover, tmp_path), tmp_path)
+    msg = without(error_of(ctdata.discover, tmp_path), tmp_path)
     assert "1mm" in msg and "3mm" in msg
 
 
@@ -436,14 +437,14 @@ def test_mixed_slice_sizes_in_a_series_are_an_error(tmp_path):
     write_ct(tmp_path / "a.dcm", np.zeros(SHAPE), z=0.0)
     odd = write_ct(tmp_path / "b.dcm", np.zeros((16, 20)), z=1.0)
     write_ct(tmp_path / "c.dcm", np.zeros(SHAPE), z=2.0)
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     assert str(odd) in msg and "16x20" in without(msg, tmp_path)
 
 
 def test_qd_fd_size_mismatch_is_an_error(tmp_path):
     qd = write_ct(tmp_path / "quarter_1mm" / "a.dcm", np.zeros(SHAPE), z=0.0)
     fd = write_ct(tmp_path / "full_1mm" / "a.dcm", np.zeros((20, 20)), z=0.0)
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     assert str(qd) in msg and str(fd) in msg and "20x20" in without(msg, tmp_path)
 
 
@@ -453,7 +454,7 @@ def test_qd_fd_pixel_spacing_mismatch_names_both_files(tmp_path):
     write_pair_series(tmp_path / "quarter_1mm", tmp_path / "full_1mm", [0.0, 1.0, 2.0],
                       qd_order=[0, 1, 2], fd_order=[0, 1, 2],
                       fd_kw=lambda k: {"PixelSpacing": [0.8, 0.8]} if k == 1 else {})
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     assert str(tmp_path / "quarter_1mm" / "img_001.dcm") in msg
     assert str(tmp_path / "full_1mm" / "img_001.dcm") in msg
     assert re.search(r"pixel spacing mismatch: .* 0\.7x0\.7 mm .* 0\.8x0\.8 mm",
@@ -469,7 +470,7 @@ def test_localizer_and_non_axial_images_are_skipped_with_a_note(tmp_path, capsys
              ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     write_ct(tmp_path / "P1" / "tilted.dcm", np.zeros(SHAPE), z=7.0,  # 20 degree gantry tilt
              ImageOrientationPatient=[1, 0, 0, 0, float(np.cos(0.35)), float(-np.sin(0.35))])
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     names = sorted(Path(r.ld_path).name for r in ds.records)
     assert names == ["s0.dcm", "s1.dcm", "s2.dcm", "tilted.dcm"]
     out = capsys.readouterr().out.strip().splitlines()
@@ -480,14 +481,14 @@ def test_mr_slice_is_an_error(tmp_path):
     write_pair_series(tmp_path / "quarter_1mm", tmp_path / "full_1mm", [0.0, 1.0],
                       qd_order=[0, 1], fd_order=[0, 1],
                       fd_kw=lambda k: {"modality": "MR"} if k == 1 else {})
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     assert str(tmp_path / "full_1mm" / "img_001.dcm") in msg and "MR" in without(msg, tmp_path)
 
 
 def test_two_series_mixed_in_one_folder_is_an_error(tmp_path):
     write_ct(tmp_path / "a.dcm", np.zeros(SHAPE), z=0.0)
     dup = write_ct(tmp_path / "b.dcm", np.zeros(SHAPE), z=0.0)
-    msg = error_of(ctio.discover, tmp_path)
+    msg = error_of(ctdata.discover, tmp_path)
     assert str(dup) in msg and "position" in without(msg, tmp_path)
 
 
@@ -504,7 +505,7 @@ def test_truncated_header_fails_at_discovery_naming_the_file(tmp_path):
     header_end = data.index(b"\xe0\x7f\x10\x00")  # the (7FE0,0010) PixelData tag
     files[1].write_bytes(data[: header_end // 2])
     with pytest.raises(ctio.CTDataError) as e:
-        ctio.discover(tmp_path)
+        ctdata.discover(tmp_path)
     assert str(files[1]) in str(e.value)
 
 
@@ -512,10 +513,10 @@ def test_truncated_pixel_data_fails_at_read_naming_the_file(tmp_path):
     files = _series(tmp_path)
     data = files[2].read_bytes()
     files[2].write_bytes(data[: len(data) - 100])
-    ds = ctio.discover(tmp_path)  # the header is intact: discovery does not decode pixels
+    ds = ctdata.discover(tmp_path)  # the header is intact: discovery does not decode pixels
     assert len(ds.records) == 3
     with pytest.raises(ctio.CTDataError) as e:
-        ctio.summarize(ds)
+        ctdata.summarize(ds)
     assert str(files[2]) in str(e.value)
     with pytest.raises(ctio.CTDataError, match="s2.dcm"):
         ctio.read_dicom(files[2])
@@ -528,10 +529,10 @@ def test_truncated_compressed_pixel_data_is_reported_as_truncated(tmp_path):
     ds.save_as(files[1])
     data = files[1].read_bytes()
     files[1].write_bytes(data[: len(data) - 200])
-    dataset = ctio.discover(tmp_path)
+    dataset = ctdata.discover(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        msg = error_of(ctio.summarize, dataset)
+        msg = error_of(ctdata.summarize, dataset)
     assert str(files[1]) in msg
     # pydicom returns an empty dataset here; the message must say the file is cut short,
     # not blame a missing modality.
@@ -550,7 +551,7 @@ def test_npy_layout_pairs_by_name(tmp_path):
     for idx in (80, 0, 120, 40):  # 120 < 80 in lexical order
         write_npy_pair(tmp_path, "L506", idx, np.full(SHAPE, idx + 5.0), np.full(SHAPE, idx))
     write_npy_pair(tmp_path, "L333", 7, np.full(SHAPE, 12.0), np.full(SHAPE, 7.0))
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     assert ds.layout == "npy" and ds.paired and ds.patients == ["L333", "L506"]
     assert [(r.patient, r.position) for r in ds.records] == [
         ("L333", 7), ("L506", 0), ("L506", 40), ("L506", 80), ("L506", 120)]
@@ -566,19 +567,19 @@ def test_npy_missing_partner_is_named(tmp_path):
     write_npy_pair(tmp_path, "L506", 0, np.zeros(SHAPE), np.zeros(SHAPE))
     write_npy_pair(tmp_path, "L506", 1, np.zeros(SHAPE))  # input without target
     with pytest.raises(ctio.CTDataError, match="L506_1_input.npy"):
-        ctio.discover(tmp_path)
+        ctdata.discover(tmp_path)
 
 
 def test_npy_pair_of_different_sizes_is_an_error(tmp_path):
     write_npy_pair(tmp_path, "L506", 0, np.zeros(SHAPE), np.zeros((16, 20)))
     with pytest.raises(ctio.CTDataError, match="L506_0_"):
-        ctio.discover(tmp_path)
+        ctdata.discover(tmp_path)
 
 
 def test_npy_inputs_only_is_low_dose_only(tmp_path):
     for idx in range(3):
         write_npy_pair(tmp_path, "L506", idx, np.zeros(SHAPE))
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     assert ds.has_ld and not ds.paired and len(ds.records) == 3
     assert all(r.fd_path is None for r in ds.records)
 
@@ -591,7 +592,7 @@ def test_tif_layout_pairs_by_name(tmp_path):
         fd = np.full(SHAPE, 10.0 * i, np.float32)
         tifffile.imwrite(tmp_path / "clean" / name, fd[None] if i % 2 else fd)  # 1xHxW and HxW
         tifffile.imwrite(tmp_path / "noisy" / name, fd + 3)
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     assert ds.layout == "tif" and ds.paired and ds.patients == ["L067", "L100"]
     assert len(ds.records) == 3
     for r in ds.records:
@@ -607,20 +608,20 @@ def test_tif_missing_partner_is_named(tmp_path):
         tifffile.imwrite(tmp_path / sub / "a_0001.tif", np.zeros(SHAPE, np.float32))
     tifffile.imwrite(tmp_path / "noisy" / "a_0002.tif", np.zeros(SHAPE, np.float32))
     with pytest.raises(ctio.CTDataError, match="a_0002.tif"):
-        ctio.discover(tmp_path)
+        ctdata.discover(tmp_path)
 
 
 def test_tif_noisy_only_is_low_dose_only(tmp_path):
     (tmp_path / "noisy").mkdir()
     tifffile.imwrite(tmp_path / "noisy" / "a_0001.tif", np.zeros(SHAPE, np.float32))
-    ds = ctio.discover(tmp_path)
+    ds = ctdata.discover(tmp_path)
     assert ds.layout == "tif" and ds.has_ld and not ds.paired
 
 
 def test_dicom_layout_roles(tmp_path):
     _series(tmp_path / "P9")
-    ld = ctio.discover(tmp_path)
-    fd = ctio.discover(tmp_path, single_role="fd")
+    ld = ctdata.discover(tmp_path)
+    fd = ctdata.discover(tmp_path, single_role="fd")
     assert ld.layout == "dicom" and ld.patients == ["P9"] and len(ld.records) == 3
     assert ld.has_ld and all(r.fd_path is None for r in ld.records)
     assert not fd.has_ld and all(r.fd_path for r in fd.records)
@@ -629,30 +630,30 @@ def test_dicom_layout_roles(tmp_path):
 def test_layout_override(tmp_path):
     # A folder named full_* is taken for a Mayo tree; --layout dicom reads it as one series.
     _series(tmp_path / "full_input")
-    auto = ctio.discover(tmp_path)
+    auto = ctdata.discover(tmp_path)
     assert auto.layout == "mayo" and not auto.has_ld
-    forced = ctio.discover(tmp_path, layout="dicom")
+    forced = ctdata.discover(tmp_path, layout="dicom")
     assert forced.layout == "dicom" and forced.has_ld and forced.patients == ["full_input"]
 
 
 def test_unknown_layout_is_an_error(tmp_path):
     _series(tmp_path)
     with pytest.raises(ctio.CTDataError, match="unknown layout 'nifti'"):
-        ctio.discover(tmp_path, layout="nifti")
+        ctdata.discover(tmp_path, layout="nifti")
 
 
 def test_missing_empty_and_document_only_folders(tmp_path):
-    msg = error_of(ctio.discover, tmp_path / "nope")
+    msg = error_of(ctdata.discover, tmp_path / "nope")
     assert msg.startswith(str(tmp_path / "nope")) and "no such" in without(msg, tmp_path)
     (tmp_path / "void").mkdir()
-    msg = error_of(ctio.discover, tmp_path / "void")
+    msg = error_of(ctdata.discover, tmp_path / "void")
     assert msg.startswith(str(tmp_path / "void")) and "empty" in without(msg, tmp_path)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "readme.txt").write_text("hello")
     (tmp_path / "docs" / "notes.txt").write_text("hello")
-    msg = error_of(ctio.discover, tmp_path / "docs")
+    msg = error_of(ctdata.discover, tmp_path / "docs")
     assert msg.startswith(str(tmp_path / "docs")) and "no CT slices" in without(msg, tmp_path)
-    msg = error_of(ctio.discover, tmp_path / "docs" / "readme.txt")
+    msg = error_of(ctdata.discover, tmp_path / "docs" / "readme.txt")
     assert "not a folder" in without(msg, tmp_path)
 
 
@@ -661,23 +662,23 @@ def test_hidden_files_and_dicomdir_are_ignored(tmp_path):
     (tmp_path / ".DS_Store").write_bytes(b"\0\1junk")
     (tmp_path / "DICOMDIR").write_bytes(b"junk")
     (tmp_path / "report.pdf").write_bytes(b"junk")
-    assert len(ctio.discover(tmp_path).records) == 2
+    assert len(ctdata.discover(tmp_path).records) == 2
 
 
 # --- real sample data (skipped when absent) -----------------------------------------------------
 def test_real_npy_redcnn(real_data):
-    ds = ctio.discover(real_data / "mayo_pairs" / "npy_redcnn")
+    ds = ctdata.discover(real_data / "mayo_pairs" / "npy_redcnn")
     assert ds.layout == "npy" and ds.paired and ds.patients == ["L506"]
     assert [r.position for r in ds.records] == [0, 40, 80, 120, 160, 200]
     r = ds.records[0]
     np.testing.assert_allclose(ctio.read_npy(r.fd_path), np.load(r.fd_path) * 4096 - 1024,
                                atol=1e-3)
-    info = ctio.summarize(ds)
+    info = ctdata.summarize(ds)
     assert info["pairs"] == 6 and info["sizes"] == ["512x512"]
 
 
 def test_real_tif_cncl(real_data):
-    ds = ctio.discover(real_data / "mayo_pairs" / "tif_cncl")
+    ds = ctdata.discover(real_data / "mayo_pairs" / "tif_cncl")
     assert ds.layout == "tif" and ds.paired and len(ds.records) == 1
     ld, fd = ctio.read_tif(ds.records[0].ld_path), ctio.read_tif(ds.records[0].fd_path)
     assert ld.shape == fd.shape == (512, 512)
@@ -686,7 +687,7 @@ def test_real_tif_cncl(real_data):
 
 def test_real_jpeg2000_series_decodes(real_data):
     folder = real_data / "dicom_misc" / "totalsegmentator_ct"
-    ds = ctio.discover(folder)
+    ds = ctdata.discover(folder)
     assert ds.layout == "dicom" and len(ds.records) == 20
     positions = [r.position for r in ds.records]
     assert positions == sorted(positions)
@@ -701,7 +702,7 @@ def test_real_jpeg2000_series_decodes(real_data):
 
 def test_real_gehc_padding_is_masked(real_data):
     folder = real_data / "dicom_misc" / "gehc_ct_3slice"
-    ds = ctio.discover(folder)
+    ds = ctdata.discover(folder)
     assert len(ds.records) == 3
     for r in ds.records:
         raw_ds = pydicom.dcmread(r.ld_path)
@@ -719,7 +720,7 @@ def test_real_gehc_padding_is_masked(real_data):
 def test_select_slices_by_patient_and_slice_spec(tmp_path):
     from conftest import write_mayo_tree
 
-    ds = ctio.discover(write_mayo_tree(tmp_path / "m", patients=("A", "B"), slices=3, size=32))
+    ds = ctdata.discover(write_mayo_tree(tmp_path / "m", patients=("A", "B"), slices=3, size=32))
     ids = [(r.patient, r.slice_id) for r in ds.records]
     held = ds.select(include=["A:0001", "B"])
     assert [(r.patient, r.slice_id) for r in held.records] == [("A", "0001")] + [

@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_one_error_line, cli
 from test_protocols import REFERENCES
 
+import ctdata
 import ctio
 import ctmetrics
 import ctrun
@@ -419,7 +420,7 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     assert size in (64, 32)  # the largest that fits 4 ROIs in the 128-px demo body
 
     diffs = []
-    records = ctio.discover(fd_dir, None, single_role="fd").records  # table order
+    records = ctdata.discover(fd_dir, None, single_role="fd").records  # table order
     for i, rec in enumerate(records[:2]):
         fd, header = ctio.read_slice(rec.fd_path)
         px = ctdose.pixel_size_mm(header, fd.shape, None)

@@ -20,6 +20,7 @@ from conftest import assert_one_error_line, cli
 from numpy.lib.stride_tricks import sliding_window_view
 from pydicom.uid import JPEG2000Lossless
 
+import ctdata
 import ctio
 import MyDataLoader_test as test_loader
 import MyDataLoader_train as train_loader
@@ -76,11 +77,11 @@ def make_tif(root: Path, n: int = 2) -> Path:
     return root
 
 
-def records(n_per_patient: dict) -> ctio.CTDataset:
+def records(n_per_patient: dict) -> ctdata.CTDataset:
     """A dataset of fake paired records (no files), sorted by patient and position."""
-    recs = [ctio.SliceRecord(p, f"{i:04d}", float(i), f"{p}/ld{i}", f"{p}/fd{i}", SHAPE)
+    recs = [ctdata.SliceRecord(p, f"{i:04d}", float(i), f"{p}/ld{i}", f"{p}/fd{i}", SHAPE)
             for p, n in sorted(n_per_patient.items()) for i in range(n)]
-    return ctio.CTDataset("npy", "mem", recs)
+    return ctdata.CTDataset("npy", "mem", recs)
 
 
 # --- normalisation in TensorFlow (the numpy side is in test_ctio.py) ----------------------------
@@ -260,7 +261,7 @@ def test_locate_finds_transformed_crops():
 def test_patches_have_identical_crop_and_augmentation_in_ld_and_fd(tmp_path, tf):
     rng = np.random.default_rng(5)
     images = {("P", i): rng.uniform(-900, 900, (20, 20)) for i in range(3)}
-    ds = ctio.discover(make_npy(tmp_path, images, fd_offset=100.0))
+    ds = ctdata.discover(make_npy(tmp_path, images, fd_offset=100.0))
     sources = [ctio.normalize(ctio.read_npy(r.ld_path)) for r in ds.records]
     ctio.set_seed(3)
     data = train_loader.make_train_dataset(ds.records, patch=8, batch=8, patches_per_slice=4,
@@ -284,7 +285,7 @@ def test_patches_have_identical_crop_and_augmentation_in_ld_and_fd(tmp_path, tf)
 def test_skip_air_prefers_patches_with_body(tmp_path, tf):
     hu = np.full((48, 48), -1024.0)
     hu[17:32, 17:32] = 40.0  # a small body (10 % of the slice) in air
-    ds = ctio.discover(make_npy(tmp_path, {("P", 0): hu, ("P", 1): hu}))
+    ds = ctdata.discover(make_npy(tmp_path, {("P", 0): hu, ("P", 1): hu}))
     air = ctio.normalize(train_loader.AIR_HU)
     body, mean = {}, {}
     for skip in (True, False):
@@ -301,7 +302,7 @@ def test_skip_air_prefers_patches_with_body(tmp_path, tf):
 
 
 def test_patch_larger_than_the_slice_is_an_error(tmp_path, tf):
-    ds = ctio.discover(make_npy(tmp_path, {("P", 0): np.zeros((16, 24))}))
+    ds = ctdata.discover(make_npy(tmp_path, {("P", 0): np.zeros((16, 24))}))
     with pytest.raises(ctio.CTDataError, match="P_0_target.npy"):
         train_loader.make_train_dataset(ds.records, patch=20)
     with pytest.raises(ctio.CTDataError):
@@ -311,7 +312,7 @@ def test_patch_larger_than_the_slice_is_an_error(tmp_path, tf):
 def _whole_slice_batches(tmp_path, shape, tf):
     rng = np.random.default_rng(6)
     images = {("P", i): rng.uniform(-900, 900, shape) for i in range(3)}
-    ds = ctio.discover(make_npy(tmp_path, images, fd_offset=50.0))
+    ds = ctdata.discover(make_npy(tmp_path, images, fd_offset=50.0))
     sources = [ctio.normalize(ctio.read_npy(r.ld_path)) for r in ds.records]
     ctio.set_seed(4)
     data = train_loader.make_train_dataset(ds.records, patch=0, batch=2)
@@ -348,7 +349,7 @@ def test_whole_slices_non_square(tmp_path, tf):
 
 
 def test_whole_slices_of_mixed_sizes_are_an_error(tmp_path, tf):
-    ds = ctio.discover(make_npy(tmp_path, {("P", 0): np.zeros((16, 16)),
+    ds = ctdata.discover(make_npy(tmp_path, {("P", 0): np.zeros((16, 16)),
                                            ("P", 1): np.zeros((16, 24))}))
     with pytest.raises(ctio.CTDataError, match="16x24"):
         train_loader.make_train_dataset(ds.records, patch=0)

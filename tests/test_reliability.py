@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 from conftest import ENV, REPO, cli, history_epochs, make_run, write_mayo_tree
 
+import ctdata
 import ctio
 import ctrun
 
@@ -196,9 +197,9 @@ def latest_run(tmp_path_factory) -> Path:
 def fake_prediction(pred: Path, data: Path) -> Path:
     """A Mytest.py output folder for ``data`` (predictions = zeros) to evaluate against it."""
     try:
-        records = ctio.discover(data, single_role="fd").records
+        records = ctdata.discover(data, single_role="fd").records
     except ctio.CTDataError:  # Myevaluation will meet the same error in --data
-        records = [ctio.SliceRecord("P01", "0000", 0.0, None, None, (64, 64))]
+        records = [ctdata.SliceRecord("P01", "0000", 0.0, None, None, (64, 64))]
     pred.mkdir(parents=True)
     rows = []
     for r in records:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cli  # noqa: E402
 
+import ctdata  # noqa: E402
 import ctdose  # noqa: E402
 import ctfixtures  # noqa: E402
 import ctio  # noqa: E402
@@ -122,7 +123,7 @@ def test_cli_dicom_round_trip(tmp_path):
     assert Mysimulate.main(["--input", tmp_path / "fd", "--dose", "0.25", "--out", out,
                      "--seed", "3"]) == 0
     assert tree_hash(tmp_path / "fd") == before, "input must not be modified"
-    ds = ctio.discover(out)
+    ds = ctdata.discover(out)
     assert ds.layout == "mayo" and ds.paired and ds.patients == ["P1"] and len(ds.records) == 3
     originals = {ctio.slice_position(ctio.read_dicom_header(f)): f for f in src.iterdir()}
     qd_series = set()
@@ -145,7 +146,7 @@ def test_cli_dicom_round_trip(tmp_path):
     # Same seed -> identical pixels; --overwrite needed for a non-empty OUT.
     again = tmp_path / "again"
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", again, "--seed", "3"]) == 0
-    for a, b in zip(ds.records, ctio.discover(again).records):
+    for a, b in zip(ds.records, ctdata.discover(again).records):
         np.testing.assert_array_equal(ctio.read_slice(a.ld_path)[0], ctio.read_slice(b.ld_path)[0])
     fd_dir = tmp_path / "fd"
     with pytest.raises(ctio.CTDataError, match="not empty"):
@@ -165,7 +166,7 @@ def test_cli_npy_and_tif_keep_their_format(tmp_path):
     assert Mysimulate.main(["--input", npy_in, "--out", tmp_path / "o_npy"]) == 0
     assert Mysimulate.main(["--input", tmp_path / "tif", "--out", tmp_path / "o_tif"]) == 0
     for out, layout in ((tmp_path / "o_npy", "npy"), (tmp_path / "o_tif", "tif")):
-        ds = ctio.discover(out)
+        ds = ctdata.discover(out)
         assert ds.layout == layout and ds.paired and len(ds.records) == 1
         ld, fd = (ctio.read_slice(p)[0] for p in (ds.records[0].ld_path, ds.records[0].fd_path))
         np.testing.assert_allclose(fd, hu, atol=1e-3)
@@ -190,7 +191,7 @@ def test_bad_input_one_line_error(tmp_path, args):
 def test_demo_dataset(tmp_path):
     out = ctfixtures.make_demo(tmp_path / "demo", patients=2, slices=3, size=64, seed=1)
     assert (out / "README.txt").is_file()
-    ds = ctio.discover(out)
+    ds = ctdata.discover(out)
     assert ds.layout == "mayo" and ds.paired
     assert ds.patients == ["CTSMALL", "DEMO01", "DEMO02"]
     assert ctfixtures.demo_patient_names(2)[-1] == ds.patients[-1] == "DEMO02"
@@ -259,7 +260,7 @@ def test_failure_midway_leaves_nothing_and_rerun_needs_no_overwrite(tmp_path, mo
     monkeypatch.setattr(ctio, "write_dicom", real)
     # The anonymised input (empty SOPClassUID) is written; no --overwrite needed after a failure.
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
-    ds = ctio.discover(out)
+    ds = ctdata.discover(out)
     assert ds.paired and len(ds.records) == 3 and (out / ctdose.MARKER).is_file()
     # --overwrite replaces a simulated dataset, but never a folder Mysimulate did not write.
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out, "--overwrite",
@@ -290,9 +291,9 @@ def test_sigkill_leaves_no_dataset_that_looks_complete(tmp_path):
     assert list(tmp.glob("P1/quarter_sim/*.dcm")), "the run was killed before writing a slice"
     assert not out.exists()
     with pytest.raises(ctio.CTDataError):
-        ctio.discover(out)
+        ctdata.discover(out)
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out]) == 0
-    assert len(ctio.discover(out).records) == 12
+    assert len(ctdata.discover(out).records) == 12
     assert not tmp.exists(), "the killed run's temporary folder is removed"
 
 
@@ -321,11 +322,11 @@ def test_phantom_painters_compose_to_the_reference_demo_images():
 
 
 def test_mayo_like_fixture_is_discovered_and_paired(tmp_path):
-    """The scale fixture is a Mayo tree that ctio.discover pairs: the right counts, anatomy that
+    """The scale fixture is a Mayo tree that ctdata.discover pairs: the right counts, anatomy that
     changes along z, quarter dose with a real-QD-like noise level; its folder is not replaced
     without --overwrite."""
     out = ctfixtures.make_mayo_like(tmp_path / "ml", patients=2, slices=3, size=64, workers=1)
-    ds = ctio.discover(out)
+    ds = ctdata.discover(out)
     assert ds.layout == "mayo" and ds.paired and ds.patients == ["ML01", "ML02"]
     assert len(ds.records) == 6 and {r.shape for r in ds.records} == {(64, 64)}
     assert (out / "ML01" / "quarter_3mm").is_dir() and (out / ctdose.MARKER).is_file()
@@ -369,7 +370,7 @@ def test_monochrome1_input_gives_a_monochrome2_pair_with_the_same_hu(tmp_path):
     out = tmp_path / "out"
     assert Mysimulate.main(["--input", tmp_path / "fd", "--out", out, "--seed", "1"]) == 0
     assert tree_hash(tmp_path / "fd") == before
-    ds = ctio.discover(out)
+    ds = ctdata.discover(out)
     originals = {ctio.slice_position(ctio.read_dicom_header(f)): f for f in src.iterdir()}
     assert len(ds.records) == 3
     for rec in ds.records:
