@@ -28,7 +28,7 @@ MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same proce
 bfloat16 rows: the bfloat16 matmul). Beside the measured peak it states the FMA hardware peak,
 physical cores x clock x float32 FLOP/cycle of the widest FMA the CPU flags show
 (:func:`hardware_peak`), and which kernel library (oneDNN or Eigen) ran. bfloat16 rows are
-measured only on CPUs with native bfloat16 (``ctio.native_bfloat16``) unless
+measured only on CPUs with native bfloat16 (``ctmachine.native_bfloat16``) unless
 ``--precision-rows all``.
 """
 
@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -52,7 +51,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 import ctio
+import ctmachine
 import ctrun
+from ctflops import FLOPS_CONVENTION, conv_flops, model_flops
+from ctmachine import kernel_library, machine_info, onednn_enabled
 
 REPO = Path(__file__).resolve().parent
 PRESETS = tuple(ctrun.PRESETS)  # checked before TensorFlow is imported
@@ -73,13 +75,7 @@ SCALE_KEYS = ("scale_discovery_files_per_s", "scale_training_pairs", "scale_trai
               "scale_infer_peak_rss_mb", "scale_patient_minutes", "scale_infer_s_per_slice_paper",
               "scale_patient_minutes_paper", "scale_dicom_one_series",
               "scale_eval_slices_per_s")  # None unless the scale section ran
-FLOPS_CONVENTION = (
-    "FLOPs = 2*H_out*W_out*kh*kw*C_in/groups*C_out per Conv2D (2*C_in*C_out per position for "
-    "Dense), forward, per example, from the layer shapes; bias, norm, activations, pooling, "
-    "up-sampling, concat, losses and optimizer not counted. Train step = 3*G_fwd + 7*D_fwd "
-    "(G fwd+bwd, bwd = 2 fwd; D fwd on real and fake = 2, D bwd on both for its update = 4, "
-    "adversarial input-gradient through D(fake) to G = 1). Inference = G_fwd. "
-    "MFU = counted FLOP/s / float32 matmul FLOP/s.")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "would use Eigen: --onednn on measures what it runs there")
     ap.add_argument("--precision-rows", default="auto", choices=PRECISION_ROWS,
                     help="bfloat16 rows beside the float32 ones (matmul, training, inference): "
-                    "auto = only on CPUs with native bfloat16 (" + " or ".join(ctio.BF16_FLAGS)
+                    "auto = only on CPUs with native bfloat16 (" + " or ".join(ctmachine.BF16_FLAGS)
                     + "; elsewhere TF emulates it, slowly, and the figure means nothing); all = "
                     "measure them anyway; float32 = none")
     ap.add_argument("--intra-threads", type=int, default=0,
@@ -185,100 +181,6 @@ def check_args(args: argparse.Namespace) -> None:
         except OSError as e:
             raise ctio.CTDataError(f"--json {args.json}: cannot create its folder "
                                    f"({e.strerror})") from None
-
-
-# --- FLOP counting (analytic, from the layers) ---------------------------------------------------
-def conv_flops(model, input_shape: tuple[int, ...]) -> tuple[int, list[dict]]:
-    """Forward FLOPs of ``model`` for ONE example of ``input_shape`` (without batch), by layer.
-
-    Walks the functional graph (nested functional models and Sequential included) with
-    concrete shapes, without running the model. Conv2D: ``2 * H_out * W_out * kh * kw *
-    C_in / groups * C_out``; Conv2DTranspose: ``2 * H_in * W_in * kh * kw * C_in * C_out``;
-    Dense: ``2 * C_in * C_out`` per position. Everything else counts 0.
-
-    Returns ``(total, rows)`` with one row ``{"layer", "kind", "in", "out", "flops"}`` per
-    counted layer (``layer`` is the path through nested models, e.g. ``content_unet/enc0_a_conv``).
-    """
-    import keras
-
-    rows: list[dict] = []
-
-    def count(layer, in_shape, out_shape, prefix):
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            kh, kw = layer.kernel_size
-            flops = 2 * in_shape[1] * in_shape[2] * kh * kw * in_shape[-1] * layer.filters
-            kind = "Conv2DTranspose"
-        elif isinstance(layer, keras.layers.Conv2D):
-            kh, kw = layer.kernel_size
-            groups = int(getattr(layer, "groups", 1) or 1)
-            flops = 2 * out_shape[1] * out_shape[2] * kh * kw * (in_shape[-1] // groups) \
-                * layer.filters
-            kind = "Conv2D"
-        elif isinstance(layer, keras.layers.Dense):
-            positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
-            flops = 2 * positions * in_shape[-1] * layer.units
-            kind = "Dense"
-        else:
-            return
-        rows.append({"layer": prefix + layer.name, "kind": kind, "in": list(in_shape[1:]),
-                     "out": list(out_shape[1:]), "flops": int(flops)})
-
-    def walk(model, inputs, prefix):
-        if isinstance(model, keras.Sequential):
-            model = model._functional  # Sequential wraps a functional graph
-        if not hasattr(model, "_run_through_graph"):
-            raise ValueError(f"{model.name}: only functional / Sequential models can be counted")
-
-        def operation_fn(op):
-            if isinstance(op, keras.Model):
-                return lambda *a, **k: walk(op, a[0], prefix + op.name + "/")
-
-            def spec(*a, **k):
-                out = op.compute_output_spec(*a, **k)
-                x = a[0] if a else next(iter(k.values()))
-                if isinstance(op, (keras.layers.Conv2D, keras.layers.Conv2DTranspose,
-                                   keras.layers.Dense)):
-                    count(op, tuple(x.shape), tuple(out.shape), prefix)
-                return out
-
-            return spec
-
-        return model._run_through_graph(inputs, operation_fn=operation_fn)
-
-    x = keras.KerasTensor((1, *map(int, input_shape)), dtype="float32")
-    walk(model, [x], "")
-    return sum(r["flops"] for r in rows), rows
-
-
-def graph_conv_flops(fn: Callable, spec) -> int:
-    """Cross-check: FLOPs of the Conv2D ops in the TF graph of ``fn`` traced for ``spec``.
-
-    ``2 * prod(output) * kh * kw * C_in`` per Conv2D op (batch included), divided by the batch.
-    """
-    tf = ctio.import_tensorflow()
-    graph = tf.function(fn).get_concrete_function(spec).graph
-    total = 0
-    for op in graph.get_operations():
-        if op.type == "Conv2D":
-            out = op.outputs[0].shape.as_list()
-            kh, kw, cin, _ = op.inputs[1].shape.as_list()
-            total += 2 * int(np.prod(out)) * kh * kw * cin
-    return total // int(spec.shape[0])
-
-
-def train_step_flops(g_fwd: int, d_fwd: int, adversarial: bool = True) -> int:
-    """FLOPs of one ``CNCLGAN.train_step`` per example: ``3 G + 7 D`` (``3 G`` without D)."""
-    return 3 * g_fwd + (7 * d_fwd if adversarial else 0)
-
-
-def model_flops(cfg: dict, h: int, w: int) -> dict:
-    """Forward FLOPs per example of the generator and discriminator of ``cfg`` at ``h x w``."""
-    import Mymodel
-
-    gen, disc = Mymodel.build_models(cfg)
-    g, _ = conv_flops(gen, (h, w, 1))
-    d, _ = conv_flops(disc, (h, w, 3))
-    return {"g_fwd": g, "d_fwd": d, "train_step": train_step_flops(g, d)}
 
 
 # --- Timing helpers -------------------------------------------------------------------------------
@@ -368,7 +270,7 @@ def _new_gan(cfg: dict, jit: bool, precision: str = "float32"):
 
     import Mymodel
 
-    with ctio.precision_policy(precision):
+    with ctmachine.precision_policy(precision):
         gen, disc = Mymodel.build_models(cfg)
         gan = Mymodel.CNCLGAN(gen, disc)
         gan.compile(g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
@@ -415,7 +317,7 @@ def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit
     tf = ctio.import_tensorflow()
     import Mymodel
 
-    with ctio.precision_policy(precision):
+    with ctmachine.precision_policy(precision):
         gen = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
 
     @tf.function(jit_compile=jit)
@@ -911,106 +813,6 @@ def bench_scale(data: Optional[Path], quick: bool, timeout: float, say: Callable
         shutil.rmtree(work, ignore_errors=True)
 
 
-# --- Machine description --------------------------------------------------------------------------
-def onednn_enabled() -> Optional[bool]:
-    """Whether TF's oneDNN CPU kernels are on in this process (None if TF cannot say)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return None
-
-
-def kernel_library(onednn: Optional[bool]) -> str:
-    """The CPU kernel library TF ran: oneDNN, Eigen, or unknown."""
-    return "oneDNN" if onednn else ("Eigen" if onednn is not None else "unknown")
-
-
-def _text_fields(text: str) -> dict[str, str]:
-    """``key: value`` lines (/proc/cpuinfo, lscpu) -> {key: value}, the first of each key."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            out.setdefault(key.strip(), value.strip())
-    return out
-
-
-def flop_per_cycle(features: frozenset[str], vendor: str, family: int) -> tuple[int, str]:
-    """float32 FLOP per cycle per core of the widest FMA in ``features`` (ctio.cpu_features),
-    with the assumption it rests on."""
-    if "avx512f" in features:
-        if vendor == "AuthenticAMD" and family == 25:
-            return 32, ("AVX-512 on AMD Zen 4, which splits each 512-bit FMA into two 256-bit "
-                        "halves: 2 x 256-bit FMA units x 8 lanes x 2")
-        return 64, ("AVX-512: 2 FMA units x 16 lanes x 2, assuming two 512-bit FMA units "
-                    "(Xeon Gold/Platinum, Sapphire Rapids, Zen 5; parts with one unit reach 32)")
-    if {"avx2", "fma"} <= features:
-        return 32, "AVX2 + FMA: 2 FMA units x 8 lanes x 2 (assumed two 256-bit FMA units)"
-    return 16, "no FMA flag: AVX/SSE add + multiply, 16 at most (assumed)"
-
-
-def hardware_peak(features: frozenset[str], cpuinfo: Optional[str] = None,
-                  lscpu: Optional[str] = None, cpus: Optional[int] = None) -> dict:
-    """FMA peak of this CPU: physical cores x clock x float32 FLOP/cycle/core, and how it was
-    derived. Clock: lscpu "CPU max MHz" when it reports one, else /proc/cpuinfo "cpu MHz"."""
-    if cpuinfo is None:
-        with contextlib.suppress(OSError):
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-    if lscpu is None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
-                                   env={**os.environ, "LC_ALL": "C"}).stdout
-    info, ls = _text_fields(cpuinfo or ""), _text_fields(lscpu or "")
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
-    threads = int(ls.get("Thread(s) per core", "1") or 1)
-    cores = max(1, cpus // max(1, threads))
-    if ls.get("CPU max MHz"):
-        mhz, clock = float(ls["CPU max MHz"]), "lscpu CPU max MHz"
-    elif info.get("cpu MHz"):
-        mhz, clock = float(info["cpu MHz"]), "/proc/cpuinfo cpu MHz (current clock; no max MHz)"
-    else:
-        return {"gflops": None, "derivation": "no clock found (no lscpu max MHz, no cpu MHz)"}
-    fpc, assumption = flop_per_cycle(features, info.get("vendor_id", ""),
-                                     int(info.get("cpu family", "0") or 0))
-    gflops = cores * mhz / 1e3 * fpc
-    return {"gflops": gflops, "cores": cores, "threads_per_core": threads, "mhz": mhz,
-            "flop_per_cycle": fpc, "clock_source": clock, "assumption": assumption,
-            "derivation": f"{cores} cores x {mhz / 1e3:.2f} GHz ({clock}) x {fpc} float32 "
-                          f"FLOP/cycle ({assumption}) = {gflops:.0f} GFLOP/s"}
-
-
-def machine_info(tf, keras) -> dict:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    features = ctio.cpu_features()
-    return {
-        "onednn": onednn_enabled(), "kernels": kernel_library(onednn_enabled()),
-        "cpu_features": sorted(features), "native_bfloat16": ctio.native_bfloat16(features),
-        "hardware_peak": hardware_peak(features),
-        "cpu_model": cpu, "cores": cores, "gpus": gpus, "platform": platform.platform(),
-        "python": platform.python_version(), "tensorflow": tf.__version__,
-        "keras": keras.__version__, "numpy": np.__version__,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "env": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS",
-                                               "TF_XLA_FLAGS", "CUDA_VISIBLE_DEVICES")},
-        "load_start": list(np.round(os.getloadavg(), 2)),
-    }
-
-
 # --- Report ---------------------------------------------------------------------------------------
 def _fmt(v: Optional[float], nd: int = 2) -> str:
     if v is None:
@@ -1162,7 +964,7 @@ def trace_line(section: str, t: dict) -> str:
 
 def bf16_decision(choice: str, features: frozenset[str]) -> tuple[bool, str]:
     """Whether to measure the bfloat16 rows for ``--precision-rows choice``, and why."""
-    precision, why = ctio.auto_precision(features)
+    precision, why = ctmachine.auto_precision(features)
     native = precision == "bfloat16"
     if choice == "float32":
         return False, "--precision-rows float32"
@@ -1359,9 +1161,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import Mymodel
 
-    ctio.set_precision("float32")  # bfloat16 rows build their models in ctio.precision_policy
+    ctmachine.set_precision("float32")  # bfloat16 rows: in ctmachine.precision_policy
     cfg = Mymodel.model_config(args.preset)
-    bf16, why = bf16_decision(args.precision_rows, ctio.cpu_features())
+    bf16, why = bf16_decision(args.precision_rows, ctmachine.cpu_features())
     res: dict[str, Any] = {"preset": args.preset, "model": cfg, "quick": args.quick,
                            "jit": args.jit, "machine": machine_info(tf, keras),
                            "flops_convention": FLOPS_CONVENTION,

@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 
 import ctio
+import ctmachine
 import ctrun
 from MyDataLoader_test import TestSlice, load_test_dataset, read_record
 
@@ -50,7 +51,7 @@ DEFAULT_WINDOW = ctio.EVAL_WINDOW  # PNGs show the evaluation window by default
 MAX_SIDE = 1024  # slices with a (padded) side above this are denoised in overlapping tiles
 TILE = 512  # tile side (rounded up to a multiple of 2**depth); tiles overlap by TILE // 4
 DIFF_RANGE_HU = 100.0  # |denoised - FD| panel of the figures: 0..100 HU -> black..white
-PRECISIONS = ("auto", "float32", "bfloat16")  # --precision (ctio.PRECISION_POLICIES)
+PRECISIONS = ("auto", "float32", "bfloat16")  # --precision (ctmachine.PRECISION_POLICIES)
 # Manifest column holding the output of each --format ('npy' is the always-written pred_npy).
 FORMAT_COLUMN = {"png": "png", "tiff": "tiff", "npy": "pred_npy", "dicom": "dicom"}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tile side for large slices (rounded up to a multiple of 2**depth)")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="network arithmetic: auto = bfloat16 on CPUs with native bfloat16 "
-                    f"({' or '.join(ctio.BF16_FLAGS)}), else float32; the output is float32 HU "
-                    "either way")
+                    f"({' or '.join(ctmachine.BF16_FLAGS)}), else float32; the output is "
+                    "float32 HU either way")
     return ap
 
 
@@ -520,7 +521,7 @@ def run(plan: Plan) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(plan.out, plan.dataset.patients)
     print(f"precision: {plan.precision[0]} ({plan.precision[1]})")
-    with ctio.precision_policy(plan.precision[0]):  # the layers keep it
+    with ctmachine.precision_policy(plan.precision[0]):  # the layers keep it
         generator = load_generator(plan.model, plan.weights)
     denoiser = Denoiser(generator, plan.model["depth"], plan.batch, plan.max_side, plan.tile)
     t0 = time.perf_counter()
@@ -565,8 +566,9 @@ def stream(todo: list, denoiser: Denoiser, writer: Writer, batch: int) -> int:
 
 
 def choose_precision(flag: str) -> tuple[str, str]:
-    """``(precision, why)`` of inference for ``--precision FLAG`` (auto: ctio.auto_precision)."""
-    return ctio.auto_precision() if flag == "auto" else (flag, "--precision")
+    """``(precision, why)`` of inference for ``--precision FLAG`` (auto:
+    ctmachine.auto_precision)."""
+    return ctmachine.auto_precision() if flag == "auto" else (flag, "--precision")
 
 
 def main(argv=None) -> int:
