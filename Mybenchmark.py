@@ -40,7 +40,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ import numpy as np
 import ctio
 import ctmachine
 import ctrun
+import cttiming
 from ctflops import FLOPS_CONVENTION, conv_flops, model_flops
 from ctmachine import kernel_library, machine_info, onednn_enabled
 
@@ -183,27 +183,7 @@ def check_args(args: argparse.Namespace) -> None:
                                    f"({e.strerror})") from None
 
 
-# --- Timing helpers -------------------------------------------------------------------------------
-def _stats(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": len(times)}
-
-
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float, dict]:
-    """(seconds of the first call, stats of ``repeats`` timed calls after ``warmup`` more)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, _stats(times)
-
-
+# --- Timing helpers (interleaved: cttiming) ------------------------------------------------------
 def load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -215,28 +195,60 @@ def _sync(out) -> None:
     keras.tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
 
 
+def warm(case: dict, warmup: int) -> dict:
+    """Time ``case["fn"]``'s first call (tracing; with --jit compiling) into ``first_call_s``,
+    then call it ``warmup`` more times, untimed."""
+    t0 = time.perf_counter()
+    case["fn"]()
+    case["first_call_s"] = time.perf_counter() - t0
+    for _ in range(warmup):
+        case["fn"]()
+    return case
+
+
+def timed_row(case: dict, samples: list, peak: list, peak_case: dict) -> dict:
+    """A table row of ``case`` from its interleaved ``samples``; MFU within each pair against the
+    matmul ``peak`` samples timed beside it (cttiming.ratio, an efficiency)."""
+    r = cttiming.rate(samples, case["examples"])
+    mfu = cttiming.ratio(samples, peak, case["work"], peak_case["work"], efficiency=True)
+    meta = {k: v for k, v in case.items() if k not in ("fn", "work", "examples")}
+    return {**meta, "median_s": r["median_s"], "min_s": min(s.seconds for s in samples),
+            "max_s": max(s.seconds for s in samples), "repeats": r["repeats"],
+            "examples_per_s": r["median"], "flops_per_call": case["work"],
+            "gflops": case["work"] / r["median_s"] / 1e9, "mfu": mfu["value"], "mfu_ratio": mfu,
+            "others_cores": mfu["others_cores"], "load_after": load()}
+
+
 # --- Sections -------------------------------------------------------------------------------------
-def bench_matmul(n: int, repeats: int, bf16: bool = False) -> dict:
-    """float32 (on a GPU also bf16 / fp16; with ``bf16`` also bfloat16 on a CPU) square matmul
-    FLOP/s, tf.function, median."""
+def matmul_case(n: int, dtype: str) -> dict:
+    """A ready square matmul of ``dtype`` (tf.function): ``{"fn", "work" (FLOPs), ...}``."""
     tf = ctio.import_tensorflow()
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    dtypes = [tf.float32] + ([tf.bfloat16, tf.float16] if on_gpu else
-                             [tf.bfloat16] if bf16 else [])
-    out = {"n": n, "device": "GPU" if on_gpu else "CPU", "onednn": onednn_enabled(),
-           "load_before": load()}
 
     @tf.function
     def mm(a, b):
         return tf.matmul(a, b)
 
-    for dt in dtypes:
-        a = tf.cast(tf.random.normal([n, n]), dt)
-        b = tf.cast(tf.random.normal([n, n]), dt)
-        _, st = time_calls(lambda a=a, b=b: mm(a, b).numpy(), repeats, warmup=2)
-        st["gflops"] = 2 * n ** 3 / st["median_s"] / 1e9
-        st["gflops_best"] = 2 * n ** 3 / st["min_s"] / 1e9
-        out[dt.name] = st
+    a = tf.cast(tf.random.normal([n, n]), dtype)
+    b = tf.cast(tf.random.normal([n, n]), dtype)
+    return warm({"fn": lambda: mm(a, b).numpy(), "work": 2 * n ** 3, "examples": 2 * n ** 3,
+                 "n": n, "dtype": dtype}, 2)
+
+
+def bench_matmul(n: int, repeats: int, bf16: bool = False) -> dict:
+    """float32 (on a GPU also bf16 / fp16; with ``bf16`` also bfloat16 on a CPU) square matmul
+    FLOP/s, the dtypes interleaved, median."""
+    tf = ctio.import_tensorflow()
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    dtypes = ["float32"] + (["bfloat16", "float16"] if on_gpu else ["bfloat16"] if bf16 else [])
+    out: dict[str, Any] = {"n": n, "device": "GPU" if on_gpu else "CPU",
+                           "onednn": onednn_enabled(), "load_before": load()}
+    cases = {dt: matmul_case(n, dt) for dt in dtypes}
+    samples = cttiming.interleave({dt: c["fn"] for dt, c in cases.items()}, repeats)
+    for dt, s in samples.items():
+        r = cttiming.rate(s, 2 * n ** 3 / 1e9)
+        out[dt] = {"median_s": r["median_s"], "min_s": min(x.seconds for x in s),
+                   "max_s": max(x.seconds for x in s), "repeats": r["repeats"],
+                   "gflops": r["median"], "gflops_best": r["max"]}
     out["gflops"] = out["float32"]["gflops"]
     out["load_after"] = load()
     return out
@@ -278,42 +290,26 @@ def _new_gan(cfg: dict, jit: bool, precision: str = "float32"):
     return gan
 
 
-def bench_train(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
-                peak_gflops: float, trace_dir: Optional[str] = None,
-                precision: str = "float32") -> dict:
+def train_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
+               precision: str = "float32") -> dict:
     """One full GAN train step (Keras' own train_function, as fit() runs it) on fixed data,
-    computed in ``precision`` (Mytrain.py --precision)."""
+    computed in ``precision`` (Mytrain.py --precision), traced and warmed: ``{"fn", "work"}``."""
     tf = ctio.import_tensorflow()
     gan = _new_gan(cfg, jit, precision)
     ld, fd = _synthetic_batch(batch, size, size)
-    ds = tf.data.Dataset.from_tensors((tf.constant(ld), tf.constant(fd))).repeat()
-    it = iter(ds)
+    it = iter(tf.data.Dataset.from_tensors((tf.constant(ld), tf.constant(fd))).repeat())
     gan.make_train_function()
-    load0 = load()
-    first, st = time_calls(lambda: _sync(gan.train_function(it)), repeats, warmup)
-    breakdown = {}
-    if trace_dir:
-        t0 = time.time()
-        with _profiler(trace_dir):
-            for _ in range(2):
-                _sync(gan.train_function(it))
-        breakdown = op_breakdown(trace_dir, t0, jit)
     fl = model_flops(cfg, size, size)
-    step_flops = fl["train_step"] * batch
-    gflops = step_flops / st["median_s"] / 1e9
-    return {"batch": batch, "size": size, "precision": precision, "first_call_s": first, **st,
-            "examples_per_s": batch / st["median_s"],
-            "flops_per_step": step_flops, "g_fwd_flops_per_example": fl["g_fwd"],
-            "d_fwd_flops_per_example": fl["d_fwd"], "gflops": gflops,
-            "mfu": gflops / peak_gflops, "load_before": load0, "load_after": load(),
-            **({"trace": breakdown} if breakdown else {})}
+    return warm({"fn": lambda: _sync(gan.train_function(it)), "work": fl["train_step"] * batch,
+                 "examples": batch, "batch": batch, "size": size, "precision": precision,
+                 "g_fwd_flops_per_example": fl["g_fwd"], "d_fwd_flops_per_example": fl["d_fwd"]},
+                warmup)
 
 
-def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
-                peak_gflops: float, trace_dir: Optional[str] = None,
-                precision: str = "float32") -> dict:
+def infer_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
+               precision: str = "float32") -> dict:
     """Generator content output on whole slices (the network part of Mytest.py), computed in
-    ``precision`` (Mytest.py --precision)."""
+    ``precision`` (Mytest.py --precision), traced and warmed: ``{"fn", "work"}``."""
     tf = ctio.import_tensorflow()
     import Mymodel
 
@@ -325,20 +321,19 @@ def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit
         return gen(x, training=False)[0]
 
     x = tf.constant(_synthetic_batch(batch, size, size)[0])
-    load0 = load()
-    first, st = time_calls(lambda: content(x).numpy(), repeats, warmup)
-    breakdown = {}
-    if trace_dir:
-        t0 = time.time()
-        with _profiler(trace_dir):
-            content(x).numpy()
-        breakdown = op_breakdown(trace_dir, t0, jit)
     g_fwd, _ = conv_flops(gen, (size, size, 1))
-    gflops = g_fwd * batch / st["median_s"] / 1e9
-    return {"batch": batch, "size": size, "precision": precision, "first_call_s": first, **st,
-            "slices_per_s": batch / st["median_s"], "flops_per_slice": g_fwd,
-            "gflops": gflops, "mfu": gflops / peak_gflops, "load_before": load0,
-            "load_after": load(), **({"trace": breakdown} if breakdown else {})}
+    return warm({"fn": lambda: content(x).numpy(), "work": g_fwd * batch, "examples": batch,
+                 "batch": batch, "size": size, "precision": precision,
+                 "flops_per_slice": g_fwd}, warmup)
+
+
+def trace_case(case: dict, trace_dir: str, calls: int, jit: bool) -> dict:
+    """Profile ``calls`` calls of ``case["fn"]`` into ``trace_dir``; op_breakdown of it."""
+    t0 = time.time()
+    with _profiler(trace_dir):
+        for _ in range(calls):
+            case["fn"]()
+    return op_breakdown(trace_dir, t0, jit)
 
 
 @contextlib.contextmanager
@@ -430,16 +425,17 @@ def data_label(records: list, source: str, simulate_dose: Optional[float]) -> st
     return f"{source}, {paired} real QD/FD pairs + {simulated} full-dose-only slices with {sim}"
 
 
-def bench_loader(data: Path, source: str, batch: int, n_batches: int,
+def bench_loader(data: Path, source: str, train: dict, n_batches: int, rounds: int,
                  simulate_dose: Optional[float]) -> dict:
-    """Decode rate of make_train_dataset's first pass and its steady (cached) patch rate.
-    ``simulate_dose`` applies to full-dose-only slices; real pairs are read as they are."""
+    """make_train_dataset's first pass (decode) and steady (cached) patch rate, each as a ratio
+    to the ``train`` case (train_case, batch = the loader's) timed beside it: the first pass
+    between two train steps, the steady rate interleaved with train steps, ``n_batches``
+    batches a turn, ``rounds`` turns. ``simulate_dose`` applies to full-dose-only slices."""
     ctio.import_tensorflow()
     import MyDataLoader_train as loader
 
-    ds_info = loader.find_training_data([str(data)], simulate_dose=simulate_dose)
-    records = ds_info.records
-    described = data_label(records, source, simulate_dose)
+    batch, meter = train["batch"], cttiming.CpuMeter()
+    records = loader.find_training_data([str(data)], simulate_dose=simulate_dose).records
     load0 = load()
     # Serial decode of a few slices (numpy, one core): the cost of one slice.
     k = min(2, len(records))
@@ -449,29 +445,32 @@ def bench_loader(data: Path, source: str, batch: int, n_batches: int,
     serial_s = (time.perf_counter() - t0) / k
     # The real pipeline: the shuffle buffer holds every slice (<= 512), so the first batch
     # arrives once the whole first pass is decoded (in parallel, AUTOTUNE) into the cache.
-    t0 = time.perf_counter()
-    ds = loader.make_train_dataset(records, patch=PATCH, batch=batch,
-                                   simulate_dose=simulate_dose)
-    it = iter(ds)
-    _sync(next(it))
-    first_pass = time.perf_counter() - t0
+    held: dict[str, Any] = {}
+
+    def first_pass():
+        held["it"] = iter(loader.make_train_dataset(records, patch=PATCH, batch=batch,
+                                                    simulate_dose=simulate_dose))
+        _sync(next(held["it"]))
+
+    cold = [meter.time(train["fn"]), meter.time(first_pass), meter.time(train["fn"])]
     for _ in range(max(2, n_batches // 5)):  # warm the steady state
-        _sync(next(it))
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        _sync(next(it))
-    steady = time.perf_counter() - t0
-    del it, ds
+        _sync(next(held["it"]))
+    s = cttiming.interleave({"loader": lambda: [_sync(next(held["it"])) for _ in
+                                                range(n_batches)], "train": train["fn"]},
+                            rounds, meter)
+    held.clear()
     pps = loader.PATCHES_PER_SLICE
-    return {"data": described, "slices": len(records), "shape": list(records[0].shape),
-            "simulate_dose": simulate_dose,
-            "simulated_slices": sum(not r.ld_path for r in records), "patch": PATCH, "batch": batch,
-            "patches_per_slice": pps,
-            "serial_decode_s_per_slice": serial_s,
-            "first_pass_s": first_pass,
-            "decode_slices_per_s": len(records) / first_pass,
-            "patches_per_s": n_batches * batch / steady,
-            "cold_patches_per_s": len(records) * pps / first_pass,
+    first_s = cold[1].seconds
+    return {"data": data_label(records, source, simulate_dose), "slices": len(records),
+            "shape": list(records[0].shape), "simulate_dose": simulate_dose,
+            "simulated_slices": sum(not r.ld_path for r in records), "patch": PATCH,
+            "batch": batch, "patches_per_slice": pps, "serial_decode_s_per_slice": serial_s,
+            "first_pass_s": first_s, "decode_slices_per_s": len(records) / first_s,
+            "patches_per_s": cttiming.rate(s["loader"], n_batches * batch)["median"],
+            "cold_patches_per_s": len(records) * pps / first_s,
+            "ratio": cttiming.ratio(s["loader"], s["train"], n_batches * batch, batch),
+            "ratio_cold": cttiming.ratio([cold[1]] * 2, [cold[0], cold[2]],
+                                         len(records) * pps, batch),
             "load_before": load0, "load_after": load()}
 
 
@@ -836,21 +835,20 @@ def print_table(res: dict) -> None:
     rows = [("section", "case", "rate", "unit", "GFLOP/s", "MFU", "median s", "n")]
 
     def add(sec, case, rate, unit, gf=None, mfu=None, med=None, n=None):
-        rows.append((sec, case, _fmt(rate), unit, _fmt(gf, 1), _fmt(mfu), _fmt(med, 3),
-                     "" if n is None else str(n)))
+        rows.append((sec, case, _fmt(rate), unit, _fmt(gf, 1), _fmt(mfu) if not isinstance(
+            mfu, str) else mfu, _fmt(med, 3), "" if n is None else str(n)))
 
     mm = res.get("matmul")
     if mm:
         backend = kernel_library
         add("peak", f"matmul {mm['n']}^2 float32 ({backend(mm['onednn'])}, this run)",
-            mm["gflops"], "GFLOP/s", mm["gflops"], mm["gflops"] / mm["peak_gflops"],
-            mm["float32"]["median_s"], mm["float32"]["repeats"])
+            mm["gflops"], "GFLOP/s", mm["gflops"], None, mm["float32"]["median_s"],
+            mm["float32"]["repeats"])
         other = mm.get("other_backend")
         if other:
             add("peak", f"matmul {mm['n']}^2 float32 ({backend(other['onednn'])}, "
-                "fresh process)", other["gflops"], "GFLOP/s", other["gflops"],
-                other["gflops"] / mm["peak_gflops"], other["float32"]["median_s"],
-                other["float32"]["repeats"])
+                "fresh process)", other["gflops"], "GFLOP/s", other["gflops"], None,
+                other["float32"]["median_s"], other["float32"]["repeats"])
         for dt in ("bfloat16", "float16"):
             if dt in mm:
                 add("peak", f"matmul {mm['n']}^2 {dt}", mm[dt]["gflops"], "GFLOP/s",
@@ -863,19 +861,20 @@ def print_table(res: dict) -> None:
         for name, t in res.get(sec, {}).items():
             unit = "patches/s" if name.startswith("patch") else "slices/s"
             add(sec.replace("_", " "), f"{t['size']}^2 x batch {t['batch']}",
-                t["examples_per_s"], unit, t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+                t["examples_per_s"], unit, t["gflops"], _mfu_cell(t), t["median_s"], t["repeats"])
     for sec in ("infer", "infer_bf16"):
         for t in res.get(sec, {}).values():
             add(sec.replace("_", " "), f"{t['size']}^2 x batch {t['batch']}", t["slices_per_s"],
-                "slices/s", t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+                "slices/s", t["gflops"], _mfu_cell(t), t["median_s"], t["repeats"])
     ld = res.get("loader")
     if ld:
         add("data", f"decode ({ld['slices']} x {ld['shape'][0]}^2, first pass)",
             ld["decode_slices_per_s"], "slices/s")
         add("data", f"make_train_dataset {ld['patch']}^2 (cached)", ld["patches_per_s"],
             "patches/s")
-        add("data", "loader_ratio (cached / train)", res.get("loader_ratio"), "x")
-        add("data", "loader_ratio_cold (first pass)", res.get("loader_ratio_cold"), "x")
+        add("data", "loader_ratio (cached / train, interleaved)", res.get("loader_ratio"), "x")
+        add("data", "loader_ratio_cold (first pass / train beside it)",
+            res.get("loader_ratio_cold"), "x")
     mem = res.get("memory")
     if mem:
         if mem.get("status") == "ok":
@@ -929,13 +928,17 @@ def print_table(res: dict) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("FLOPs: " + FLOPS_CONVENTION)
-    if mm:
-        print(f"peak: matmul_gflops = {mm['peak_gflops']:.1f} (the best float32 matmul above); "
-              "MFU of every float32 row is relative to it"
-              + ("; bf16 rows: to the bfloat16 matmul" if "bfloat16" in mm else ""))
+    if res.get("ratios"):
+        print("ratios, each within interleaved pairs (A, B, A, B ...: the matmul of the same "
+              "precision timed beside every row for its MFU), median [min-max] over the clean "
+              "pairs; a pair is disturbed when others' CPU use changed within it by > "
+              f"{cttiming.DISTURBED_CORES} cores:")
+        for name, r in res["ratios"].items():
+            print("  " + cttiming.describe(name, r))
     print(f"hardware peak: {hw['derivation']}"
-          + (f"; the measured matmul peak is {mm['peak_gflops'] / hw['gflops']:.0%} of it"
-             if mm and hw.get("gflops") else ""))
+          + (f"; the float32 matmul reaches {mm['gflops'] / hw['gflops']:.0%} of it"
+             + (" (above 100 %: this peak is not the true one)"
+                if mm["gflops"] > hw["gflops"] else "") if mm and hw.get("gflops") else ""))
     bf = res.get("bf16")
     if bf:
         print(f"bfloat16 rows: {'measured' if bf['measured'] else 'skipped'} ({bf['reason']})")
@@ -947,6 +950,13 @@ def print_table(res: dict) -> None:
         print(f"data: {ld['data']}; loader_ratio = cached patches/s / train patches/s "
               f"(64^2, batch {res['train_batch']}); cold = first-pass decode rate x "
               f"{ld['patches_per_slice']} patches per slice / train patches/s")
+
+
+def _mfu_cell(t: dict) -> str:
+    """The MFU column of a row: its median, 'invalid' (> 1) or marked disturbed."""
+    r = t["mfu_ratio"]
+    return {"invalid": "invalid", "disturbed": f"{_fmt(r['value'])} disturbed"}.get(
+        r["status"], _fmt(r["value"]))
 
 
 def trace_line(section: str, t: dict) -> str:
@@ -979,7 +989,8 @@ def bf16_decision(choice: str, features: frozenset[str]) -> tuple[bool, str]:
 
 # --- Main -----------------------------------------------------------------------------------------
 class Bench:
-    """What every section reads (flags, sizes, the matmul peak) and the result dict it fills."""
+    """What every section reads (flags, sizes, the matmul cases timed beside each section) and
+    the result dict it fills."""
 
     def __init__(self, args: argparse.Namespace, res: dict, cfg: dict, bf16: bool) -> None:
         self.args, self.res, self.cfg, self.bf16 = args, res, cfg, bf16
@@ -994,71 +1005,104 @@ class Bench:
                               else args.slice_batches)
         self.infer_batches = args.infer_batches or ([1, 2] if self.quick else [1, 2, 4]
                                                     if self.paper else [1, 2, 4, 8])
-        self.peak: Optional[float] = None
-        self.peak_bf16: Optional[float] = None
+        self.mm: dict[str, dict] = {}  # dtype -> matmul_case, timed beside every section
+        self.train_head: Optional[dict] = None  # the headline float32 train_case
+        res["ratios"] = {}
 
     def say(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} load {load():.2f}] {msg}", flush=True)
 
+    def rounds(self, quick: int, full: int) -> int:
+        return self.rep or (quick if self.quick else full)
+
+    def peak(self, precision: str) -> dict:
+        """The matmul case an MFU of ``precision`` is measured against (made on first use)."""
+        dt = "bfloat16" if precision == "bfloat16" else "float32"
+        if dt not in self.mm:
+            self.mm[dt] = matmul_case(1024 if self.quick else 4096, dt)
+        return self.mm[dt]
+
+    def timed(self, key: str, case: dict, rounds: int) -> dict:
+        """``case`` interleaved with the matmul of its precision: its row, MFU within pairs."""
+        peak = self.peak(case["precision"])
+        s = cttiming.interleave({"case": case["fn"], "peak": peak["fn"]}, rounds)
+        row = timed_row(case, s["case"], s["peak"], peak)
+        self.res["ratios"][key + " mfu"] = row["mfu_ratio"]
+        return row
+
+    def versus(self, key: str, f32: dict, b16: dict, rounds: int) -> tuple[dict, dict]:
+        """bfloat16 ``b16`` vs float32 ``f32`` interleaved (with the bfloat16 matmul): the bf16
+        row (MFU against that matmul) and the speed-up ratio within pairs."""
+        peak = self.peak("bfloat16")
+        s = cttiming.interleave({"f32": f32["fn"], "bf16": b16["fn"], "peak": peak["fn"]},
+                                rounds)
+        row = timed_row(b16, s["bf16"], s["peak"], peak)
+        speed = cttiming.ratio(s["bf16"], s["f32"], b16["examples"], f32["examples"])
+        self.res["ratios"][key + " mfu"] = row["mfu_ratio"]
+        self.res["ratios"][key.split()[0] + "_bf16_speedup"] = speed
+        return row, speed
+
 
 def run_matmul(b: Bench) -> None:
-    res, quick = b.res, b.quick
-    n = 1024 if quick else 4096
-    b.say(f"matmul {n}^2 float32 ...")
-    res["matmul"] = mm = bench_matmul(n, b.rep or (3 if quick else 10), b.bf16)
-    peak = mm["gflops"]
+    res = b.res
+    n = 1024 if b.quick else 4096
+    b.say(f"matmul {n}^2 float32{' and bfloat16, interleaved' if b.bf16 else ''} ...")
+    res["matmul"] = mm = bench_matmul(n, b.rounds(3, 10), b.bf16)
+    res["matmul_gflops"] = mm["gflops"]
     res["matmul_gflops_bf16"] = mm.get("bfloat16", {}).get("gflops")
-    if not quick and mm["device"] == "CPU":
-        # TF's CPU matmul comes from Eigen or oneDNN: the machine peak is the better one.
+    if not b.quick and mm["device"] == "CPU":
+        # TF's CPU matmul comes from Eigen or oneDNN: which is faster here (information; MFU
+        # is against the matmul of this process, the kernels the sections run).
         b.say(f"matmul {n}^2 float32 with oneDNN {'off' if mm['onednn'] else 'on'} "
               "(fresh process) ...")
-        other = matmul_other_backend(n, b.rep or 10)
+        other = matmul_other_backend(n, b.rounds(10, 10))
         if other:
             mm["other_backend"] = other
-            peak = max(peak, other["gflops"])
-    mm["peak_gflops"] = b.peak = res["matmul_gflops"] = peak
-    b.peak_bf16 = res["matmul_gflops_bf16"] or peak
 
 
 def run_train(b: Bench) -> None:
-    res, quick, rep, cfg = b.res, b.quick, b.rep, b.cfg
+    res, cfg, warmup = b.res, b.cfg, 1 if b.quick else 2
     res["train"] = {}
-    for n in b.train_batches:
-        b.say(f"train step {PATCH}^2 x batch {n} ...")
-        res["train"][f"patch{PATCH}_b{n}"] = bench_train(
-            cfg, n, PATCH, rep or (3 if quick else 5), 1 if quick else 2, b.jit, b.peak,
-            b.args.trace if n == b.train_batches[0] else None)
-    for n in b.slice_batches:
-        b.say(f"train step {b.slice_size}^2 whole slices x batch {n} ...")
-        res["train"][f"slice{b.slice_size}_b{n}"] = bench_train(
-            cfg, n, b.slice_size, rep or (2 if quick or b.paper else 4), 1, b.jit, b.peak)
-    head = res["train"][f"patch{PATCH}_b{b.train_batches[0]}"]
+    cases = [(f"patch{PATCH}_b{n}", n, PATCH, b.rounds(3, 5)) for n in b.train_batches] + [
+        (f"slice{b.slice_size}_b{n}", n, b.slice_size, b.rounds(2, 3)) for n in b.slice_batches]
+    for key, n, size, rounds in cases:
+        b.say(f"train step {size}^2 x batch {n}, interleaved with the matmul ...")
+        case = train_case(cfg, n, size, b.jit, warmup if size == PATCH else 1)
+        res["train"][key] = b.timed(f"train {key}", case, rounds)
+        if b.train_head is None:
+            b.train_head = case
+            if b.args.trace:
+                res["train"][key]["trace"] = trace_case(case, b.args.trace, 2, b.jit)
+    head = res["train"][cases[0][0]]
     res["train_patches_per_s"] = head["examples_per_s"]
     res["train_mfu"] = head["mfu"]
-    res["train_best_mfu"] = max(t["mfu"] for t in res["train"].values())
+    res["train_best_mfu"] = max((t["mfu"] for t in res["train"].values() if t["mfu"]),
+                                default=None)
     if b.slice_batches:
         sl = res["train"][f"slice{b.slice_size}_b{b.slice_batches[0]}"]
         res["train_slices_per_s"] = sl["examples_per_s"]
         res["train_slice_mfu"] = sl["mfu"]
     if b.bf16:
-        n = b.train_batches[0]
-        b.say(f"train step {PATCH}^2 x batch {n}, bfloat16 ...")
-        t = bench_train(cfg, n, PATCH, rep or (3 if quick else 5), 1 if quick else 2, b.jit,
-                        b.peak_bf16, precision="bfloat16")
-        res["train_bf16"] = {f"patch{PATCH}_b{n}": t}
+        key, n = cases[0][0], cases[0][1]
+        b.say(f"train step {PATCH}^2 x batch {n}: bfloat16 and float32 interleaved ...")
+        t16 = train_case(cfg, n, PATCH, b.jit, warmup, precision="bfloat16")
+        t, speed = b.versus(f"train {key} bfloat16", b.train_head, t16, b.rounds(3, 5))
+        res["train_bf16"] = {key: t}
         res["train_patches_per_s_bf16"] = t["examples_per_s"]
         res["train_mfu_bf16"] = t["mfu"]
-        res["train_bf16_speedup"] = t["examples_per_s"] / head["examples_per_s"]
+        res["train_bf16_speedup"] = speed["value"]
 
 
 def run_infer(b: Bench) -> None:
-    res, quick = b.res, b.quick
-    res["infer"] = {}
+    res, size = b.res, b.slice_size
+    res["infer"], cases = {}, {}
     for n in b.infer_batches:
-        b.say(f"inference {b.slice_size}^2 x batch {n} ...")
-        res["infer"][f"b{n}"] = bench_infer(
-            b.cfg, n, b.slice_size, b.rep or (2 if quick else 3), 1, b.jit, b.peak,
-            b.args.trace if n == b.infer_batches[0] else None)
+        b.say(f"inference {size}^2 x batch {n}, interleaved with the matmul ...")
+        cases[n] = infer_case(b.cfg, n, size, b.jit, 1)
+        res["infer"][f"b{n}"] = t = b.timed(f"infer b{n}", cases[n], b.rounds(2, 3))
+        t["slices_per_s"] = t["examples_per_s"]
+        if b.args.trace and n == b.infer_batches[0]:
+            t["trace"] = trace_case(cases[n], b.args.trace, 1, b.jit)
     best = max(res["infer"].values(), key=lambda t: t["slices_per_s"])
     one = res["infer"].get("b1") or res["infer"][f"b{b.infer_batches[0]}"]
     res["infer_slices_per_s"] = best["slices_per_s"]
@@ -1067,17 +1111,22 @@ def run_infer(b: Bench) -> None:
     res["infer_batch1_slices_per_s"] = one["slices_per_s"]
     res["infer_batch1_mfu"] = one["mfu"]
     if b.bf16:  # at the best float32 batch
-        b.say(f"inference {b.slice_size}^2 x batch {best['batch']}, bfloat16 ...")
-        t = bench_infer(b.cfg, best["batch"], b.slice_size, b.rep or (2 if quick else 3), 1,
-                        b.jit, b.peak_bf16, precision="bfloat16")
-        res["infer_bf16"] = {f"b{best['batch']}": t}
+        n = best["batch"]
+        b.say(f"inference {size}^2 x batch {n}: bfloat16 and float32 interleaved ...")
+        i16 = infer_case(b.cfg, n, size, b.jit, 1, precision="bfloat16")
+        t, speed = b.versus(f"infer b{n} bfloat16", cases[n], i16, b.rounds(2, 3))
+        t["slices_per_s"] = t["examples_per_s"]
+        res["infer_bf16"] = {f"b{n}": t}
         res["infer_slices_per_s_bf16"] = t["slices_per_s"]
         res["infer_mfu_bf16"] = t["mfu"]
-        res["infer_bf16_speedup"] = t["slices_per_s"] / best["slices_per_s"]
+        res["infer_bf16_speedup"] = speed["value"]
 
 
 def run_data(b: Bench) -> None:
     res, args, quick = b.res, b.args, b.quick
+    if b.train_head is None:  # no training section in this run: a train step to compare with
+        b.say("train step for the loader ratio ...")
+        b.train_head = train_case(b.cfg, b.train_batches[0], PATCH, b.jit, 1)
     work = None
     try:
         data = Path(args.data) if args.data else (None if quick else default_data())
@@ -1088,19 +1137,16 @@ def run_data(b: Bench) -> None:
             described = f"generated DICOM ({n} slices of {shape[0]}x{shape[1]}, ctio)"
         else:
             described = str(data)
-        b.say(f"data loader on {data} ...")
-        res["loader"] = bench_loader(data, described, b.train_batches[0],
-                                     20 if quick else 100, 0.25)
+        b.say(f"data loader on {data}, interleaved with train steps ...")
+        res["loader"] = ld = bench_loader(data, described, b.train_head, 5 if quick else 20,
+                                          b.rounds(3, 5), 0.25)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    if res["train_patches_per_s"]:
-        train = res["train_patches_per_s"]
-    else:  # no training figure in this run: ratio to a fresh quick train measurement
-        b.say("train step for the loader ratio ...")
-        train = bench_train(b.cfg, b.train_batches[0], PATCH, 3, 1, b.jit, 1.0)["examples_per_s"]
-    res["loader_ratio"] = res["loader"]["patches_per_s"] / train
-    res["loader_ratio_cold"] = res["loader"]["cold_patches_per_s"] / train
+    res["ratios"]["loader_ratio"] = ld["ratio"]
+    res["ratios"]["loader_ratio_cold"] = ld["ratio_cold"]
+    res["loader_ratio"] = ld["ratio"]["value"]
+    res["loader_ratio_cold"] = ld["ratio_cold"]["value"]
 
 
 def run_memory(b: Bench) -> None:

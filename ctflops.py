@@ -31,7 +31,8 @@ FLOPS_CONVENTION = (
     "up-sampling, concat, losses and optimizer not counted. Train step = 3*G_fwd + 7*D_fwd "
     "(G fwd+bwd, bwd = 2 fwd; D fwd on real and fake = 2, D bwd on both for its update = 4, "
     "adversarial input-gradient through D(fake) to G = 1). Inference = G_fwd. "
-    "MFU = counted FLOP/s / float32 matmul FLOP/s.")
+    "MFU = counted FLOP/s / FLOP/s of the square matmul of the same precision, timed "
+    "in turn with the row (interleaved pairs).")
 
 
 def conv_flops(model, input_shape: tuple[int, ...]) -> tuple[int, list[dict]]:

@@ -154,7 +154,8 @@ def flop_per_cycle(features: frozenset[str], vendor: str, family: int) -> tuple[
 def hardware_peak(features: frozenset[str], cpuinfo: Optional[str] = None,
                   lscpu: Optional[str] = None, cpus: Optional[int] = None) -> dict:
     """FMA peak of this CPU: physical cores x clock x float32 FLOP/cycle/core, and how it was
-    derived. Clock: lscpu "CPU max MHz" when it reports one, else /proc/cpuinfo "cpu MHz"."""
+    derived. Clock: lscpu "CPU max MHz" when it reports one, else /proc/cpuinfo "cpu MHz", the
+    current clock, and then the figure is a lower bound (``lower_bound``) and says so."""
     if cpuinfo is None:
         with contextlib.suppress(OSError):
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -168,7 +169,8 @@ def hardware_peak(features: frozenset[str], cpuinfo: Optional[str] = None,
             (os.cpu_count() or 1)
     threads = int(ls.get("Thread(s) per core", "1") or 1)
     cores = max(1, cpus // max(1, threads))
-    if ls.get("CPU max MHz"):
+    lower = not ls.get("CPU max MHz")
+    if not lower:
         mhz, clock = float(ls["CPU max MHz"]), "lscpu CPU max MHz"
     elif info.get("cpu MHz"):
         mhz, clock = float(info["cpu MHz"]), "/proc/cpuinfo cpu MHz (current clock; no max MHz)"
@@ -177,10 +179,13 @@ def hardware_peak(features: frozenset[str], cpuinfo: Optional[str] = None,
     fpc, assumption = flop_per_cycle(features, info.get("vendor_id", ""),
                                      int(info.get("cpu family", "0") or 0))
     gflops = cores * mhz / 1e3 * fpc
+    bound = ("; a LOWER BOUND: lscpu reports no maximum clock, and the cores may run above "
+             "the current one (turbo)") if lower else ""
     return {"gflops": gflops, "cores": cores, "threads_per_core": threads, "mhz": mhz,
             "flop_per_cycle": fpc, "clock_source": clock, "assumption": assumption,
+            "lower_bound": lower,
             "derivation": f"{cores} cores x {mhz / 1e3:.2f} GHz ({clock}) x {fpc} float32 "
-                          f"FLOP/cycle ({assumption}) = {gflops:.0f} GFLOP/s"}
+                          f"FLOP/cycle ({assumption}) = {gflops:.0f} GFLOP/s{bound}"}
 
 
 def machine_info(tf, keras) -> dict:

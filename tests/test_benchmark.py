@@ -95,6 +95,7 @@ def test_hardware_peak_from_flags_clock_and_cores():
     assert zen3["flop_per_cycle"] == 32 and zen3["cores"] == 2
     assert zen3["gflops"] == pytest.approx(2 * 2.445406 * 32)
     assert "cpu MHz" in zen3["clock_source"] and "2 cores x 2.45 GHz" in zen3["derivation"]
+    assert zen3["lower_bound"] and "LOWER BOUND" in zen3["derivation"]  # the current clock
     avx512 = avx2 | {"avx512f", "avx512_vnni"}
     zen4 = ctmachine.hardware_peak(avx512, EPYC, "", cpus=4)
     assert zen4["flop_per_cycle"] == 32 and "Zen 4" in zen4["assumption"]
@@ -103,6 +104,7 @@ def test_hardware_peak_from_flags_clock_and_cores():
                                    "3500.0000\n", cpus=8)
     assert xeon["flop_per_cycle"] == 64 and "two 512-bit FMA units" in xeon["assumption"]
     assert xeon["cores"] == 4 and xeon["mhz"] == 3500 and xeon["gflops"] == 4 * 3.5 * 64
+    assert not xeon["lower_bound"] and "LOWER" not in xeon["derivation"]
     assert ctmachine.hardware_peak(avx2, "", "", cpus=1)["gflops"] is None
 
 
