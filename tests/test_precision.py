@@ -78,18 +78,23 @@ def test_bfloat16_inference_close_to_float32(tmp_path, capsys):
     assert 0 < diff.max() < 5.0, diff.max()  # bfloat16 really ran, and a few HU at most
 
 
-def test_auto_precision_is_stated_once(tmp_path, capsys):
+def test_float32_by_default_auto_only_when_asked_each_stated_once(tmp_path, capsys):
+    """Issue 26 item 12: the same figures on every CPU unless the user asks for bfloat16."""
     import Mytest
 
     run = perturbed_run(tmp_path)
     data = tmp_path / "npy"
     data.mkdir()
     np.save(data / "P1_0_input.npy", np.full((32, 32), 0.25, np.float32))
-    Mytest.main(["--data", str(data), "--run", str(run), "--out", str(tmp_path / "o"),
-                 "--no-figures"])
-    lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("precision:")]
-    precision, why = ctmachine.auto_precision()
-    assert lines == [f"precision: {precision} ({why})"]
+    for extra, expected in (([], ("float32", "default: the same figures on every CPU; "
+                                  "--precision bfloat16 is faster")),
+                            (["--precision", "auto"], ctmachine.auto_precision())):
+        Mytest.main(["--data", str(data), "--run", str(run), "--out",
+                     str(tmp_path / f"o{len(extra)}"), "--no-figures", *extra])
+        lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("precision:")]
+        assert lines == [f"precision: {expected[0]} ({expected[1]})"]
+    text = " ".join(Mytest.build_parser().format_help().split())
+    assert "float32 (default)" in text and "faster inference" in text and "dB" in text
 
 
 @pytest.mark.parametrize("script, args, needle", [
