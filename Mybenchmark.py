@@ -12,30 +12,19 @@ Every figure is a median over repeats taken after warm-up (the first call of a g
 traces and, with ``--jit on``, compiles it, is timed separately and never counted). It prints one
 table and, with ``--json``, writes every figure with the machine it was measured on.
 
-FLOPs are counted analytically from the layers (:func:`conv_flops`): for each Conv2D
-``2 * H_out * W_out * k_h * k_w * C_in / groups * C_out`` per example (Dense: ``2 * C_in * C_out``
-per position). Bias, normalisation, activations, pooling, up-sampling, concatenation, losses and
-the optimizer are not counted: MFU measures the convolutions, and time spent on the rest shows up
-as a lower MFU. One training step (``CNCLGAN.train_step``, LSGAN + L1, ``adv_weight > 0``) counts
-
-    3 * G_fwd + 7 * D_fwd
-
-* G: forward + backward, the backward costing 2 forwards (input and weight gradients) -> 3 G_fwd;
-* D: forward on the real and the fake triplet (2), backward of both for D's update (2 x 2), and
-  the input-gradient pass through D(fake) that carries the adversarial loss back to G (1) -> 7.
-
-MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same process (float32;
-bfloat16 rows: the bfloat16 matmul). Beside the measured peak it states the FMA hardware peak,
-physical cores x clock x float32 FLOP/cycle of the widest FMA the CPU flags show
-(:func:`hardware_peak`), and which kernel library (oneDNN or Eigen) ran. bfloat16 rows are
-measured only on CPUs with native bfloat16 (``ctmachine.native_bfloat16``) unless
-``--precision-rows all``.
+FLOPs are counted from the layers (:mod:`ctflops`, convention printed under the table). Every
+ratio — MFU (counted FLOP/s over the FLOP/s of the square matmul of the same precision), bfloat16
+vs float32, loader vs training — comes from interleaved timings (:mod:`cttiming`: A, B, A, B ...;
+min / median / max over the pairs; pairs in which the load changed are marked disturbed, and an
+efficiency above 1 is invalid, never a result). Beside the measured matmul it states the FMA
+hardware peak (:func:`ctmachine.hardware_peak`, a lower bound where only the current clock is
+known) and which kernel library (oneDNN or Eigen) ran. bfloat16 rows are measured only on CPUs
+with native bfloat16 (``ctmachine.native_bfloat16``) unless ``--precision-rows all``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -51,10 +40,12 @@ import numpy as np
 
 import ctio
 import ctmachine
+import ctprocess
+import ctprofile
 import ctrun
 import cttiming
 from ctflops import FLOPS_CONVENTION, conv_flops, model_flops
-from ctmachine import kernel_library, machine_info, onednn_enabled
+from ctmachine import kernel_library, machine_info
 
 REPO = Path(__file__).resolve().parent
 PRESETS = tuple(ctrun.PRESETS)  # checked before TensorFlow is imported
@@ -100,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=0,
                     help="timed repeats per measurement (0: automatic per section)")
     ap.add_argument("--jit", default="off", help="XLA for train step and inference: off or on")
+    ap.add_argument("--patch", type=int, default=PATCH,
+                    help="training patch side (64: the MFU history; 128: the cpu recipe)")
+    ap.add_argument("--adv-weight", type=float, default=1.0,
+                    help="training rows: weight of the adversarial term (0: L1 only, as "
+                    "make train-mayo-psnr; the discriminator then does not run)")
     ap.add_argument("--train-batches", default=None,
-                    help="comma-separated batch sizes of 64x64 patches to time (default 16,32; "
+                    help="comma-separated batch sizes of patches to time (default 16,32; "
                     "the first one is the headline train_* figure)")
     ap.add_argument("--slice-batches", default=None,
                     help="comma-separated batches of whole slices for training (default 1; "
@@ -162,8 +158,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ctio.CTDataError(f"--sections: unknown section '{(bad or [''])[0]}' (choose from: "
                                f"{', '.join(SECTIONS)})")
     args.sections = secs
-    if args.repeats < 0 or args.intra_threads < 0 or args.inter_threads < 0:
-        raise ctio.CTDataError("--repeats, --intra-threads and --inter-threads must be >= 0")
+    if min(args.repeats, args.intra_threads, args.inter_threads, args.adv_weight) < 0 or \
+            args.patch < 8:
+        raise ctio.CTDataError("--repeats, --intra-threads, --inter-threads and --adv-weight "
+                               "must be >= 0, --patch >= 8")
     args.train_batches = parse_ints(args.train_batches, "train-batches")
     args.slice_batches = parse_ints(args.slice_batches, "slice-batches", allow_none=True)
     args.infer_batches = parse_ints(args.infer_batches, "infer-batches")
@@ -220,55 +218,6 @@ def timed_row(case: dict, samples: list, peak: list, peak_case: dict) -> dict:
 
 
 # --- Sections -------------------------------------------------------------------------------------
-def matmul_case(n: int, dtype: str) -> dict:
-    """A ready square matmul of ``dtype`` (tf.function): ``{"fn", "work" (FLOPs), ...}``."""
-    tf = ctio.import_tensorflow()
-
-    @tf.function
-    def mm(a, b):
-        return tf.matmul(a, b)
-
-    a = tf.cast(tf.random.normal([n, n]), dtype)
-    b = tf.cast(tf.random.normal([n, n]), dtype)
-    return warm({"fn": lambda: mm(a, b).numpy(), "work": 2 * n ** 3, "examples": 2 * n ** 3,
-                 "n": n, "dtype": dtype}, 2)
-
-
-def bench_matmul(n: int, repeats: int, bf16: bool = False) -> dict:
-    """float32 (on a GPU also bf16 / fp16; with ``bf16`` also bfloat16 on a CPU) square matmul
-    FLOP/s, the dtypes interleaved, median."""
-    tf = ctio.import_tensorflow()
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    dtypes = ["float32"] + (["bfloat16", "float16"] if on_gpu else ["bfloat16"] if bf16 else [])
-    out: dict[str, Any] = {"n": n, "device": "GPU" if on_gpu else "CPU",
-                           "onednn": onednn_enabled(), "load_before": load()}
-    cases = {dt: matmul_case(n, dt) for dt in dtypes}
-    samples = cttiming.interleave({dt: c["fn"] for dt, c in cases.items()}, repeats)
-    for dt, s in samples.items():
-        r = cttiming.rate(s, 2 * n ** 3 / 1e9)
-        out[dt] = {"median_s": r["median_s"], "min_s": min(x.seconds for x in s),
-                   "max_s": max(x.seconds for x in s), "repeats": r["repeats"],
-                   "gflops": r["median"], "gflops_best": r["max"]}
-    out["gflops"] = out["float32"]["gflops"]
-    out["load_after"] = load()
-    return out
-
-
-def matmul_other_backend(n: int, repeats: int, timeout: float = 600) -> Optional[dict]:
-    """float32 matmul with TF's oneDNN setting flipped, measured in a fresh process (TF reads
-    TF_ENABLE_ONEDNN_OPTS once, at import). None if that process fails."""
-    flip = "0" if onednn_enabled() else "1"
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": flip, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    code = ("import json, Mybenchmark as B; "
-            f"print(json.dumps(B.bench_matmul({int(n)}, {int(repeats)})))")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env=env, cwd=REPO, timeout=timeout)
-        return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
-    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
-        return None
-
-
 def _synthetic_batch(batch: int, h: int, w: int, seed: int = 0):
     """Normalised CT-like (ld, fd) float32 [B, h, w, 1]: soft tissue with noise; values only."""
     rng = np.random.default_rng(seed)
@@ -277,7 +226,7 @@ def _synthetic_batch(batch: int, h: int, w: int, seed: int = 0):
     return ld, fd
 
 
-def _new_gan(cfg: dict, jit: bool, precision: str = "float32"):
+def _new_gan(cfg: dict, jit: bool, precision: str = "float32", adv_weight: float = 1.0):
     import keras
 
     import Mymodel
@@ -286,7 +235,8 @@ def _new_gan(cfg: dict, jit: bool, precision: str = "float32"):
         gen, disc = Mymodel.build_models(cfg)
         gan = Mymodel.CNCLGAN(gen, disc)
         gan.compile(g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
-                    d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5), jit_compile=jit)
+                    d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5), jit_compile=jit,
+                    adv_weight=adv_weight)
     return gan
 
 
@@ -295,12 +245,13 @@ def train_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
     """One full GAN train step (Keras' own train_function, as fit() runs it) on fixed data,
     computed in ``precision`` (Mytrain.py --precision), traced and warmed: ``{"fn", "work"}``."""
     tf = ctio.import_tensorflow()
-    gan = _new_gan(cfg, jit, precision)
+    gan = _new_gan(cfg, jit, precision, cfg.get("adv_weight", 1.0))
     ld, fd = _synthetic_batch(batch, size, size)
     it = iter(tf.data.Dataset.from_tensors((tf.constant(ld), tf.constant(fd))).repeat())
     gan.make_train_function()
-    fl = model_flops(cfg, size, size)
-    return warm({"fn": lambda: _sync(gan.train_function(it)), "work": fl["train_step"] * batch,
+    fl = model_flops(cfg, size, size)  # adv_weight 0: D is neither run nor updated (3 G)
+    step = fl["train_step"] if gan.adv_weight > 0 else 3 * fl["g_fwd"]
+    return warm({"fn": lambda: _sync(gan.train_function(it)), "work": step * batch,
                  "examples": batch, "batch": batch, "size": size, "precision": precision,
                  "g_fwd_flops_per_example": fl["g_fwd"], "d_fwd_flops_per_example": fl["d_fwd"]},
                 warmup)
@@ -325,68 +276,6 @@ def infer_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
     return warm({"fn": lambda: content(x).numpy(), "work": g_fwd * batch, "examples": batch,
                  "batch": batch, "size": size, "precision": precision,
                  "flops_per_slice": g_fwd}, warmup)
-
-
-def trace_case(case: dict, trace_dir: str, calls: int, jit: bool) -> dict:
-    """Profile ``calls`` calls of ``case["fn"]`` into ``trace_dir``; op_breakdown of it."""
-    t0 = time.time()
-    with _profiler(trace_dir):
-        for _ in range(calls):
-            case["fn"]()
-    return op_breakdown(trace_dir, t0, jit)
-
-
-@contextlib.contextmanager
-def _profiler(logdir: str):
-    tf = ctio.import_tensorflow()
-    tf.profiler.experimental.start(logdir)
-    try:
-        yield
-    finally:
-        tf.profiler.experimental.stop()
-
-
-def op_breakdown(logdir: str, since: float = 0.0, jit: bool = False) -> dict:
-    """Time per TF op type in the newest profiler trace under ``logdir`` written after ``since``.
-
-    With ``jit`` (XLA) the executor runs one compiled cluster op per call, so the trace has no
-    per-op breakdown: ``{"xla": True, "ops": ...}`` without ``conv_share``.
-
-    Sums the durations of the executor's op events (``tf_Compute`` threads of the host plane;
-    ops of the two U-Nets may overlap in time, so this is a share of op time, not of wall time).
-    Returns ``{"conv_share", "ops": {type: ms}}`` with every Conv2D variant (forward, fused,
-    backprop input / filter, oneDNN) counted as convolution; ``{}`` if no trace is readable.
-    """
-    try:
-        from tensorflow.tsl.profiler.protobuf import xplane_pb2
-    except ImportError:
-        return {}
-    files = [p for p in Path(logdir).rglob("*.xplane.pb") if p.stat().st_mtime >= since]
-    if not files:
-        return {}
-    space = xplane_pb2.XSpace()
-    space.ParseFromString(max(files, key=lambda p: p.stat().st_mtime).read_bytes())
-    ms: dict[str, float] = {}
-    for plane in space.planes:
-        meta = plane.event_metadata
-        for line in plane.lines:
-            if not line.name.startswith("tf_Compute"):
-                continue
-            for ev in line.events:
-                name = meta[ev.metadata_id].name
-                if ":" not in name or "::" in name:  # executor wrappers, not ops
-                    continue  # (ExecutorState::Process, ParallelFor)
-                op = name.rsplit(":", 1)[1]
-                ms[op] = ms.get(op, 0.0) + ev.duration_ps / 1e9
-    total = sum(ms.values())
-    if jit:  # also when the compiled program left no executor op events at all
-        top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:5])
-        return {"xla": True, "op_ms_total": total, "ops": top}
-    if not total:
-        return {}
-    conv = sum(v for k, v in ms.items() if "Conv2D" in k)
-    top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:15])
-    return {"conv_share": conv / total, "op_ms_total": total, "ops": top}
 
 
 def write_dicom_series(folder: Path, n: int, shape: tuple[int, int], seed: int = 0) -> Path:
@@ -448,7 +337,7 @@ def bench_loader(data: Path, source: str, train: dict, n_batches: int, rounds: i
     held: dict[str, Any] = {}
 
     def first_pass():
-        held["it"] = iter(loader.make_train_dataset(records, patch=PATCH, batch=batch,
+        held["it"] = iter(loader.make_train_dataset(records, patch=train["size"], batch=batch,
                                                     simulate_dose=simulate_dose))
         _sync(next(held["it"]))
 
@@ -463,7 +352,7 @@ def bench_loader(data: Path, source: str, train: dict, n_batches: int, rounds: i
     first_s = cold[1].seconds
     return {"data": data_label(records, source, simulate_dose), "slices": len(records),
             "shape": list(records[0].shape), "simulate_dose": simulate_dose,
-            "simulated_slices": sum(not r.ld_path for r in records), "patch": PATCH,
+            "simulated_slices": sum(not r.ld_path for r in records), "patch": train["size"],
             "batch": batch, "patches_per_slice": pps, "serial_decode_s_per_slice": serial_s,
             "first_pass_s": first_s, "decode_slices_per_s": len(records) / first_s,
             "patches_per_s": cttiming.rate(s["loader"], n_batches * batch)["median"],
@@ -472,84 +361,6 @@ def bench_loader(data: Path, source: str, train: dict, n_batches: int, rounds: i
             "ratio_cold": cttiming.ratio([cold[1]] * 2, [cold[0], cold[2]],
                                          len(records) * pps, batch),
             "load_before": load0, "load_after": load()}
-
-
-# Runs one command and reports its memory as JSON on stdout. It is started as a small fresh
-# process because Linux carries the RSS high-water mark of a process across execve: a child
-# exec'd straight from this (TensorFlow-sized) benchmark would report our peak, not its own.
-_RSS_PROBE = r"""
-import json, os, subprocess, sys, time
-def status(pid):
-    out = {}
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(val.split()[0])
-    except OSError:
-        pass
-    return out
-import threading
-timeout = float(sys.argv[1])
-err = open(sys.argv[2], "wb")
-keep_lines = sys.argv[3] == "lines"
-t0 = time.perf_counter()
-proc = subprocess.Popen(sys.argv[4:], stdout=subprocess.PIPE if keep_lines else
-                        subprocess.DEVNULL, stderr=err)
-lines = []
-def read_lines():
-    for raw in proc.stdout:
-        if len(lines) < 1000:
-            lines.append([round(time.perf_counter() - t0, 3),
-                          raw.decode(errors="replace").rstrip()[:300]])
-if keep_lines:
-    reader = threading.Thread(target=read_lines, daemon=True)
-    reader.start()
-hwm, samples = 0, []
-while True:
-    pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-    if pid:
-        break
-    if time.perf_counter() - t0 > timeout:
-        proc.kill()
-        pid, st, ru = os.wait4(proc.pid, 0)
-        break
-    s = status(proc.pid)
-    hwm = max(hwm, s.get("VmHWM", 0))
-    if "VmRSS" in s:
-        samples.append(s["VmRSS"])
-    time.sleep(0.05)
-if keep_lines:
-    reader.join(10)
-print(json.dumps({"maxrss": ru.ru_maxrss, "hwm_kb": hwm, "rss_kb": samples, "lines": lines,
-                  "code": os.waitstatus_to_exitcode(st), "seconds": time.perf_counter() - t0}))
-"""
-
-
-def peak_rss_of(cmd: list[str], env: dict, timeout: float, lines: bool = False) -> dict:
-    """Run ``cmd`` to the end and measure its memory.
-
-    ``peak_rss_mb`` is ru_maxrss of that process (os.wait4 in a small probe process that starts
-    it); ``polled_hwm_mb`` and ``rss_samples_mb`` (10 evenly spaced moments) come from polling
-    /proc/PID/status every 50 ms: a cross-check, and RSS over time (a leak is a rising tail).
-    With ``lines``, ``lines`` holds its stdout lines as ``[seconds since start, text]``.
-    """
-    with tempfile.NamedTemporaryFile(suffix=".err") as err:
-        probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(timeout), err.name,
-                                "lines" if lines else "-", *cmd],
-                               capture_output=True, text=True, env=env, cwd=REPO)
-        tail = Path(err.name).read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    if probe.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {probe.stderr.strip()[-300:]}")
-    r = json.loads(probe.stdout.strip().splitlines()[-1])
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    rss = r["rss_kb"]
-    picks = [rss[int(i * (len(rss) - 1) / 9)] / 1024 for i in range(10)] if rss else []
-    return {"peak_rss_mb": r["maxrss"] * scale / 2 ** 20,
-            "polled_hwm_mb": r["hwm_kb"] / 1024 or None,
-            "rss_samples_mb": [round(v, 1) for v in picks],
-            "seconds": r["seconds"], "exit_code": r["code"], "stderr_tail": tail[0][:300],
-            **({"lines": r["lines"]} if lines else {})}
 
 
 def untrained_run(run: Path, preset: str = "small") -> Path:
@@ -621,7 +432,7 @@ def bench_memory(counts: tuple[int, int], shape: tuple[int, int], batch: int,
             data = write_dicom_series(work / f"data{n}", n, shape, seed=n)
             cmd = [sys.executable, str(mytest), "--data", str(data), "--run", str(run),
                    "--out", str(work / f"out{n}"), "--batch", str(batch), "--no-figures"]
-            r = peak_rss_of(cmd, env, timeout)
+            r = ctprocess.peak_rss_of(cmd, env, timeout)
             r["outputs"] = len(list((work / f"out{n}").rglob("*.npy")))
             out[f"slices_{n}"] = r
             if r["exit_code"] != 0 or r["outputs"] != n:
@@ -644,14 +455,6 @@ SCALE_PAPER_SLICES = 20  # the paper preset is timed on this many slices (~5-20 
 SCALE_EVAL_SLICES = 240
 
 
-def _line_time(lines: list, pattern: str, after: float = -1.0) -> Optional[float]:
-    """Seconds since start of the first stdout line (``peak_rss_of(lines=True)``) matching the
-    regular expression ``pattern`` after ``after`` seconds."""
-    import re
-
-    return next((t for t, text in lines if t > after and re.search(pattern, text)), None)
-
-
 def scale_train(data: Path, exclude: list[str], work: Path, name: str, cache: Path,
                 quick: bool, timeout: float) -> dict:
     """Peak RSS and timings of ``Mytrain.py`` (small preset, 2 epochs x 1 step, no validation)
@@ -665,16 +468,16 @@ def scale_train(data: Path, exclude: list[str], work: Path, name: str, cache: Pa
            "--val-patients", "none", "--verbose", "2", "--cache-dir", str(cache)]
     cmd += (["--patch", "32", "--batch", "2"] if quick else []) + (
         ["--exclude", *exclude] if exclude else [])
-    r = peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
+    r = ctprocess.peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
     lines = r.pop("lines")
-    t_cache = _line_time(lines, r"^slice cache:")
+    t_cache = ctprocess.line_time(lines, r"^slice cache:")
     t_next = None if t_cache is None else next(
         (t for t, _ in lines if t > t_cache), None)
     m = next((re.match(r"data: (\d+) training slices", text) for _, text in lines
               if text.startswith("data: ")), None)
     return {**r, "training_pairs": int(m[1]) if m else None,
             "cache_fill_s": None if t_next is None else t_next - t_cache,
-            "first_step_s": _line_time(lines, r"^1/1 - "),
+            "first_step_s": ctprocess.line_time(lines, r"^1/1 - "),
             "stdout_tail": [text for _, text in lines[-3:]]}
 
 
@@ -699,36 +502,6 @@ def scale_loader(records: list, cache: Path, n_batches: int) -> dict:
             "first_batch_s": first, "patches_per_s": n_batches * TRAIN_BATCH / steady}
 
 
-def check_derived_series(out: Path, source: Path) -> dict:
-    """Whether Mytest.py's derived DICOM files in ``out`` form one series: one
-    SeriesInstanceUID, InstanceNumbers unique and monotonic along the table, and each file
-    with its source's position, orientation, pixel spacing and size."""
-    import pydicom
-
-    src = {}
-    for f in sorted(source.iterdir()):
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        src[round(float(ds.ImagePositionPatient[2]), 3)] = ds
-    files = sorted(out.rglob("*.dcm"))
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    headers.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    numbers = [int(d.InstanceNumber) for d in headers]
-    steps = np.diff(numbers)
-    geometry = all(
-        (s := src.get(round(float(d.ImagePositionPatient[2]), 3))) is not None
-        and list(d.ImagePositionPatient) == list(s.ImagePositionPatient)
-        and list(d.ImageOrientationPatient) == list(s.ImageOrientationPatient)
-        and list(d.PixelSpacing) == list(s.PixelSpacing)
-        and (d.Rows, d.Columns) == (s.Rows, s.Columns) for d in headers)
-    one = {"files": len(files), "series_uids": len({d.SeriesInstanceUID for d in headers}),
-           "instance_numbers_monotonic": bool(len(set(numbers)) == len(numbers) and (
-               (steps > 0).all() or (steps < 0).all())),
-           "source_geometry": bool(geometry)}
-    one["one_series"] = bool(one["series_uids"] == 1 and one["instance_numbers_monotonic"]
-                             and one["source_geometry"] and len(files) == len(src))
-    return one
-
-
 def scale_infer(series: Path, n: int, preset: str, work: Path, timeout: float) -> dict:
     """``Mytest.py --format dicom`` on the ``n``-slice series (an untrained ``preset``
     generator): peak RSS, the s/slice it reports, and the derived series check."""
@@ -736,7 +509,7 @@ def scale_infer(series: Path, n: int, preset: str, work: Path, timeout: float) -
     out = work / f"out_{preset}"
     cmd = [sys.executable, "-u", str(REPO / "Mytest.py"), "--data", str(series), "--run",
            str(run), "--out", str(out), "--format", "dicom", "--no-figures"]
-    r = peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
+    r = ctprocess.peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
     lines = r.pop("lines")
     m = next((re.search(r"denoised (\d+) slice\(s\) in ([\d.]+) s", text) for _, text in lines
               if text.startswith("denoised ")), None)
@@ -746,7 +519,7 @@ def scale_infer(series: Path, n: int, preset: str, work: Path, timeout: float) -
     s_per_slice = float(m[2]) / int(m[1])
     return {**res, "status": "ok", "denoise_s": float(m[2]), "s_per_slice": s_per_slice,
             "patient_minutes_560": s_per_slice * SCALE_SERIES / 60,
-            "derived_series": check_derived_series(out, series)}
+            "derived_series": ctprocess.check_derived_series(out, series)}
 
 
 def bench_scale(data: Optional[Path], quick: bool, timeout: float, say: Callable) -> dict:
@@ -945,10 +718,10 @@ def print_table(res: dict) -> None:
     for sec in ("train", "infer"):
         for t in res.get(sec, {}).values():
             if t.get("trace"):
-                print(trace_line(sec, t))
+                print(ctprofile.trace_line(sec, t))
     if ld:
         print(f"data: {ld['data']}; loader_ratio = cached patches/s / train patches/s "
-              f"(64^2, batch {res['train_batch']}); cold = first-pass decode rate x "
+              f"({ld['patch']}^2, batch {res['train_batch']}); cold = first-pass decode rate x "
               f"{ld['patches_per_slice']} patches per slice / train patches/s")
 
 
@@ -957,19 +730,6 @@ def _mfu_cell(t: dict) -> str:
     r = t["mfu_ratio"]
     return {"invalid": "invalid", "disturbed": f"{_fmt(r['value'])} disturbed"}.get(
         r["status"], _fmt(r["value"]))
-
-
-def trace_line(section: str, t: dict) -> str:
-    """One line on the profiler trace of a train / infer row (``t["trace"]``, op_breakdown)."""
-    tr = t["trace"]
-    head = f"trace {section} {t['size']}^2 x {t['batch']}: "
-    if tr.get("xla"):
-        return (head + "XLA-compiled (--jit on): the executor runs one compiled program per "
-                f"call ({', '.join(tr['ops']) or 'no op events'}), so the trace has no per-op "
-                "breakdown; open the trace folder in TensorBoard's profiler for XLA's own ops")
-    rest = {k: v for k, v in tr["ops"].items() if "Conv2D" not in k}
-    top = ", ".join(f"{k} {100 * v / tr['op_ms_total']:.1f}%" for k, v in list(rest.items())[:6])
-    return head + f"convolutions {100 * tr['conv_share']:.1f}% of op time; then {top}"
 
 
 def bf16_decision(choice: str, features: frozenset[str]) -> tuple[bool, str]:
@@ -995,7 +755,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, res: dict, cfg: dict, bf16: bool) -> None:
         self.args, self.res, self.cfg, self.bf16 = args, res, cfg, bf16
         self.quick, self.paper = args.quick, args.preset == "paper"
-        self.jit, self.rep = args.jit == "on", args.repeats
+        self.jit, self.rep, self.patch = args.jit == "on", args.repeats, args.patch
         # Sizes and repeats: paper steps take seconds on a CPU, so fewer repeats there.
         self.slice_size = 128 if self.quick else SLICE
         self.train_batches = args.train_batches or ([TRAIN_BATCH] if self.quick else
@@ -1019,7 +779,7 @@ class Bench:
         """The matmul case an MFU of ``precision`` is measured against (made on first use)."""
         dt = "bfloat16" if precision == "bfloat16" else "float32"
         if dt not in self.mm:
-            self.mm[dt] = matmul_case(1024 if self.quick else 4096, dt)
+            self.mm[dt] = ctmachine.matmul_case(1024 if self.quick else 4096, dt)
         return self.mm[dt]
 
     def timed(self, key: str, case: dict, rounds: int) -> dict:
@@ -1047,7 +807,7 @@ def run_matmul(b: Bench) -> None:
     res = b.res
     n = 1024 if b.quick else 4096
     b.say(f"matmul {n}^2 float32{' and bfloat16, interleaved' if b.bf16 else ''} ...")
-    res["matmul"] = mm = bench_matmul(n, b.rounds(3, 10), b.bf16)
+    res["matmul"] = mm = ctmachine.bench_matmul(n, b.rounds(3, 10), b.bf16)
     res["matmul_gflops"] = mm["gflops"]
     res["matmul_gflops_bf16"] = mm.get("bfloat16", {}).get("gflops")
     if not b.quick and mm["device"] == "CPU":
@@ -1055,7 +815,7 @@ def run_matmul(b: Bench) -> None:
         # is against the matmul of this process, the kernels the sections run).
         b.say(f"matmul {n}^2 float32 with oneDNN {'off' if mm['onednn'] else 'on'} "
               "(fresh process) ...")
-        other = matmul_other_backend(n, b.rounds(10, 10))
+        other = ctmachine.matmul_other_backend(n, b.rounds(10, 10))
         if other:
             mm["other_backend"] = other
 
@@ -1063,16 +823,16 @@ def run_matmul(b: Bench) -> None:
 def run_train(b: Bench) -> None:
     res, cfg, warmup = b.res, b.cfg, 1 if b.quick else 2
     res["train"] = {}
-    cases = [(f"patch{PATCH}_b{n}", n, PATCH, b.rounds(3, 5)) for n in b.train_batches] + [
+    cases = [(f"patch{b.patch}_b{n}", n, b.patch, b.rounds(3, 5)) for n in b.train_batches] + [
         (f"slice{b.slice_size}_b{n}", n, b.slice_size, b.rounds(2, 3)) for n in b.slice_batches]
     for key, n, size, rounds in cases:
         b.say(f"train step {size}^2 x batch {n}, interleaved with the matmul ...")
-        case = train_case(cfg, n, size, b.jit, warmup if size == PATCH else 1)
+        case = train_case(cfg, n, size, b.jit, warmup if size == b.patch else 1)
         res["train"][key] = b.timed(f"train {key}", case, rounds)
         if b.train_head is None:
             b.train_head = case
             if b.args.trace:
-                res["train"][key]["trace"] = trace_case(case, b.args.trace, 2, b.jit)
+                res["train"][key]["trace"] = ctprofile.trace_case(case, b.args.trace, 2, b.jit)
     head = res["train"][cases[0][0]]
     res["train_patches_per_s"] = head["examples_per_s"]
     res["train_mfu"] = head["mfu"]
@@ -1084,8 +844,8 @@ def run_train(b: Bench) -> None:
         res["train_slice_mfu"] = sl["mfu"]
     if b.bf16:
         key, n = cases[0][0], cases[0][1]
-        b.say(f"train step {PATCH}^2 x batch {n}: bfloat16 and float32 interleaved ...")
-        t16 = train_case(cfg, n, PATCH, b.jit, warmup, precision="bfloat16")
+        b.say(f"train step {b.patch}^2 x batch {n}: bfloat16 and float32 interleaved ...")
+        t16 = train_case(cfg, n, b.patch, b.jit, warmup, precision="bfloat16")
         t, speed = b.versus(f"train {key} bfloat16", b.train_head, t16, b.rounds(3, 5))
         res["train_bf16"] = {key: t}
         res["train_patches_per_s_bf16"] = t["examples_per_s"]
@@ -1102,7 +862,7 @@ def run_infer(b: Bench) -> None:
         res["infer"][f"b{n}"] = t = b.timed(f"infer b{n}", cases[n], b.rounds(2, 3))
         t["slices_per_s"] = t["examples_per_s"]
         if b.args.trace and n == b.infer_batches[0]:
-            t["trace"] = trace_case(cases[n], b.args.trace, 1, b.jit)
+            t["trace"] = ctprofile.trace_case(cases[n], b.args.trace, 1, b.jit)
     best = max(res["infer"].values(), key=lambda t: t["slices_per_s"])
     one = res["infer"].get("b1") or res["infer"][f"b{b.infer_batches[0]}"]
     res["infer_slices_per_s"] = best["slices_per_s"]
@@ -1126,7 +886,7 @@ def run_data(b: Bench) -> None:
     res, args, quick = b.res, b.args, b.quick
     if b.train_head is None:  # no training section in this run: a train step to compare with
         b.say("train step for the loader ratio ...")
-        b.train_head = train_case(b.cfg, b.train_batches[0], PATCH, b.jit, 1)
+        b.train_head = train_case(b.cfg, b.train_batches[0], b.patch, b.jit, 1)
     work = None
     try:
         data = Path(args.data) if args.data else (None if quick else default_data())
@@ -1208,7 +968,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import Mymodel
 
     ctmachine.set_precision("float32")  # bfloat16 rows: in ctmachine.precision_policy
-    cfg = Mymodel.model_config(args.preset)
+    cfg = {**Mymodel.model_config(args.preset), "adv_weight": args.adv_weight}
     bf16, why = bf16_decision(args.precision_rows, ctmachine.cpu_features())
     res: dict[str, Any] = {"preset": args.preset, "model": cfg, "quick": args.quick,
                            "jit": args.jit, "machine": machine_info(tf, keras),

@@ -9,15 +9,17 @@ Architectures Optimization Reference Manual, AMD Zen 4 software optimisation gui
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
+import cttiming
 from ctio import CTDataError, import_tensorflow
 
 # /proc/cpuinfo flags that decide TF's CPU kernels and which precisions run natively.
@@ -214,3 +216,62 @@ def machine_info(tf, keras) -> dict:
                                                "TF_XLA_FLAGS", "CUDA_VISIBLE_DEVICES")},
         "load_start": list(np.round(os.getloadavg(), 2)),
     }
+
+
+# --- The measured peak: square matmuls (the denominator of every MFU) ----------------------------
+REPO = Path(__file__).resolve().parent
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def matmul_case(n: int, dtype: str) -> dict:
+    """A ready square matmul of ``dtype`` (tf.function): ``{"fn", "work" (FLOPs), ...}``."""
+    tf = import_tensorflow()
+
+    @tf.function
+    def mm(a, b):
+        return tf.matmul(a, b)
+
+    a = tf.cast(tf.random.normal([n, n]), dtype)
+    b = tf.cast(tf.random.normal([n, n]), dtype)
+    case = {"fn": lambda: mm(a, b).numpy(), "work": 2 * n ** 3, "n": n, "dtype": dtype}
+    case["fn"]()  # traces
+    case["fn"]()
+    return case
+
+
+def bench_matmul(n: int, repeats: int, bf16: bool = False) -> dict:
+    """float32 (on a GPU also bf16 / fp16; with ``bf16`` also bfloat16 on a CPU) square matmul
+    FLOP/s, the dtypes interleaved, median."""
+    tf = import_tensorflow()
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    dtypes = ["float32"] + (["bfloat16", "float16"] if on_gpu else ["bfloat16"] if bf16 else [])
+    out: dict[str, Any] = {"n": n, "device": "GPU" if on_gpu else "CPU",
+                           "onednn": onednn_enabled(), "load_before": _load()}
+    cases = {dt: matmul_case(n, dt) for dt in dtypes}
+    samples = cttiming.interleave({dt: c["fn"] for dt, c in cases.items()}, repeats)
+    for dt, s in samples.items():
+        r = cttiming.rate(s, 2 * n ** 3 / 1e9)
+        out[dt] = {"median_s": r["median_s"], "min_s": min(x.seconds for x in s),
+                   "max_s": max(x.seconds for x in s), "repeats": r["repeats"],
+                   "gflops": r["median"], "gflops_best": r["max"]}
+    out["gflops"] = out["float32"]["gflops"]
+    out["load_after"] = _load()
+    return out
+
+
+def matmul_other_backend(n: int, repeats: int, timeout: float = 600) -> Optional[dict]:
+    """float32 matmul with TF's oneDNN setting flipped, measured in a fresh process (TF reads
+    TF_ENABLE_ONEDNN_OPTS once, at import). None if that process fails."""
+    flip = "0" if onednn_enabled() else "1"
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": flip, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = ("import json, ctmachine as M; "
+            f"print(json.dumps(M.bench_matmul({int(n)}, {int(repeats)})))")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, cwd=REPO, timeout=timeout)
+        return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
+        return None

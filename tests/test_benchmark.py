@@ -11,6 +11,7 @@ from conftest import REPO, cli
 
 import ctflops
 import ctmachine
+import ctprofile
 
 REQUIRED = ("matmul_gflops", "train_patches_per_s", "train_mfu", "infer_slices_per_s",
             "infer_mfu", "loader_ratio", "mem_ratio", "eval_slices_per_s")
@@ -76,6 +77,8 @@ def test_flop_counter_agrees_with_tf_graph_for_cncl():
     (["--no-such-flag"], "unrecognized arguments"),
     (["--precision-rows", "bf16"], "argument --precision-rows: invalid choice"),
     (["--scale", "--scale-data", "."], "not a folder written by Mysimulate.py --mayo-like"),
+    (["--adv-weight", "-1"], "--adv-weight must be >= 0"),
+    (["--patch", "4"], "--patch >= 8"),
 ])
 def test_bad_flags_one_stderr_line_exit_2(args, needle):
     r = _run(*args, timeout=60)
@@ -135,13 +138,11 @@ def test_data_label_says_what_was_read(mayo_tree, tmp_path):
 
 
 def test_xla_trace_has_no_fake_op_breakdown():
-    import Mybenchmark
-
     row = {"size": 64, "batch": 16}
-    xla = Mybenchmark.trace_line("train", {**row, "trace": {"xla": True, "op_ms_total": 9.0,
+    xla = ctprofile.trace_line("train", {**row, "trace": {"xla": True, "op_ms_total": 9.0,
                                                            "ops": {"XlaLaunch": 9.0}}})
     assert "no per-op breakdown" in xla and "%" not in xla
-    plain = Mybenchmark.trace_line("train", {**row, "trace": {
+    plain = ctprofile.trace_line("train", {**row, "trace": {
         "conv_share": 0.75, "op_ms_total": 4.0, "ops": {"Conv2D": 3.0, "Relu": 1.0}}})
     assert "convolutions 75.0% of op time; then Relu 25.0%" in plain
 
