@@ -13,6 +13,7 @@ import pytest
 from conftest import cli, make_run
 
 import ctio
+import ctprocess
 import ctrun
 import Mysimulate
 
@@ -387,6 +388,6 @@ def test_derived_dicom_of_a_series_is_one_series(tiny_run, tmp_path):
     out = tmp_path / "out"
     assert Mytest.main([str(a) for a in ("--data", series, "--run", tiny_run, "--out", out,
                                          "--format", "dicom", "--no-figures")]) == 0
-    check = Mybenchmark.check_derived_series(out, series)
+    check = ctprocess.check_derived_series(out, series)
     assert check == {"files": 5, "series_uids": 1, "instance_numbers_monotonic": True,
                      "source_geometry": True, "one_series": True}
