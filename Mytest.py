@@ -53,9 +53,10 @@ TILE = 512  # tile side (rounded up to a multiple of 2**depth); tiles overlap by
 DIFF_RANGE_HU = 100.0  # |denoised - FD| panel of the figures: 0..100 HU -> black..white
 PRECISIONS = ("float32", "bfloat16", "auto")  # --precision (ctmachine.PRECISION_POLICIES)
 # Measured (README "CPU speed: bfloat16"): what --precision bfloat16 gains and costs.
-BF16_COST = ("SPEEDUP_TBD faster inference on CPUs with native bfloat16 (2-core Sapphire "
-             "Rapids, make bench), 0.03 dB PSNR lower on two held-out Mayo slices (0.11 dB on "
-             "the demo); slower where bfloat16 is emulated")
+BF16_COST = ("2.2x faster inference on CPUs with native bfloat16 (paper preset, 512^2 x 4, "
+             "interleaved with float32, make bench on a shared 2-core Sapphire Rapids), 0.03 dB "
+             "PSNR lower on two held-out Mayo slices (0.11 dB on the demo); slower where "
+             "bfloat16 is emulated")
 # Manifest column holding the output of each --format ('npy' is the always-written pred_npy).
 FORMAT_COLUMN = {"png": "png", "tiff": "tiff", "npy": "pred_npy", "dicom": "dicom"}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
