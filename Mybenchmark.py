@@ -253,8 +253,8 @@ def train_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
     step = fl["train_step"] if gan.adv_weight > 0 else 3 * fl["g_fwd"]
     return warm({"fn": lambda: _sync(gan.train_function(it)), "work": step * batch,
                  "examples": batch, "batch": batch, "size": size, "precision": precision,
-                 "g_fwd_flops_per_example": fl["g_fwd"], "d_fwd_flops_per_example": fl["d_fwd"]},
-                warmup)
+                 "g_fwd_flops_per_example": fl["g_fwd"], "d_fwd_flops_per_example": fl["d_fwd"],
+                 "flops_per_step": step * batch}, warmup)
 
 
 def infer_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
