@@ -8,7 +8,7 @@ export CT_SAMPLE_DATA
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: venv test test-fast lint demo qa train-mayo train-mayo-psnr eval-mayo curve-mayo ablate-mayo \
-	bench clean
+	bench gpu-check clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -55,9 +55,21 @@ qa: $(STAMP)
 	$(BIN)/python Myevaluation.py --qa $(QA_DIR) --run $(QA_RUN)
 
 # Throughput, MFU, loader ratio and memory (see README "Benchmark"); figures, not assertions.
+# BENCH_FLAGS=$(BENCH_RATIOS): only the ratios (matmul, training, inference, loader; ~15 min).
+BENCH_FLAGS ?=
+BENCH_JSON ?= runs/bench.json
+BENCH_RATIOS := --sections matmul,train,infer,data --train-batches 16 --slice-batches none \
+	--infer-batches 4
 bench: $(STAMP)
+	mkdir -p $(dir $(BENCH_JSON))
+	$(BIN)/python Mybenchmark.py --preset paper --json $(BENCH_JSON) $(BENCH_FLAGS)
+
+# The GPU path (README "GPU check"): build info, paper-preset training in float32 / float16 /
+# bfloat16 with and without XLA, Mytrain -> Mytest -> Myevaluation on 20 slices; ~5 min on one
+# GPU; prints "no GPU" and exits 0 on a machine without one.
+gpu-check: $(STAMP)
 	mkdir -p runs
-	$(BIN)/python Mybenchmark.py --preset paper --json runs/bench.json
+	$(BIN)/python gpu_check.py --json runs/gpu_check.json
 
 clean:
 	rm -rf runs data/demo .pytest_cache

@@ -12,36 +12,23 @@ Every figure is a median over repeats taken after warm-up (the first call of a g
 traces and, with ``--jit on``, compiles it, is timed separately and never counted). It prints one
 table and, with ``--json``, writes every figure with the machine it was measured on.
 
-FLOPs are counted analytically from the layers (:func:`conv_flops`): for each Conv2D
-``2 * H_out * W_out * k_h * k_w * C_in / groups * C_out`` per example (Dense: ``2 * C_in * C_out``
-per position). Bias, normalisation, activations, pooling, up-sampling, concatenation, losses and
-the optimizer are not counted: MFU measures the convolutions, and time spent on the rest shows up
-as a lower MFU. One training step (``CNCLGAN.train_step``, LSGAN + L1, ``adv_weight > 0``) counts
-
-    3 * G_fwd + 7 * D_fwd
-
-* G: forward + backward, the backward costing 2 forwards (input and weight gradients) -> 3 G_fwd;
-* D: forward on the real and the fake triplet (2), backward of both for D's update (2 x 2), and
-  the input-gradient pass through D(fake) that carries the adversarial loss back to G (1) -> 7.
-
-MFU (model-FLOPs utilisation) = counted FLOP/s / matmul FLOP/s of the same process (float32;
-bfloat16 rows: the bfloat16 matmul). Beside the measured peak it states the FMA hardware peak,
-physical cores x clock x float32 FLOP/cycle of the widest FMA the CPU flags show
-(:func:`hardware_peak`), and which kernel library (oneDNN or Eigen) ran. bfloat16 rows are
-measured only on CPUs with native bfloat16 (``ctio.native_bfloat16``) unless
-``--precision-rows all``.
+FLOPs are counted from the layers (:mod:`ctflops`, convention printed under the table). Every
+ratio — MFU (counted FLOP/s over the FLOP/s of the square matmul of the same precision), bfloat16
+vs float32, loader vs training — comes from interleaved timings (:mod:`cttiming`: A, B, A, B ...;
+min / median / max over the pairs; pairs in which the load changed are marked disturbed, and an
+efficiency above 1 is invalid, never a result). Beside the measured matmul it states the FMA
+hardware peak (:func:`ctmachine.hardware_peak`, a lower bound where only the current clock is
+known) and which kernel library (oneDNN or Eigen) ran. bfloat16 rows are measured only on CPUs
+with native bfloat16 (``ctmachine.native_bfloat16``) unless ``--precision-rows all``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +40,13 @@ import numpy as np
 
 import ctdata
 import ctio
+import ctmachine
+import ctprocess
+import ctprofile
 import ctrun
+import cttiming
+from ctflops import FLOPS_CONVENTION, conv_flops, model_flops
+from ctmachine import kernel_library, machine_info
 
 REPO = Path(__file__).resolve().parent
 PRESETS = tuple(ctrun.PRESETS)  # checked before TensorFlow is imported
@@ -74,13 +67,7 @@ SCALE_KEYS = ("scale_discovery_files_per_s", "scale_training_pairs", "scale_trai
               "scale_infer_peak_rss_mb", "scale_patient_minutes", "scale_infer_s_per_slice_paper",
               "scale_patient_minutes_paper", "scale_dicom_one_series",
               "scale_eval_slices_per_s")  # None unless the scale section ran
-FLOPS_CONVENTION = (
-    "FLOPs = 2*H_out*W_out*kh*kw*C_in/groups*C_out per Conv2D (2*C_in*C_out per position for "
-    "Dense), forward, per example, from the layer shapes; bias, norm, activations, pooling, "
-    "up-sampling, concat, losses and optimizer not counted. Train step = 3*G_fwd + 7*D_fwd "
-    "(G fwd+bwd, bwd = 2 fwd; D fwd on real and fake = 2, D bwd on both for its update = 4, "
-    "adversarial input-gradient through D(fake) to G = 1). Inference = G_fwd. "
-    "MFU = counted FLOP/s / float32 matmul FLOP/s.")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=0,
                     help="timed repeats per measurement (0: automatic per section)")
     ap.add_argument("--jit", default="off", help="XLA for train step and inference: off or on")
+    ap.add_argument("--patch", type=int, default=PATCH,
+                    help="training patch side (64: the MFU history; 128: the cpu recipe)")
+    ap.add_argument("--adv-weight", type=float, default=1.0,
+                    help="training rows: weight of the adversarial term (0: L1 only, as "
+                    "make train-mayo-psnr; the discriminator then does not run)")
     ap.add_argument("--train-batches", default=None,
-                    help="comma-separated batch sizes of 64x64 patches to time (default 16,32; "
+                    help="comma-separated batch sizes of patches to time (default 16,32; "
                     "the first one is the headline train_* figure)")
     ap.add_argument("--slice-batches", default=None,
                     help="comma-separated batches of whole slices for training (default 1; "
@@ -121,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "would use Eigen: --onednn on measures what it runs there")
     ap.add_argument("--precision-rows", default="auto", choices=PRECISION_ROWS,
                     help="bfloat16 rows beside the float32 ones (matmul, training, inference): "
-                    "auto = only on CPUs with native bfloat16 (" + " or ".join(ctio.BF16_FLAGS)
+                    "auto = only on CPUs with native bfloat16 (" + " or ".join(ctmachine.BF16_FLAGS)
                     + "; elsewhere TF emulates it, slowly, and the figure means nothing); all = "
                     "measure them anyway; float32 = none")
     ap.add_argument("--intra-threads", type=int, default=0,
@@ -167,8 +159,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ctio.CTDataError(f"--sections: unknown section '{(bad or [''])[0]}' (choose from: "
                                f"{', '.join(SECTIONS)})")
     args.sections = secs
-    if args.repeats < 0 or args.intra_threads < 0 or args.inter_threads < 0:
-        raise ctio.CTDataError("--repeats, --intra-threads and --inter-threads must be >= 0")
+    if min(args.repeats, args.intra_threads, args.inter_threads, args.adv_weight) < 0 or \
+            args.patch < 8:
+        raise ctio.CTDataError("--repeats, --intra-threads, --inter-threads and --adv-weight "
+                               "must be >= 0, --patch >= 8")
     args.train_batches = parse_ints(args.train_batches, "train-batches")
     args.slice_batches = parse_ints(args.slice_batches, "slice-batches", allow_none=True)
     args.infer_batches = parse_ints(args.infer_batches, "infer-batches")
@@ -188,121 +182,7 @@ def check_args(args: argparse.Namespace) -> None:
                                    f"({e.strerror})") from None
 
 
-# --- FLOP counting (analytic, from the layers) ---------------------------------------------------
-def conv_flops(model, input_shape: tuple[int, ...]) -> tuple[int, list[dict]]:
-    """Forward FLOPs of ``model`` for ONE example of ``input_shape`` (without batch), by layer.
-
-    Walks the functional graph (nested functional models and Sequential included) with
-    concrete shapes, without running the model. Conv2D: ``2 * H_out * W_out * kh * kw *
-    C_in / groups * C_out``; Conv2DTranspose: ``2 * H_in * W_in * kh * kw * C_in * C_out``;
-    Dense: ``2 * C_in * C_out`` per position. Everything else counts 0.
-
-    Returns ``(total, rows)`` with one row ``{"layer", "kind", "in", "out", "flops"}`` per
-    counted layer (``layer`` is the path through nested models, e.g. ``content_unet/enc0_a_conv``).
-    """
-    import keras
-
-    rows: list[dict] = []
-
-    def count(layer, in_shape, out_shape, prefix):
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            kh, kw = layer.kernel_size
-            flops = 2 * in_shape[1] * in_shape[2] * kh * kw * in_shape[-1] * layer.filters
-            kind = "Conv2DTranspose"
-        elif isinstance(layer, keras.layers.Conv2D):
-            kh, kw = layer.kernel_size
-            groups = int(getattr(layer, "groups", 1) or 1)
-            flops = 2 * out_shape[1] * out_shape[2] * kh * kw * (in_shape[-1] // groups) \
-                * layer.filters
-            kind = "Conv2D"
-        elif isinstance(layer, keras.layers.Dense):
-            positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
-            flops = 2 * positions * in_shape[-1] * layer.units
-            kind = "Dense"
-        else:
-            return
-        rows.append({"layer": prefix + layer.name, "kind": kind, "in": list(in_shape[1:]),
-                     "out": list(out_shape[1:]), "flops": int(flops)})
-
-    def walk(model, inputs, prefix):
-        if isinstance(model, keras.Sequential):
-            model = model._functional  # Sequential wraps a functional graph
-        if not hasattr(model, "_run_through_graph"):
-            raise ValueError(f"{model.name}: only functional / Sequential models can be counted")
-
-        def operation_fn(op):
-            if isinstance(op, keras.Model):
-                return lambda *a, **k: walk(op, a[0], prefix + op.name + "/")
-
-            def spec(*a, **k):
-                out = op.compute_output_spec(*a, **k)
-                x = a[0] if a else next(iter(k.values()))
-                if isinstance(op, (keras.layers.Conv2D, keras.layers.Conv2DTranspose,
-                                   keras.layers.Dense)):
-                    count(op, tuple(x.shape), tuple(out.shape), prefix)
-                return out
-
-            return spec
-
-        return model._run_through_graph(inputs, operation_fn=operation_fn)
-
-    x = keras.KerasTensor((1, *map(int, input_shape)), dtype="float32")
-    walk(model, [x], "")
-    return sum(r["flops"] for r in rows), rows
-
-
-def graph_conv_flops(fn: Callable, spec) -> int:
-    """Cross-check: FLOPs of the Conv2D ops in the TF graph of ``fn`` traced for ``spec``.
-
-    ``2 * prod(output) * kh * kw * C_in`` per Conv2D op (batch included), divided by the batch.
-    """
-    tf = ctio.import_tensorflow()
-    graph = tf.function(fn).get_concrete_function(spec).graph
-    total = 0
-    for op in graph.get_operations():
-        if op.type == "Conv2D":
-            out = op.outputs[0].shape.as_list()
-            kh, kw, cin, _ = op.inputs[1].shape.as_list()
-            total += 2 * int(np.prod(out)) * kh * kw * cin
-    return total // int(spec.shape[0])
-
-
-def train_step_flops(g_fwd: int, d_fwd: int, adversarial: bool = True) -> int:
-    """FLOPs of one ``CNCLGAN.train_step`` per example: ``3 G + 7 D`` (``3 G`` without D)."""
-    return 3 * g_fwd + (7 * d_fwd if adversarial else 0)
-
-
-def model_flops(cfg: dict, h: int, w: int) -> dict:
-    """Forward FLOPs per example of the generator and discriminator of ``cfg`` at ``h x w``."""
-    import Mymodel
-
-    gen, disc = Mymodel.build_models(cfg)
-    g, _ = conv_flops(gen, (h, w, 1))
-    d, _ = conv_flops(disc, (h, w, 3))
-    return {"g_fwd": g, "d_fwd": d, "train_step": train_step_flops(g, d)}
-
-
-# --- Timing helpers -------------------------------------------------------------------------------
-def _stats(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": len(times)}
-
-
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float, dict]:
-    """(seconds of the first call, stats of ``repeats`` timed calls after ``warmup`` more)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, _stats(times)
-
-
+# --- Timing helpers (interleaved: cttiming) ------------------------------------------------------
 def load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -314,48 +194,31 @@ def _sync(out) -> None:
     keras.tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
 
 
+def warm(case: dict, warmup: int) -> dict:
+    """Time ``case["fn"]``'s first call (tracing; with --jit compiling) into ``first_call_s``,
+    then call it ``warmup`` more times, untimed."""
+    t0 = time.perf_counter()
+    case["fn"]()
+    case["first_call_s"] = time.perf_counter() - t0
+    for _ in range(warmup):
+        case["fn"]()
+    return case
+
+
+def timed_row(case: dict, samples: list, peak: list, peak_case: dict) -> dict:
+    """A table row of ``case`` from its interleaved ``samples``; MFU within each pair against the
+    matmul ``peak`` samples timed beside it (cttiming.ratio, an efficiency)."""
+    r = cttiming.rate(samples, case["examples"])
+    mfu = cttiming.ratio(samples, peak, case["work"], peak_case["work"], efficiency=True)
+    meta = {k: v for k, v in case.items() if k not in ("fn", "work", "examples")}
+    return {**meta, "median_s": r["median_s"], "min_s": min(s.seconds for s in samples),
+            "max_s": max(s.seconds for s in samples), "repeats": r["repeats"],
+            "examples_per_s": r["median"], "flops_per_call": case["work"],
+            "gflops": case["work"] / r["median_s"] / 1e9, "mfu": mfu["value"], "mfu_ratio": mfu,
+            "others_cores": mfu["others_cores"], "load_after": load()}
+
+
 # --- Sections -------------------------------------------------------------------------------------
-def bench_matmul(n: int, repeats: int, bf16: bool = False) -> dict:
-    """float32 (on a GPU also bf16 / fp16; with ``bf16`` also bfloat16 on a CPU) square matmul
-    FLOP/s, tf.function, median."""
-    tf = ctio.import_tensorflow()
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    dtypes = [tf.float32] + ([tf.bfloat16, tf.float16] if on_gpu else
-                             [tf.bfloat16] if bf16 else [])
-    out = {"n": n, "device": "GPU" if on_gpu else "CPU", "onednn": onednn_enabled(),
-           "load_before": load()}
-
-    @tf.function
-    def mm(a, b):
-        return tf.matmul(a, b)
-
-    for dt in dtypes:
-        a = tf.cast(tf.random.normal([n, n]), dt)
-        b = tf.cast(tf.random.normal([n, n]), dt)
-        _, st = time_calls(lambda a=a, b=b: mm(a, b).numpy(), repeats, warmup=2)
-        st["gflops"] = 2 * n ** 3 / st["median_s"] / 1e9
-        st["gflops_best"] = 2 * n ** 3 / st["min_s"] / 1e9
-        out[dt.name] = st
-    out["gflops"] = out["float32"]["gflops"]
-    out["load_after"] = load()
-    return out
-
-
-def matmul_other_backend(n: int, repeats: int, timeout: float = 600) -> Optional[dict]:
-    """float32 matmul with TF's oneDNN setting flipped, measured in a fresh process (TF reads
-    TF_ENABLE_ONEDNN_OPTS once, at import). None if that process fails."""
-    flip = "0" if onednn_enabled() else "1"
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": flip, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    code = ("import json, Mybenchmark as B; "
-            f"print(json.dumps(B.bench_matmul({int(n)}, {int(repeats)})))")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env=env, cwd=REPO, timeout=timeout)
-        return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
-    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
-        return None
-
-
 def _synthetic_batch(batch: int, h: int, w: int, seed: int = 0):
     """Normalised CT-like (ld, fd) float32 [B, h, w, 1]: soft tissue with noise; values only."""
     rng = np.random.default_rng(seed)
@@ -364,59 +227,45 @@ def _synthetic_batch(batch: int, h: int, w: int, seed: int = 0):
     return ld, fd
 
 
-def _new_gan(cfg: dict, jit: bool, precision: str = "float32"):
+def _new_gan(cfg: dict, jit: bool, precision: str = "float32", adv_weight: float = 1.0):
     import keras
 
     import Mymodel
 
-    with ctio.precision_policy(precision):
+    with ctmachine.precision_policy(precision):
         gen, disc = Mymodel.build_models(cfg)
         gan = Mymodel.CNCLGAN(gen, disc)
         gan.compile(g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
-                    d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5), jit_compile=jit)
+                    d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5), jit_compile=jit,
+                    adv_weight=adv_weight)
     return gan
 
 
-def bench_train(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
-                peak_gflops: float, trace_dir: Optional[str] = None,
-                precision: str = "float32") -> dict:
+def train_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
+               precision: str = "float32") -> dict:
     """One full GAN train step (Keras' own train_function, as fit() runs it) on fixed data,
-    computed in ``precision`` (Mytrain.py --precision)."""
+    computed in ``precision`` (Mytrain.py --precision), traced and warmed: ``{"fn", "work"}``."""
     tf = ctio.import_tensorflow()
-    gan = _new_gan(cfg, jit, precision)
+    gan = _new_gan(cfg, jit, precision, cfg.get("adv_weight", 1.0))
     ld, fd = _synthetic_batch(batch, size, size)
-    ds = tf.data.Dataset.from_tensors((tf.constant(ld), tf.constant(fd))).repeat()
-    it = iter(ds)
+    it = iter(tf.data.Dataset.from_tensors((tf.constant(ld), tf.constant(fd))).repeat())
     gan.make_train_function()
-    load0 = load()
-    first, st = time_calls(lambda: _sync(gan.train_function(it)), repeats, warmup)
-    breakdown = {}
-    if trace_dir:
-        t0 = time.time()
-        with _profiler(trace_dir):
-            for _ in range(2):
-                _sync(gan.train_function(it))
-        breakdown = op_breakdown(trace_dir, t0, jit)
-    fl = model_flops(cfg, size, size)
-    step_flops = fl["train_step"] * batch
-    gflops = step_flops / st["median_s"] / 1e9
-    return {"batch": batch, "size": size, "precision": precision, "first_call_s": first, **st,
-            "examples_per_s": batch / st["median_s"],
-            "flops_per_step": step_flops, "g_fwd_flops_per_example": fl["g_fwd"],
-            "d_fwd_flops_per_example": fl["d_fwd"], "gflops": gflops,
-            "mfu": gflops / peak_gflops, "load_before": load0, "load_after": load(),
-            **({"trace": breakdown} if breakdown else {})}
+    fl = model_flops(cfg, size, size)  # adv_weight 0: D is neither run nor updated (3 G)
+    step = fl["train_step"] if gan.adv_weight > 0 else 3 * fl["g_fwd"]
+    return warm({"fn": lambda: _sync(gan.train_function(it)), "work": step * batch,
+                 "examples": batch, "batch": batch, "size": size, "precision": precision,
+                 "g_fwd_flops_per_example": fl["g_fwd"], "d_fwd_flops_per_example": fl["d_fwd"],
+                 "flops_per_step": step * batch}, warmup)
 
 
-def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit: bool,
-                peak_gflops: float, trace_dir: Optional[str] = None,
-                precision: str = "float32") -> dict:
+def infer_case(cfg: dict, batch: int, size: int, jit: bool, warmup: int,
+               precision: str = "float32") -> dict:
     """Generator content output on whole slices (the network part of Mytest.py), computed in
-    ``precision`` (Mytest.py --precision)."""
+    ``precision`` (Mytest.py --precision), traced and warmed: ``{"fn", "work"}``."""
     tf = ctio.import_tensorflow()
     import Mymodel
 
-    with ctio.precision_policy(precision):
+    with ctmachine.precision_policy(precision):
         gen = Mymodel.build_generator(cfg["base_filters"], cfg["depth"], cfg["norm"])
 
     @tf.function(jit_compile=jit)
@@ -424,73 +273,10 @@ def bench_infer(cfg: dict, batch: int, size: int, repeats: int, warmup: int, jit
         return gen(x, training=False)[0]
 
     x = tf.constant(_synthetic_batch(batch, size, size)[0])
-    load0 = load()
-    first, st = time_calls(lambda: content(x).numpy(), repeats, warmup)
-    breakdown = {}
-    if trace_dir:
-        t0 = time.time()
-        with _profiler(trace_dir):
-            content(x).numpy()
-        breakdown = op_breakdown(trace_dir, t0, jit)
     g_fwd, _ = conv_flops(gen, (size, size, 1))
-    gflops = g_fwd * batch / st["median_s"] / 1e9
-    return {"batch": batch, "size": size, "precision": precision, "first_call_s": first, **st,
-            "slices_per_s": batch / st["median_s"], "flops_per_slice": g_fwd,
-            "gflops": gflops, "mfu": gflops / peak_gflops, "load_before": load0,
-            "load_after": load(), **({"trace": breakdown} if breakdown else {})}
-
-
-@contextlib.contextmanager
-def _profiler(logdir: str):
-    tf = ctio.import_tensorflow()
-    tf.profiler.experimental.start(logdir)
-    try:
-        yield
-    finally:
-        tf.profiler.experimental.stop()
-
-
-def op_breakdown(logdir: str, since: float = 0.0, jit: bool = False) -> dict:
-    """Time per TF op type in the newest profiler trace under ``logdir`` written after ``since``.
-
-    With ``jit`` (XLA) the executor runs one compiled cluster op per call, so the trace has no
-    per-op breakdown: ``{"xla": True, "ops": ...}`` without ``conv_share``.
-
-    Sums the durations of the executor's op events (``tf_Compute`` threads of the host plane;
-    ops of the two U-Nets may overlap in time, so this is a share of op time, not of wall time).
-    Returns ``{"conv_share", "ops": {type: ms}}`` with every Conv2D variant (forward, fused,
-    backprop input / filter, oneDNN) counted as convolution; ``{}`` if no trace is readable.
-    """
-    try:
-        from tensorflow.tsl.profiler.protobuf import xplane_pb2
-    except ImportError:
-        return {}
-    files = [p for p in Path(logdir).rglob("*.xplane.pb") if p.stat().st_mtime >= since]
-    if not files:
-        return {}
-    space = xplane_pb2.XSpace()
-    space.ParseFromString(max(files, key=lambda p: p.stat().st_mtime).read_bytes())
-    ms: dict[str, float] = {}
-    for plane in space.planes:
-        meta = plane.event_metadata
-        for line in plane.lines:
-            if not line.name.startswith("tf_Compute"):
-                continue
-            for ev in line.events:
-                name = meta[ev.metadata_id].name
-                if ":" not in name or "::" in name:  # executor wrappers, not ops
-                    continue  # (ExecutorState::Process, ParallelFor)
-                op = name.rsplit(":", 1)[1]
-                ms[op] = ms.get(op, 0.0) + ev.duration_ps / 1e9
-    total = sum(ms.values())
-    if jit:  # also when the compiled program left no executor op events at all
-        top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:5])
-        return {"xla": True, "op_ms_total": total, "ops": top}
-    if not total:
-        return {}
-    conv = sum(v for k, v in ms.items() if "Conv2D" in k)
-    top = dict(sorted(((k, round(v, 1)) for k, v in ms.items()), key=lambda kv: -kv[1])[:15])
-    return {"conv_share": conv / total, "op_ms_total": total, "ops": top}
+    return warm({"fn": lambda: content(x).numpy(), "work": g_fwd * batch, "examples": batch,
+                 "batch": batch, "size": size, "precision": precision,
+                 "flops_per_slice": g_fwd}, warmup)
 
 
 def write_dicom_series(folder: Path, n: int, shape: tuple[int, int], seed: int = 0) -> Path:
@@ -529,16 +315,17 @@ def data_label(records: list, source: str, simulate_dose: Optional[float]) -> st
     return f"{source}, {paired} real QD/FD pairs + {simulated} full-dose-only slices with {sim}"
 
 
-def bench_loader(data: Path, source: str, batch: int, n_batches: int,
+def bench_loader(data: Path, source: str, train: dict, n_batches: int, rounds: int,
                  simulate_dose: Optional[float]) -> dict:
-    """Decode rate of make_train_dataset's first pass and its steady (cached) patch rate.
-    ``simulate_dose`` applies to full-dose-only slices; real pairs are read as they are."""
+    """make_train_dataset's first pass (decode) and steady (cached) patch rate, each as a ratio
+    to the ``train`` case (train_case, batch = the loader's) timed beside it: the first pass
+    between two train steps, the steady rate interleaved with train steps, ``n_batches``
+    batches a turn, ``rounds`` turns. ``simulate_dose`` applies to full-dose-only slices."""
     ctio.import_tensorflow()
     import MyDataLoader_train as loader
 
-    ds_info = loader.find_training_data([str(data)], simulate_dose=simulate_dose)
-    records = ds_info.records
-    described = data_label(records, source, simulate_dose)
+    batch, meter = train["batch"], cttiming.CpuMeter()
+    records = loader.find_training_data([str(data)], simulate_dose=simulate_dose).records
     load0 = load()
     # Serial decode of a few slices (numpy, one core): the cost of one slice.
     k = min(2, len(records))
@@ -548,108 +335,33 @@ def bench_loader(data: Path, source: str, batch: int, n_batches: int,
     serial_s = (time.perf_counter() - t0) / k
     # The real pipeline: the shuffle buffer holds every slice (<= 512), so the first batch
     # arrives once the whole first pass is decoded (in parallel, AUTOTUNE) into the cache.
-    t0 = time.perf_counter()
-    ds = loader.make_train_dataset(records, patch=PATCH, batch=batch,
-                                   simulate_dose=simulate_dose)
-    it = iter(ds)
-    _sync(next(it))
-    first_pass = time.perf_counter() - t0
+    held: dict[str, Any] = {}
+
+    def first_pass():
+        held["it"] = iter(loader.make_train_dataset(records, patch=train["size"], batch=batch,
+                                                    simulate_dose=simulate_dose))
+        _sync(next(held["it"]))
+
+    cold = [meter.time(train["fn"]), meter.time(first_pass), meter.time(train["fn"])]
     for _ in range(max(2, n_batches // 5)):  # warm the steady state
-        _sync(next(it))
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        _sync(next(it))
-    steady = time.perf_counter() - t0
-    del it, ds
+        _sync(next(held["it"]))
+    s = cttiming.interleave({"loader": lambda: [_sync(next(held["it"])) for _ in
+                                                range(n_batches)], "train": train["fn"]},
+                            rounds, meter)
+    held.clear()
     pps = loader.PATCHES_PER_SLICE
-    return {"data": described, "slices": len(records), "shape": list(records[0].shape),
-            "simulate_dose": simulate_dose,
-            "simulated_slices": sum(not r.ld_path for r in records), "patch": PATCH, "batch": batch,
-            "patches_per_slice": pps,
-            "serial_decode_s_per_slice": serial_s,
-            "first_pass_s": first_pass,
-            "decode_slices_per_s": len(records) / first_pass,
-            "patches_per_s": n_batches * batch / steady,
-            "cold_patches_per_s": len(records) * pps / first_pass,
+    first_s = cold[1].seconds
+    return {"data": data_label(records, source, simulate_dose), "slices": len(records),
+            "shape": list(records[0].shape), "simulate_dose": simulate_dose,
+            "simulated_slices": sum(not r.ld_path for r in records), "patch": train["size"],
+            "batch": batch, "patches_per_slice": pps, "serial_decode_s_per_slice": serial_s,
+            "first_pass_s": first_s, "decode_slices_per_s": len(records) / first_s,
+            "patches_per_s": cttiming.rate(s["loader"], n_batches * batch)["median"],
+            "cold_patches_per_s": len(records) * pps / first_s,
+            "ratio": cttiming.ratio(s["loader"], s["train"], n_batches * batch, batch),
+            "ratio_cold": cttiming.ratio([cold[1]] * 2, [cold[0], cold[2]],
+                                         len(records) * pps, batch),
             "load_before": load0, "load_after": load()}
-
-
-# Runs one command and reports its memory as JSON on stdout. It is started as a small fresh
-# process because Linux carries the RSS high-water mark of a process across execve: a child
-# exec'd straight from this (TensorFlow-sized) benchmark would report our peak, not its own.
-_RSS_PROBE = r"""
-import json, os, subprocess, sys, time
-def status(pid):
-    out = {}
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(val.split()[0])
-    except OSError:
-        pass
-    return out
-import threading
-timeout = float(sys.argv[1])
-err = open(sys.argv[2], "wb")
-keep_lines = sys.argv[3] == "lines"
-t0 = time.perf_counter()
-proc = subprocess.Popen(sys.argv[4:], stdout=subprocess.PIPE if keep_lines else
-                        subprocess.DEVNULL, stderr=err)
-lines = []
-def read_lines():
-    for raw in proc.stdout:
-        if len(lines) < 1000:
-            lines.append([round(time.perf_counter() - t0, 3),
-                          raw.decode(errors="replace").rstrip()[:300]])
-if keep_lines:
-    reader = threading.Thread(target=read_lines, daemon=True)
-    reader.start()
-hwm, samples = 0, []
-while True:
-    pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-    if pid:
-        break
-    if time.perf_counter() - t0 > timeout:
-        proc.kill()
-        pid, st, ru = os.wait4(proc.pid, 0)
-        break
-    s = status(proc.pid)
-    hwm = max(hwm, s.get("VmHWM", 0))
-    if "VmRSS" in s:
-        samples.append(s["VmRSS"])
-    time.sleep(0.05)
-if keep_lines:
-    reader.join(10)
-print(json.dumps({"maxrss": ru.ru_maxrss, "hwm_kb": hwm, "rss_kb": samples, "lines": lines,
-                  "code": os.waitstatus_to_exitcode(st), "seconds": time.perf_counter() - t0}))
-"""
-
-
-def peak_rss_of(cmd: list[str], env: dict, timeout: float, lines: bool = False) -> dict:
-    """Run ``cmd`` to the end and measure its memory.
-
-    ``peak_rss_mb`` is ru_maxrss of that process (os.wait4 in a small probe process that starts
-    it); ``polled_hwm_mb`` and ``rss_samples_mb`` (10 evenly spaced moments) come from polling
-    /proc/PID/status every 50 ms: a cross-check, and RSS over time (a leak is a rising tail).
-    With ``lines``, ``lines`` holds its stdout lines as ``[seconds since start, text]``.
-    """
-    with tempfile.NamedTemporaryFile(suffix=".err") as err:
-        probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(timeout), err.name,
-                                "lines" if lines else "-", *cmd],
-                               capture_output=True, text=True, env=env, cwd=REPO)
-        tail = Path(err.name).read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    if probe.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {probe.stderr.strip()[-300:]}")
-    r = json.loads(probe.stdout.strip().splitlines()[-1])
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    rss = r["rss_kb"]
-    picks = [rss[int(i * (len(rss) - 1) / 9)] / 1024 for i in range(10)] if rss else []
-    return {"peak_rss_mb": r["maxrss"] * scale / 2 ** 20,
-            "polled_hwm_mb": r["hwm_kb"] / 1024 or None,
-            "rss_samples_mb": [round(v, 1) for v in picks],
-            "seconds": r["seconds"], "exit_code": r["code"], "stderr_tail": tail[0][:300],
-            **({"lines": r["lines"]} if lines else {})}
 
 
 def untrained_run(run: Path, preset: str = "small") -> Path:
@@ -721,7 +433,7 @@ def bench_memory(counts: tuple[int, int], shape: tuple[int, int], batch: int,
             data = write_dicom_series(work / f"data{n}", n, shape, seed=n)
             cmd = [sys.executable, str(mytest), "--data", str(data), "--run", str(run),
                    "--out", str(work / f"out{n}"), "--batch", str(batch), "--no-figures"]
-            r = peak_rss_of(cmd, env, timeout)
+            r = ctprocess.peak_rss_of(cmd, env, timeout)
             r["outputs"] = len(list((work / f"out{n}").rglob("*.npy")))
             out[f"slices_{n}"] = r
             if r["exit_code"] != 0 or r["outputs"] != n:
@@ -744,14 +456,6 @@ SCALE_PAPER_SLICES = 20  # the paper preset is timed on this many slices (~5-20 
 SCALE_EVAL_SLICES = 240
 
 
-def _line_time(lines: list, pattern: str, after: float = -1.0) -> Optional[float]:
-    """Seconds since start of the first stdout line (``peak_rss_of(lines=True)``) matching the
-    regular expression ``pattern`` after ``after`` seconds."""
-    import re
-
-    return next((t for t, text in lines if t > after and re.search(pattern, text)), None)
-
-
 def scale_train(data: Path, exclude: list[str], work: Path, name: str, cache: Path,
                 quick: bool, timeout: float) -> dict:
     """Peak RSS and timings of ``Mytrain.py`` (small preset, 2 epochs x 1 step, no validation)
@@ -765,16 +469,16 @@ def scale_train(data: Path, exclude: list[str], work: Path, name: str, cache: Pa
            "--val-patients", "none", "--verbose", "2", "--cache-dir", str(cache)]
     cmd += (["--patch", "32", "--batch", "2"] if quick else []) + (
         ["--exclude", *exclude] if exclude else [])
-    r = peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
+    r = ctprocess.peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
     lines = r.pop("lines")
-    t_cache = _line_time(lines, r"^slice cache:")
+    t_cache = ctprocess.line_time(lines, r"^slice cache:")
     t_next = None if t_cache is None else next(
         (t for t, _ in lines if t > t_cache), None)
     m = next((re.match(r"data: (\d+) training slices", text) for _, text in lines
               if text.startswith("data: ")), None)
     return {**r, "training_pairs": int(m[1]) if m else None,
             "cache_fill_s": None if t_next is None else t_next - t_cache,
-            "first_step_s": _line_time(lines, r"^1/1 - "),
+            "first_step_s": ctprocess.line_time(lines, r"^1/1 - "),
             "stdout_tail": [text for _, text in lines[-3:]]}
 
 
@@ -799,36 +503,6 @@ def scale_loader(records: list, cache: Path, n_batches: int) -> dict:
             "first_batch_s": first, "patches_per_s": n_batches * TRAIN_BATCH / steady}
 
 
-def check_derived_series(out: Path, source: Path) -> dict:
-    """Whether Mytest.py's derived DICOM files in ``out`` form one series: one
-    SeriesInstanceUID, InstanceNumbers unique and monotonic along the table, and each file
-    with its source's position, orientation, pixel spacing and size."""
-    import pydicom
-
-    src = {}
-    for f in sorted(source.iterdir()):
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        src[round(float(ds.ImagePositionPatient[2]), 3)] = ds
-    files = sorted(out.rglob("*.dcm"))
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    headers.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    numbers = [int(d.InstanceNumber) for d in headers]
-    steps = np.diff(numbers)
-    geometry = all(
-        (s := src.get(round(float(d.ImagePositionPatient[2]), 3))) is not None
-        and list(d.ImagePositionPatient) == list(s.ImagePositionPatient)
-        and list(d.ImageOrientationPatient) == list(s.ImageOrientationPatient)
-        and list(d.PixelSpacing) == list(s.PixelSpacing)
-        and (d.Rows, d.Columns) == (s.Rows, s.Columns) for d in headers)
-    one = {"files": len(files), "series_uids": len({d.SeriesInstanceUID for d in headers}),
-           "instance_numbers_monotonic": bool(len(set(numbers)) == len(numbers) and (
-               (steps > 0).all() or (steps < 0).all())),
-           "source_geometry": bool(geometry)}
-    one["one_series"] = bool(one["series_uids"] == 1 and one["instance_numbers_monotonic"]
-                             and one["source_geometry"] and len(files) == len(src))
-    return one
-
-
 def scale_infer(series: Path, n: int, preset: str, work: Path, timeout: float) -> dict:
     """``Mytest.py --format dicom`` on the ``n``-slice series (an untrained ``preset``
     generator): peak RSS, the s/slice it reports, and the derived series check."""
@@ -836,7 +510,7 @@ def scale_infer(series: Path, n: int, preset: str, work: Path, timeout: float) -
     out = work / f"out_{preset}"
     cmd = [sys.executable, "-u", str(REPO / "Mytest.py"), "--data", str(series), "--run",
            str(run), "--out", str(out), "--format", "dicom", "--no-figures"]
-    r = peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
+    r = ctprocess.peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)
     lines = r.pop("lines")
     m = next((re.search(r"denoised (\d+) slice\(s\) in ([\d.]+) s", text) for _, text in lines
               if text.startswith("denoised ")), None)
@@ -846,7 +520,7 @@ def scale_infer(series: Path, n: int, preset: str, work: Path, timeout: float) -
     s_per_slice = float(m[2]) / int(m[1])
     return {**res, "status": "ok", "denoise_s": float(m[2]), "s_per_slice": s_per_slice,
             "patient_minutes_560": s_per_slice * SCALE_SERIES / 60,
-            "derived_series": check_derived_series(out, series)}
+            "derived_series": ctprocess.check_derived_series(out, series)}
 
 
 def bench_scale(data: Optional[Path], quick: bool, timeout: float, say: Callable) -> dict:
@@ -912,106 +586,6 @@ def bench_scale(data: Optional[Path], quick: bool, timeout: float, say: Callable
         shutil.rmtree(work, ignore_errors=True)
 
 
-# --- Machine description --------------------------------------------------------------------------
-def onednn_enabled() -> Optional[bool]:
-    """Whether TF's oneDNN CPU kernels are on in this process (None if TF cannot say)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return None
-
-
-def kernel_library(onednn: Optional[bool]) -> str:
-    """The CPU kernel library TF ran: oneDNN, Eigen, or unknown."""
-    return "oneDNN" if onednn else ("Eigen" if onednn is not None else "unknown")
-
-
-def _text_fields(text: str) -> dict[str, str]:
-    """``key: value`` lines (/proc/cpuinfo, lscpu) -> {key: value}, the first of each key."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            out.setdefault(key.strip(), value.strip())
-    return out
-
-
-def flop_per_cycle(features: frozenset[str], vendor: str, family: int) -> tuple[int, str]:
-    """float32 FLOP per cycle per core of the widest FMA in ``features`` (ctio.cpu_features),
-    with the assumption it rests on."""
-    if "avx512f" in features:
-        if vendor == "AuthenticAMD" and family == 25:
-            return 32, ("AVX-512 on AMD Zen 4, which splits each 512-bit FMA into two 256-bit "
-                        "halves: 2 x 256-bit FMA units x 8 lanes x 2")
-        return 64, ("AVX-512: 2 FMA units x 16 lanes x 2, assuming two 512-bit FMA units "
-                    "(Xeon Gold/Platinum, Sapphire Rapids, Zen 5; parts with one unit reach 32)")
-    if {"avx2", "fma"} <= features:
-        return 32, "AVX2 + FMA: 2 FMA units x 8 lanes x 2 (assumed two 256-bit FMA units)"
-    return 16, "no FMA flag: AVX/SSE add + multiply, 16 at most (assumed)"
-
-
-def hardware_peak(features: frozenset[str], cpuinfo: Optional[str] = None,
-                  lscpu: Optional[str] = None, cpus: Optional[int] = None) -> dict:
-    """FMA peak of this CPU: physical cores x clock x float32 FLOP/cycle/core, and how it was
-    derived. Clock: lscpu "CPU max MHz" when it reports one, else /proc/cpuinfo "cpu MHz"."""
-    if cpuinfo is None:
-        with contextlib.suppress(OSError):
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-    if lscpu is None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
-                                   env={**os.environ, "LC_ALL": "C"}).stdout
-    info, ls = _text_fields(cpuinfo or ""), _text_fields(lscpu or "")
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
-    threads = int(ls.get("Thread(s) per core", "1") or 1)
-    cores = max(1, cpus // max(1, threads))
-    if ls.get("CPU max MHz"):
-        mhz, clock = float(ls["CPU max MHz"]), "lscpu CPU max MHz"
-    elif info.get("cpu MHz"):
-        mhz, clock = float(info["cpu MHz"]), "/proc/cpuinfo cpu MHz (current clock; no max MHz)"
-    else:
-        return {"gflops": None, "derivation": "no clock found (no lscpu max MHz, no cpu MHz)"}
-    fpc, assumption = flop_per_cycle(features, info.get("vendor_id", ""),
-                                     int(info.get("cpu family", "0") or 0))
-    gflops = cores * mhz / 1e3 * fpc
-    return {"gflops": gflops, "cores": cores, "threads_per_core": threads, "mhz": mhz,
-            "flop_per_cycle": fpc, "clock_source": clock, "assumption": assumption,
-            "derivation": f"{cores} cores x {mhz / 1e3:.2f} GHz ({clock}) x {fpc} float32 "
-                          f"FLOP/cycle ({assumption}) = {gflops:.0f} GFLOP/s"}
-
-
-def machine_info(tf, keras) -> dict:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    features = ctio.cpu_features()
-    return {
-        "onednn": onednn_enabled(), "kernels": kernel_library(onednn_enabled()),
-        "cpu_features": sorted(features), "native_bfloat16": ctio.native_bfloat16(features),
-        "hardware_peak": hardware_peak(features),
-        "cpu_model": cpu, "cores": cores, "gpus": gpus, "platform": platform.platform(),
-        "python": platform.python_version(), "tensorflow": tf.__version__,
-        "keras": keras.__version__, "numpy": np.__version__,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "env": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS",
-                                               "TF_XLA_FLAGS", "CUDA_VISIBLE_DEVICES")},
-        "load_start": list(np.round(os.getloadavg(), 2)),
-    }
-
-
 # --- Report ---------------------------------------------------------------------------------------
 def _fmt(v: Optional[float], nd: int = 2) -> str:
     if v is None:
@@ -1035,21 +609,20 @@ def print_table(res: dict) -> None:
     rows = [("section", "case", "rate", "unit", "GFLOP/s", "MFU", "median s", "n")]
 
     def add(sec, case, rate, unit, gf=None, mfu=None, med=None, n=None):
-        rows.append((sec, case, _fmt(rate), unit, _fmt(gf, 1), _fmt(mfu), _fmt(med, 3),
-                     "" if n is None else str(n)))
+        rows.append((sec, case, _fmt(rate), unit, _fmt(gf, 1), _fmt(mfu) if not isinstance(
+            mfu, str) else mfu, _fmt(med, 3), "" if n is None else str(n)))
 
     mm = res.get("matmul")
     if mm:
         backend = kernel_library
         add("peak", f"matmul {mm['n']}^2 float32 ({backend(mm['onednn'])}, this run)",
-            mm["gflops"], "GFLOP/s", mm["gflops"], mm["gflops"] / mm["peak_gflops"],
-            mm["float32"]["median_s"], mm["float32"]["repeats"])
+            mm["gflops"], "GFLOP/s", mm["gflops"], None, mm["float32"]["median_s"],
+            mm["float32"]["repeats"])
         other = mm.get("other_backend")
         if other:
             add("peak", f"matmul {mm['n']}^2 float32 ({backend(other['onednn'])}, "
-                "fresh process)", other["gflops"], "GFLOP/s", other["gflops"],
-                other["gflops"] / mm["peak_gflops"], other["float32"]["median_s"],
-                other["float32"]["repeats"])
+                "fresh process)", other["gflops"], "GFLOP/s", other["gflops"], None,
+                other["float32"]["median_s"], other["float32"]["repeats"])
         for dt in ("bfloat16", "float16"):
             if dt in mm:
                 add("peak", f"matmul {mm['n']}^2 {dt}", mm[dt]["gflops"], "GFLOP/s",
@@ -1062,19 +635,20 @@ def print_table(res: dict) -> None:
         for name, t in res.get(sec, {}).items():
             unit = "patches/s" if name.startswith("patch") else "slices/s"
             add(sec.replace("_", " "), f"{t['size']}^2 x batch {t['batch']}",
-                t["examples_per_s"], unit, t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+                t["examples_per_s"], unit, t["gflops"], _mfu_cell(t), t["median_s"], t["repeats"])
     for sec in ("infer", "infer_bf16"):
         for t in res.get(sec, {}).values():
             add(sec.replace("_", " "), f"{t['size']}^2 x batch {t['batch']}", t["slices_per_s"],
-                "slices/s", t["gflops"], t["mfu"], t["median_s"], t["repeats"])
+                "slices/s", t["gflops"], _mfu_cell(t), t["median_s"], t["repeats"])
     ld = res.get("loader")
     if ld:
         add("data", f"decode ({ld['slices']} x {ld['shape'][0]}^2, first pass)",
             ld["decode_slices_per_s"], "slices/s")
         add("data", f"make_train_dataset {ld['patch']}^2 (cached)", ld["patches_per_s"],
             "patches/s")
-        add("data", "loader_ratio (cached / train)", res.get("loader_ratio"), "x")
-        add("data", "loader_ratio_cold (first pass)", res.get("loader_ratio_cold"), "x")
+        add("data", "loader_ratio (cached / train, interleaved)", res.get("loader_ratio"), "x")
+        add("data", "loader_ratio_cold (first pass / train beside it)",
+            res.get("loader_ratio_cold"), "x")
     mem = res.get("memory")
     if mem:
         if mem.get("status") == "ok":
@@ -1128,42 +702,40 @@ def print_table(res: dict) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("FLOPs: " + FLOPS_CONVENTION)
-    if mm:
-        print(f"peak: matmul_gflops = {mm['peak_gflops']:.1f} (the best float32 matmul above); "
-              "MFU of every float32 row is relative to it"
-              + ("; bf16 rows: to the bfloat16 matmul" if "bfloat16" in mm else ""))
+    if res.get("ratios"):
+        print("ratios, each within interleaved pairs (A, B, A, B ...: the matmul of the same "
+              "precision timed beside every row for its MFU), median [min-max] over the clean "
+              "pairs; a pair is disturbed when others' CPU use changed within it by > "
+              f"{cttiming.DISTURBED_CORES} cores:")
+        for name, r in res["ratios"].items():
+            print("  " + cttiming.describe(name, r))
     print(f"hardware peak: {hw['derivation']}"
-          + (f"; the measured matmul peak is {mm['peak_gflops'] / hw['gflops']:.0%} of it"
-             if mm and hw.get("gflops") else ""))
+          + (f"; the float32 matmul reaches {mm['gflops'] / hw['gflops']:.0%} of it"
+             + (" (above 100 %: this peak is not the true one)"
+                if mm["gflops"] > hw["gflops"] else "") if mm and hw.get("gflops") else ""))
     bf = res.get("bf16")
     if bf:
         print(f"bfloat16 rows: {'measured' if bf['measured'] else 'skipped'} ({bf['reason']})")
     for sec in ("train", "infer"):
         for t in res.get(sec, {}).values():
             if t.get("trace"):
-                print(trace_line(sec, t))
+                print(ctprofile.trace_line(sec, t))
     if ld:
         print(f"data: {ld['data']}; loader_ratio = cached patches/s / train patches/s "
-              f"(64^2, batch {res['train_batch']}); cold = first-pass decode rate x "
+              f"({ld['patch']}^2, batch {res['train_batch']}); cold = first-pass decode rate x "
               f"{ld['patches_per_slice']} patches per slice / train patches/s")
 
 
-def trace_line(section: str, t: dict) -> str:
-    """One line on the profiler trace of a train / infer row (``t["trace"]``, op_breakdown)."""
-    tr = t["trace"]
-    head = f"trace {section} {t['size']}^2 x {t['batch']}: "
-    if tr.get("xla"):
-        return (head + "XLA-compiled (--jit on): the executor runs one compiled program per "
-                f"call ({', '.join(tr['ops']) or 'no op events'}), so the trace has no per-op "
-                "breakdown; open the trace folder in TensorBoard's profiler for XLA's own ops")
-    rest = {k: v for k, v in tr["ops"].items() if "Conv2D" not in k}
-    top = ", ".join(f"{k} {100 * v / tr['op_ms_total']:.1f}%" for k, v in list(rest.items())[:6])
-    return head + f"convolutions {100 * tr['conv_share']:.1f}% of op time; then {top}"
+def _mfu_cell(t: dict) -> str:
+    """The MFU column of a row: its median, 'invalid' (> 1) or marked disturbed."""
+    r = t["mfu_ratio"]
+    return {"invalid": "invalid", "disturbed": f"{_fmt(r['value'])} disturbed"}.get(
+        r["status"], _fmt(r["value"]))
 
 
 def bf16_decision(choice: str, features: frozenset[str]) -> tuple[bool, str]:
     """Whether to measure the bfloat16 rows for ``--precision-rows choice``, and why."""
-    precision, why = ctio.auto_precision(features)
+    precision, why = ctmachine.auto_precision(features)
     native = precision == "bfloat16"
     if choice == "float32":
         return False, "--precision-rows float32"
@@ -1178,12 +750,13 @@ def bf16_decision(choice: str, features: frozenset[str]) -> tuple[bool, str]:
 
 # --- Main -----------------------------------------------------------------------------------------
 class Bench:
-    """What every section reads (flags, sizes, the matmul peak) and the result dict it fills."""
+    """What every section reads (flags, sizes, the matmul cases timed beside each section) and
+    the result dict it fills."""
 
     def __init__(self, args: argparse.Namespace, res: dict, cfg: dict, bf16: bool) -> None:
         self.args, self.res, self.cfg, self.bf16 = args, res, cfg, bf16
         self.quick, self.paper = args.quick, args.preset == "paper"
-        self.jit, self.rep = args.jit == "on", args.repeats
+        self.jit, self.rep, self.patch = args.jit == "on", args.repeats, args.patch
         # Sizes and repeats: paper steps take seconds on a CPU, so fewer repeats there.
         self.slice_size = 128 if self.quick else SLICE
         self.train_batches = args.train_batches or ([TRAIN_BATCH] if self.quick else
@@ -1193,71 +766,104 @@ class Bench:
                               else args.slice_batches)
         self.infer_batches = args.infer_batches or ([1, 2] if self.quick else [1, 2, 4]
                                                     if self.paper else [1, 2, 4, 8])
-        self.peak: Optional[float] = None
-        self.peak_bf16: Optional[float] = None
+        self.mm: dict[str, dict] = {}  # dtype -> matmul_case, timed beside every section
+        self.train_head: Optional[dict] = None  # the headline float32 train_case
+        res["ratios"] = {}
 
     def say(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} load {load():.2f}] {msg}", flush=True)
 
+    def rounds(self, quick: int, full: int) -> int:
+        return self.rep or (quick if self.quick else full)
+
+    def peak(self, precision: str) -> dict:
+        """The matmul case an MFU of ``precision`` is measured against (made on first use)."""
+        dt = "bfloat16" if precision == "bfloat16" else "float32"
+        if dt not in self.mm:
+            self.mm[dt] = ctmachine.matmul_case(1024 if self.quick else 4096, dt)
+        return self.mm[dt]
+
+    def timed(self, key: str, case: dict, rounds: int) -> dict:
+        """``case`` interleaved with the matmul of its precision: its row, MFU within pairs."""
+        peak = self.peak(case["precision"])
+        s = cttiming.interleave({"case": case["fn"], "peak": peak["fn"]}, rounds)
+        row = timed_row(case, s["case"], s["peak"], peak)
+        self.res["ratios"][key + " mfu"] = row["mfu_ratio"]
+        return row
+
+    def versus(self, key: str, f32: dict, b16: dict, rounds: int) -> tuple[dict, dict]:
+        """bfloat16 ``b16`` vs float32 ``f32`` interleaved (with the bfloat16 matmul): the bf16
+        row (MFU against that matmul) and the speed-up ratio within pairs."""
+        peak = self.peak("bfloat16")
+        s = cttiming.interleave({"f32": f32["fn"], "bf16": b16["fn"], "peak": peak["fn"]},
+                                rounds)
+        row = timed_row(b16, s["bf16"], s["peak"], peak)
+        speed = cttiming.ratio(s["bf16"], s["f32"], b16["examples"], f32["examples"])
+        self.res["ratios"][key + " mfu"] = row["mfu_ratio"]
+        self.res["ratios"][key.split()[0] + "_bf16_speedup"] = speed
+        return row, speed
+
 
 def run_matmul(b: Bench) -> None:
-    res, quick = b.res, b.quick
-    n = 1024 if quick else 4096
-    b.say(f"matmul {n}^2 float32 ...")
-    res["matmul"] = mm = bench_matmul(n, b.rep or (3 if quick else 10), b.bf16)
-    peak = mm["gflops"]
+    res = b.res
+    n = 1024 if b.quick else 4096
+    b.say(f"matmul {n}^2 float32{' and bfloat16, interleaved' if b.bf16 else ''} ...")
+    res["matmul"] = mm = ctmachine.bench_matmul(n, b.rounds(3, 10), b.bf16)
+    res["matmul_gflops"] = mm["gflops"]
     res["matmul_gflops_bf16"] = mm.get("bfloat16", {}).get("gflops")
-    if not quick and mm["device"] == "CPU":
-        # TF's CPU matmul comes from Eigen or oneDNN: the machine peak is the better one.
+    if not b.quick and mm["device"] == "CPU":
+        # TF's CPU matmul comes from Eigen or oneDNN: which is faster here (information; MFU
+        # is against the matmul of this process, the kernels the sections run).
         b.say(f"matmul {n}^2 float32 with oneDNN {'off' if mm['onednn'] else 'on'} "
               "(fresh process) ...")
-        other = matmul_other_backend(n, b.rep or 10)
+        other = ctmachine.matmul_other_backend(n, b.rounds(10, 10))
         if other:
             mm["other_backend"] = other
-            peak = max(peak, other["gflops"])
-    mm["peak_gflops"] = b.peak = res["matmul_gflops"] = peak
-    b.peak_bf16 = res["matmul_gflops_bf16"] or peak
 
 
 def run_train(b: Bench) -> None:
-    res, quick, rep, cfg = b.res, b.quick, b.rep, b.cfg
+    res, cfg, warmup = b.res, b.cfg, 1 if b.quick else 2
     res["train"] = {}
-    for n in b.train_batches:
-        b.say(f"train step {PATCH}^2 x batch {n} ...")
-        res["train"][f"patch{PATCH}_b{n}"] = bench_train(
-            cfg, n, PATCH, rep or (3 if quick else 5), 1 if quick else 2, b.jit, b.peak,
-            b.args.trace if n == b.train_batches[0] else None)
-    for n in b.slice_batches:
-        b.say(f"train step {b.slice_size}^2 whole slices x batch {n} ...")
-        res["train"][f"slice{b.slice_size}_b{n}"] = bench_train(
-            cfg, n, b.slice_size, rep or (2 if quick or b.paper else 4), 1, b.jit, b.peak)
-    head = res["train"][f"patch{PATCH}_b{b.train_batches[0]}"]
+    cases = [(f"patch{b.patch}_b{n}", n, b.patch, b.rounds(3, 5)) for n in b.train_batches] + [
+        (f"slice{b.slice_size}_b{n}", n, b.slice_size, b.rounds(2, 3)) for n in b.slice_batches]
+    for key, n, size, rounds in cases:
+        b.say(f"train step {size}^2 x batch {n}, interleaved with the matmul ...")
+        case = train_case(cfg, n, size, b.jit, warmup if size == b.patch else 1)
+        res["train"][key] = b.timed(f"train {key}", case, rounds)
+        if b.train_head is None:
+            b.train_head = case
+            if b.args.trace:
+                res["train"][key]["trace"] = ctprofile.trace_case(case, b.args.trace, 2, b.jit)
+    head = res["train"][cases[0][0]]
     res["train_patches_per_s"] = head["examples_per_s"]
     res["train_mfu"] = head["mfu"]
-    res["train_best_mfu"] = max(t["mfu"] for t in res["train"].values())
+    res["train_best_mfu"] = max((t["mfu"] for t in res["train"].values() if t["mfu"]),
+                                default=None)
     if b.slice_batches:
         sl = res["train"][f"slice{b.slice_size}_b{b.slice_batches[0]}"]
         res["train_slices_per_s"] = sl["examples_per_s"]
         res["train_slice_mfu"] = sl["mfu"]
     if b.bf16:
-        n = b.train_batches[0]
-        b.say(f"train step {PATCH}^2 x batch {n}, bfloat16 ...")
-        t = bench_train(cfg, n, PATCH, rep or (3 if quick else 5), 1 if quick else 2, b.jit,
-                        b.peak_bf16, precision="bfloat16")
-        res["train_bf16"] = {f"patch{PATCH}_b{n}": t}
+        key, n = cases[0][0], cases[0][1]
+        b.say(f"train step {b.patch}^2 x batch {n}: bfloat16 and float32 interleaved ...")
+        t16 = train_case(cfg, n, b.patch, b.jit, warmup, precision="bfloat16")
+        t, speed = b.versus(f"train {key} bfloat16", b.train_head, t16, b.rounds(3, 5))
+        res["train_bf16"] = {key: t}
         res["train_patches_per_s_bf16"] = t["examples_per_s"]
         res["train_mfu_bf16"] = t["mfu"]
-        res["train_bf16_speedup"] = t["examples_per_s"] / head["examples_per_s"]
+        res["train_bf16_speedup"] = speed["value"]
 
 
 def run_infer(b: Bench) -> None:
-    res, quick = b.res, b.quick
-    res["infer"] = {}
+    res, size = b.res, b.slice_size
+    res["infer"], cases = {}, {}
     for n in b.infer_batches:
-        b.say(f"inference {b.slice_size}^2 x batch {n} ...")
-        res["infer"][f"b{n}"] = bench_infer(
-            b.cfg, n, b.slice_size, b.rep or (2 if quick else 3), 1, b.jit, b.peak,
-            b.args.trace if n == b.infer_batches[0] else None)
+        b.say(f"inference {size}^2 x batch {n}, interleaved with the matmul ...")
+        cases[n] = infer_case(b.cfg, n, size, b.jit, 1)
+        res["infer"][f"b{n}"] = t = b.timed(f"infer b{n}", cases[n], b.rounds(2, 3))
+        t["slices_per_s"] = t["examples_per_s"]
+        if b.args.trace and n == b.infer_batches[0]:
+            t["trace"] = ctprofile.trace_case(cases[n], b.args.trace, 1, b.jit)
     best = max(res["infer"].values(), key=lambda t: t["slices_per_s"])
     one = res["infer"].get("b1") or res["infer"][f"b{b.infer_batches[0]}"]
     res["infer_slices_per_s"] = best["slices_per_s"]
@@ -1266,17 +872,22 @@ def run_infer(b: Bench) -> None:
     res["infer_batch1_slices_per_s"] = one["slices_per_s"]
     res["infer_batch1_mfu"] = one["mfu"]
     if b.bf16:  # at the best float32 batch
-        b.say(f"inference {b.slice_size}^2 x batch {best['batch']}, bfloat16 ...")
-        t = bench_infer(b.cfg, best["batch"], b.slice_size, b.rep or (2 if quick else 3), 1,
-                        b.jit, b.peak_bf16, precision="bfloat16")
-        res["infer_bf16"] = {f"b{best['batch']}": t}
+        n = best["batch"]
+        b.say(f"inference {size}^2 x batch {n}: bfloat16 and float32 interleaved ...")
+        i16 = infer_case(b.cfg, n, size, b.jit, 1, precision="bfloat16")
+        t, speed = b.versus(f"infer b{n} bfloat16", cases[n], i16, b.rounds(2, 3))
+        t["slices_per_s"] = t["examples_per_s"]
+        res["infer_bf16"] = {f"b{n}": t}
         res["infer_slices_per_s_bf16"] = t["slices_per_s"]
         res["infer_mfu_bf16"] = t["mfu"]
-        res["infer_bf16_speedup"] = t["slices_per_s"] / best["slices_per_s"]
+        res["infer_bf16_speedup"] = speed["value"]
 
 
 def run_data(b: Bench) -> None:
     res, args, quick = b.res, b.args, b.quick
+    if b.train_head is None:  # no training section in this run: a train step to compare with
+        b.say("train step for the loader ratio ...")
+        b.train_head = train_case(b.cfg, b.train_batches[0], b.patch, b.jit, 1)
     work = None
     try:
         data = Path(args.data) if args.data else (None if quick else default_data())
@@ -1287,19 +898,16 @@ def run_data(b: Bench) -> None:
             described = f"generated DICOM ({n} slices of {shape[0]}x{shape[1]}, ctio)"
         else:
             described = str(data)
-        b.say(f"data loader on {data} ...")
-        res["loader"] = bench_loader(data, described, b.train_batches[0],
-                                     20 if quick else 100, 0.25)
+        b.say(f"data loader on {data}, interleaved with train steps ...")
+        res["loader"] = ld = bench_loader(data, described, b.train_head, 5 if quick else 20,
+                                          b.rounds(3, 5), 0.25)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    if res["train_patches_per_s"]:
-        train = res["train_patches_per_s"]
-    else:  # no training figure in this run: ratio to a fresh quick train measurement
-        b.say("train step for the loader ratio ...")
-        train = bench_train(b.cfg, b.train_batches[0], PATCH, 3, 1, b.jit, 1.0)["examples_per_s"]
-    res["loader_ratio"] = res["loader"]["patches_per_s"] / train
-    res["loader_ratio_cold"] = res["loader"]["cold_patches_per_s"] / train
+    res["ratios"]["loader_ratio"] = ld["ratio"]
+    res["ratios"]["loader_ratio_cold"] = ld["ratio_cold"]
+    res["loader_ratio"] = ld["ratio"]["value"]
+    res["loader_ratio_cold"] = ld["ratio_cold"]["value"]
 
 
 def run_memory(b: Bench) -> None:
@@ -1360,9 +968,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import Mymodel
 
-    ctio.set_precision("float32")  # bfloat16 rows build their models in ctio.precision_policy
-    cfg = Mymodel.model_config(args.preset)
-    bf16, why = bf16_decision(args.precision_rows, ctio.cpu_features())
+    ctmachine.set_precision("float32")  # bfloat16 rows: in ctmachine.precision_policy
+    cfg = {**Mymodel.model_config(args.preset), "adv_weight": args.adv_weight}
+    bf16, why = bf16_decision(args.precision_rows, ctmachine.cpu_features())
     res: dict[str, Any] = {"preset": args.preset, "model": cfg, "quick": args.quick,
                            "jit": args.jit, "machine": machine_info(tf, keras),
                            "flops_convention": FLOPS_CONVENTION,

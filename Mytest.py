@@ -47,6 +47,7 @@ import numpy as np
 
 import ctdata
 import ctio
+import ctmachine
 import ctrun
 from MyDataLoader_test import TestSlice, load_test_dataset, read_record
 
@@ -58,7 +59,12 @@ DEFAULT_WINDOW = ctio.EVAL_WINDOW  # PNGs show the evaluation window by default
 MAX_SIDE = 1024  # slices with a (padded) side above this are denoised in overlapping tiles
 TILE = 512  # tile side (rounded up to a multiple of 2**depth); tiles overlap by TILE // 4
 DIFF_RANGE_HU = 100.0  # |denoised - FD| panel of the figures: 0..100 HU -> black..white
-PRECISIONS = ("auto", "float32", "bfloat16")  # --precision (ctio.PRECISION_POLICIES)
+PRECISIONS = ("float32", "bfloat16", "auto")  # --precision (ctmachine.PRECISION_POLICIES)
+# Measured (README "CPU speed: bfloat16"): what --precision bfloat16 gains and costs.
+BF16_COST = ("2.2x faster inference on CPUs with native bfloat16 (paper preset, 512^2 x 4, "
+             "interleaved with float32, make bench on a shared 2-core Sapphire Rapids), 0.03 dB "
+             "PSNR lower on two held-out Mayo slices (0.11 dB on the demo); slower where "
+             "bfloat16 is emulated")
 # Manifest column holding the output of each --format ('npy' is the always-written pred_npy).
 FORMAT_COLUMN = {"png": "png", "tiff": "tiff", "npy": "pred_npy", "dicom": "dicom"}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -119,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slices with a side larger than this are denoised in overlapping tiles")
     ap.add_argument("--tile", type=int, default=TILE, metavar="PX",
                     help="tile side for large slices (rounded up to a multiple of 2**depth)")
-    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
-                    help="network arithmetic: auto = bfloat16 on CPUs with native bfloat16 "
-                    f"({' or '.join(ctio.BF16_FLAGS)}), else float32; the output is float32 HU "
-                    "either way")
+    ap.add_argument("--precision", choices=PRECISIONS, default=None,
+                    help="network arithmetic; float32 (default) gives the same figures on "
+                    "every machine. bfloat16: " + BF16_COST + "; auto = bfloat16 on CPUs with "
+                    f"native bfloat16 ({' or '.join(ctmachine.BF16_FLAGS)}), else float32. The "
+                    "output is float32 HU either way")
     return ap
 
 
@@ -561,7 +568,7 @@ def run(plan: Plan) -> dict:
     ctrun.write_manifest(plan.out, rows.values())  # first: OUT is a Mytest.py output from now on
     remove_outputs(plan.out, [p for r in dropped for p in row_outputs(r)])
     print(f"precision: {plan.precision[0]} ({plan.precision[1]})")
-    with ctio.precision_policy(plan.precision[0]):  # the layers keep it
+    with ctmachine.precision_policy(plan.precision[0]):  # the layers keep it
         generator = load_generator(plan.model, plan.weights)
     denoiser = Denoiser(generator, plan.model["depth"], plan.batch, plan.max_side, plan.tile)
     t0 = time.perf_counter()
@@ -605,9 +612,12 @@ def stream(todo: list, denoiser: Denoiser, writer: Writer, batch: int) -> int:
     return done
 
 
-def choose_precision(flag: str) -> tuple[str, str]:
-    """``(precision, why)`` of inference for ``--precision FLAG`` (auto: ctio.auto_precision)."""
-    return ctio.auto_precision() if flag == "auto" else (flag, "--precision")
+def choose_precision(flag: Optional[str]) -> tuple[str, str]:
+    """``(precision, why)`` of inference for ``--precision FLAG`` (None: the float32 default;
+    auto: ctmachine.auto_precision)."""
+    if flag is None:
+        return "float32", "default: the same figures on every CPU; --precision bfloat16 is faster"
+    return ctmachine.auto_precision() if flag == "auto" else (flag, "--precision")
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ from conftest import cli, make_run
 
 import ctfixtures
 import ctio
+import ctprocess
 import ctrun
 
 BASE, DEPTH = 8, 3  # tiny generator; depth 3 -> slices are padded to multiples of 8
@@ -389,7 +390,7 @@ def test_derived_dicom_of_a_series_is_one_series(tiny_run, tmp_path):
     out = tmp_path / "out"
     assert Mytest.main([str(a) for a in ("--data", series, "--run", tiny_run, "--out", out,
                                          "--format", "dicom", "--no-figures")]) == 0
-    check = Mybenchmark.check_derived_series(out, series)
+    check = ctprocess.check_derived_series(out, series)
     assert check == {"files": 5, "series_uids": 1, "instance_numbers_monotonic": True,
                      "source_geometry": True, "one_series": True}
 

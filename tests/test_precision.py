@@ -1,4 +1,5 @@
-"""CPU feature detection (ctio.cpu_features) and the --precision flags of Mytest.py / Mytrain.py.
+"""CPU feature detection (ctmachine.cpu_features) and the --precision flags of Mytest.py and
+Mytrain.py.
 
 The bfloat16 checks hold on any CPU: TF emulates bfloat16 where the CPU lacks it, with the same
 rounding, so only the speed depends on the machine, never these results."""
@@ -10,6 +11,7 @@ import pytest
 from conftest import assert_one_error_line, cli
 
 import ctio
+import ctmachine
 
 CPUINFO = """processor\t: 0
 model name\t: Some CPU
@@ -19,16 +21,16 @@ cpu MHz\t\t: 2000.0
 
 
 def test_cpu_features_and_auto_precision():
-    feats = ctio.cpu_features(CPUINFO)
+    feats = ctmachine.cpu_features(CPUINFO)
     assert feats == {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"}
-    assert ctio.native_bfloat16(feats)
-    assert ctio.auto_precision(feats) == ("bfloat16", "auto: this CPU has avx512_bf16")
-    amd = ctio.cpu_features("flags : fpu avx2 fma\n")
-    assert amd == {"avx2", "fma"} and not ctio.native_bfloat16(amd)
-    precision, why = ctio.auto_precision(amd)
+    assert ctmachine.native_bfloat16(feats)
+    assert ctmachine.auto_precision(feats) == ("bfloat16", "auto: this CPU has avx512_bf16")
+    amd = ctmachine.cpu_features("flags : fpu avx2 fma\n")
+    assert amd == {"avx2", "fma"} and not ctmachine.native_bfloat16(amd)
+    precision, why = ctmachine.auto_precision(amd)
     assert precision == "float32" and "emulated" in why
-    assert ctio.cpu_features("no flags line here\n") == frozenset()
-    assert ctio.cpu_features() <= set(ctio.CPU_FLAGS)  # this machine: whatever it has
+    assert ctmachine.cpu_features("no flags line here\n") == frozenset()
+    assert ctmachine.cpu_features() <= set(ctmachine.CPU_FLAGS)  # this machine: whatever it has
 
 
 def perturbed_run(root):
@@ -76,18 +78,23 @@ def test_bfloat16_inference_close_to_float32(tmp_path, capsys):
     assert 0 < diff.max() < 5.0, diff.max()  # bfloat16 really ran, and a few HU at most
 
 
-def test_auto_precision_is_stated_once(tmp_path, capsys):
+def test_float32_by_default_auto_only_when_asked_each_stated_once(tmp_path, capsys):
+    """Issue 26 item 12: the same figures on every CPU unless the user asks for bfloat16."""
     import Mytest
 
     run = perturbed_run(tmp_path)
     data = tmp_path / "npy"
     data.mkdir()
     np.save(data / "P1_0_input.npy", np.full((32, 32), 0.25, np.float32))
-    Mytest.main(["--data", str(data), "--run", str(run), "--out", str(tmp_path / "o"),
-                 "--no-figures"])
-    lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("precision:")]
-    precision, why = ctio.auto_precision()
-    assert lines == [f"precision: {precision} ({why})"]
+    for extra, expected in (([], ("float32", "default: the same figures on every CPU; "
+                                  "--precision bfloat16 is faster")),
+                            (["--precision", "auto"], ctmachine.auto_precision())):
+        Mytest.main(["--data", str(data), "--run", str(run), "--out",
+                     str(tmp_path / f"o{len(extra)}"), "--no-figures", *extra])
+        lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("precision:")]
+        assert lines == [f"precision: {expected[0]} ({expected[1]})"]
+    text = " ".join(Mytest.build_parser().format_help().split())
+    assert "float32 (default)" in text and "faster inference" in text and "dB" in text
 
 
 @pytest.mark.parametrize("script, args, needle", [
@@ -106,7 +113,7 @@ def test_bfloat16_training_step_keeps_float32_losses_without_loss_scaling():
     import Mymodel
 
     cfg = Mymodel.model_config("small", base_filters=4, depth=2, disc_filters=4)
-    with ctio.precision_policy("bfloat16"):
+    with ctmachine.precision_policy("bfloat16"):
         gen, disc = Mymodel.build_models(cfg)
         gan = Mymodel.CNCLGAN(gen, disc)
         gan.compile(g_optimizer=keras.optimizers.Adam(1e-3),

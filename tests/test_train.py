@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_one_error_line, cli, history_epochs, write_mayo_tree
 
 import ctio
+import ctmachine
 
 TINY = ["--preset", "small", "--patch", "32", "--batch", "4", "--steps-per-epoch", "2",
         "--val-slices", "1", "--verbose", "2"]
@@ -155,19 +156,17 @@ def test_recipes_fill_only_unset_flags():
 
 
 def test_cpu_kernels_chosen_only_where_tf_would_not_and_the_user_did_not(monkeypatch):
-    import ctio
-
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
     avx2 = frozenset({"avx2", "fma"})
-    assert ctio.choose_cpu_kernels(False, "why", avx2) is None  # no gain: TF's default
+    assert ctmachine.choose_cpu_kernels(False, "why", avx2) is None  # no gain: TF's default
     assert "TF_ENABLE_ONEDNN_OPTS" not in __import__("os").environ
     vnni = frozenset({"avx2", "avx512f", "avx512_vnni"})
-    assert ctio.choose_cpu_kernels(True, "why", vnni) is None  # TF turns it on by itself
-    msg = ctio.choose_cpu_kernels(True, "faster", avx2)
+    assert ctmachine.choose_cpu_kernels(True, "why", vnni) is None  # TF turns it on by itself
+    msg = ctmachine.choose_cpu_kernels(True, "faster", avx2)
     assert "oneDNN (faster" in msg and __import__("os").environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # the user's choice wins
-    assert ctio.choose_cpu_kernels(True, "faster", avx2) is None
+    assert ctmachine.choose_cpu_kernels(True, "faster", avx2) is None
 
 
 def test_demo_test_patient_is_held_out_like_any_exclude(tmp_path, monkeypatch):
