@@ -18,6 +18,7 @@ import numpy as np
 
 import ctcho
 import ctio
+import ctphantom
 import ctverdict
 from cttexture import ROI_SIZE, cut_rois, nps_2d, nps_power, nps_summary, radial_nps
 
@@ -251,17 +252,11 @@ def qa_cnr(images: np.ndarray, insert: dict, backgrounds: list) -> float:
 
 def qa_uniform_mask(truth: dict, fd: np.ndarray) -> np.ndarray:
     """Uniform water of the phantom: inside the body, at least QA_NPS_MARGIN_MM from its edge
-    and from every insert (the signal-absent positions are uniform water too)."""
-    px = truth["pixel_mm"]
-    n = fd.shape[0]
-    yy, xx = np.mgrid[:n, :n]
-    c = truth["body"]["centre_px"]
-    margin = QA_NPS_MARGIN_MM / px
-    mask = np.hypot(yy - c[0], xx - c[1]) <= truth["body"]["diameter_mm"] / 2 / px - margin
-    for ins in truth["inserts"]:
-        r0, c0 = ins["centre_px"]
-        mask &= np.hypot(yy - r0, xx - c0) > ins["radius_px"] + margin
-    return mask
+    and from every insert (the signal-absent positions are uniform water too);
+    ``ctphantom.uniform_mask`` with the NPS margin, on the grid of ``fd``."""
+    if fd.shape != (truth["size"], truth["size"]):
+        raise ValueError(f"QA image {fd.shape} does not match the phantom's {truth['size']}^2")
+    return ctphantom.uniform_mask(truth, QA_NPS_MARGIN_MM)
 
 
 def qa_nps_corners(mask: np.ndarray, size: int = ROI_SIZE) -> list[tuple[int, int]]:
