@@ -358,9 +358,10 @@ def bench_loader(data: Path, source: str, train: dict, n_batches: int, rounds: i
             "first_pass_s": first_s, "decode_slices_per_s": len(records) / first_s,
             "patches_per_s": cttiming.rate(s["loader"], n_batches * batch)["median"],
             "cold_patches_per_s": len(records) * pps / first_s,
-            "ratio": cttiming.ratio(s["loader"], s["train"], n_batches * batch, batch),
+            "ratio": cttiming.ratio(s["loader"], s["train"], n_batches * batch, batch,
+                                   load_dependent=True),
             "ratio_cold": cttiming.ratio([cold[1]] * 2, [cold[0], cold[2]],
-                                         len(records) * pps, batch),
+                                         len(records) * pps, batch, load_dependent=True),
             "load_before": load0, "load_after": load()}
 
 
@@ -798,7 +799,8 @@ class Bench:
         s = cttiming.interleave({"f32": f32["fn"], "bf16": b16["fn"], "peak": peak["fn"]},
                                 rounds)
         row = timed_row(b16, s["bf16"], s["peak"], peak)
-        speed = cttiming.ratio(s["bf16"], s["f32"], b16["examples"], f32["examples"])
+        speed = cttiming.ratio(s["bf16"], s["f32"], b16["examples"], f32["examples"],
+                           load_dependent=True)
         self.res["ratios"][key + " mfu"] = row["mfu_ratio"]
         self.res["ratios"][key.split()[0] + "_bf16_speedup"] = speed
         return row, speed

@@ -20,9 +20,11 @@ Which ratios depend on the load itself, even when interleaved: those whose two s
 cores differently. bfloat16 vs float32 (AMX / AVX-512 BF16 units vs FMA units, half the memory
 traffic) and loader vs training (tf.data's parallel decode and small ops vs large convolutions)
 slow down by different factors when another job takes a core, so under load they measure the
-ratio *under that load* — agreement with the idle figure is then not expected, and the printed
-``others`` load says which load it was. MFU compares convolutions with a matmul, both bound by
-the same FMA units, and should hold. numpy only (no TensorFlow).
+ratio *under that load*, even a steady one: such a ratio (``ratio(..., load_dependent=True)``)
+is marked disturbed whenever others kept more than DISTURBED_CORES busy during its timings
+(a steady busy loop moved the cold loader ratio from 1.31 to 1.97 without changing within a
+pair), and the printed ``others`` load says which load it was. MFU compares convolutions with
+a matmul, both bound by the same FMA units, and should hold. numpy only (no TensorFlow).
 """
 
 from __future__ import annotations
@@ -109,13 +111,15 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int,
 
 
 def ratio(num: list[Sample], den: list[Sample], num_work: float = 1.0, den_work: float = 1.0,
-          efficiency: bool = False, threshold: float = DISTURBED_CORES) -> dict:
+          efficiency: bool = False, threshold: float = DISTURBED_CORES,
+          load_dependent: bool = False) -> dict:
     """Rate ratio ``(num_work / num.seconds) / (den_work / den.seconds)`` within each pair
     ``(num[i], den[i])``, with its spread over the clean pairs.
 
     A pair is disturbed when both halves know others' load and it differs by more than
     ``threshold`` cores. ``status``: ``ok``; ``disturbed`` (no more clean pairs than disturbed
-    ones; ``value`` is then the median of every pair, shown only as disturbed); ``invalid``
+    ones, or ``load_dependent`` and others kept more than ``threshold`` cores busy during any
+    timing; ``value`` is then the median, shown only as disturbed); ``invalid``
     (``efficiency`` and the value above 1: ``value`` None, ``reason`` says why).
     """
     if not num or len(num) != len(den):
@@ -135,6 +139,10 @@ def ratio(num: list[Sample], den: list[Sample], num_work: float = 1.0, den_work:
     if len(clean) <= sum(disturbed):
         out.update(status="disturbed", reason=f"the load changed within {sum(disturbed)} of "
                    f"{len(per_pair)} pairs (others' CPU use differed by > {threshold} cores)")
+    elif load_dependent and loads and max(loads) > threshold:
+        out.update(status="disturbed", reason=(
+            f"this ratio depends on the load itself and other processes kept up to "
+            f"{max(loads):.1f} cores busy: it is the ratio under that load, not an idle one"))
     if efficiency and out["value"] > 1:
         out.update(status="invalid", value=None, reason=(
             f"efficiency {out['median']:.2f} > 1: the work counted runs faster than the peak "

@@ -99,3 +99,21 @@ def test_interleave_alternates_and_repeats_short_calls():
     order.clear()
     cttiming.interleave({"a": fns["a"]}, 2, min_s=1e-3)  # sub-microsecond calls: repeated
     assert len(order) > 3
+
+
+def test_a_load_dependent_ratio_under_a_steady_load_is_marked_disturbed():
+    """A steady busy loop changes no pair, yet moves a ratio whose sides share the cores
+    differently (the cold loader ratio: 1.31 idle vs 1.97 beside a busy loop): such a ratio
+    is flagged whenever others kept cores busy; an idle one is not."""
+    rng = np.random.default_rng(2)
+
+    def samples(seconds, others):
+        return [Sample(seconds * (1 + 0.02 * rng.standard_normal()), others) for _ in range(5)]
+
+    busy = cttiming.ratio(samples(0.2, 1.0), samples(0.4, 1.0), load_dependent=True)
+    assert busy["status"] == "disturbed" and busy["disturbed_pairs"] == 0
+    assert "depends on the load itself" in cttiming.describe("loader_ratio", busy)
+    idle = cttiming.ratio(samples(0.2, 0.05), samples(0.4, 0.05), load_dependent=True)
+    assert idle["status"] == "ok" and idle["value"] == pytest.approx(2.0, rel=0.1)
+    # The same busy timings as a ratio that holds under load (an MFU) stay a result.
+    assert cttiming.ratio(samples(0.2, 1.0), samples(0.4, 1.0))["status"] == "ok"
