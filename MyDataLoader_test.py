@@ -5,7 +5,7 @@ table-position order. Low-dose-only data is valid here: the reference (``fd_hu``
 
 As a script it checks a dataset before denoising::
 
-    python MyDataLoader_test.py --data PATH [--layout mayo|npy|tif|dicom]
+    python MyDataLoader_test.py --data PATH [--layout mayo|npy|tif|dicom|tree]
 """
 
 from __future__ import annotations

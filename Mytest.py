@@ -4,7 +4,7 @@ Usage::
 
     python Mytest.py [--data PATH] [--run RUN_DIR] [--out OUT] [--weights FILE]
                      [--format png,tiff,npy,dicom] [--window LOW HIGH] [--batch N]
-                     [--overwrite] [--layout mayo|npy|tif|dicom] [--patients P ...]
+                     [--overwrite] [--layout mayo|npy|tif|dicom|tree] [--patients P ...]
                      [--slices PATIENT[:SLICE] ...]
 
 Output layout (``OUT`` defaults to ``RUN_DIR/test``)::
