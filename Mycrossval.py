@@ -152,6 +152,9 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> Plan:
     bad = [f for f in train_flags if f.split("=")[0] in MANAGED]
     if bad:
         raise ctio.CTDataError(f"{bad[0]}: set by the fold design, cannot be passed to Mytrain.py")
+    import Mytrain  # no TensorFlow at import: a typo in the recipe fails here, not in fold 1
+
+    Mytrain.parse_args(train_flags)
     data = [Path(d).resolve() for d in args.data]
     for d in data:
         if not d.is_dir():

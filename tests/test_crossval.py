@@ -127,6 +127,7 @@ def test_refusals(two_folders, tmp_path):
              (["--out", str(two_folders[0] / "cv")], "never written into the input data"),
              (["--out", str(tmp_path / "o"), "--exclude", "A01"], "set by the fold design"),
              (["--out", str(tmp_path / "o"), "--folds", "9"], "need 1..4"),
+             (["--out", str(tmp_path / "o"), "--epocs", "2"], "unrecognized arguments: --epocs"),
              (["--out", str(tmp_path / "o"), "--val-patient", "Z9"], "not in the data")]
     for extra, needle in cases:
         proc = cli("Mycrossval.py", "--data", *two_folders, *extra, timeout=120)
