@@ -234,7 +234,7 @@ def collect(plan: Plan) -> list[dict]:
 
 
 # --- The table --------------------------------------------------------------------------------
-COLUMNS = (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("rmse", "RMSE (HU)", 1),
+COLUMNS = (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("rmse", "RMSE (HU)", 2),
            ("ldct_psnr", "LDCT PSNR", 2), ("noise_ratio", "ROI noise / FD", 2),
            ("fav_ratio", "NPS f_av / FD", 2), ("bias_soft", "soft-tissue bias (HU)", 2))
 
