@@ -155,3 +155,19 @@ $(ABL_DIR)/%/test/metrics.json: | $(STAMP) $(MAYO_SIM)/.done
 		$(MAYO_SPLIT) --out $(ABL_DIR)/$* --recipe cpu --epochs $(ABL_EPOCHS) \
 		--steps-per-epoch $(ABL_STEPS) --lr-decay cosine $(ABL_$*) --verbose 2
 	$(MAKE) eval-mayo MAYO_RUN=$(ABL_DIR)/$* EVAL_FLAGS=--no-figures
+
+# Cross-validation (issue 25): the recipe $(MAYO_FLAGS) trained K = 7 times, each fold testing
+# one of the 7 real pairs (never trained on) and validating on L067 (fold 1 tests L067 and
+# validates on nothing); per-fold table and mean +- sd over folds. Resumable: run it again to
+# finish the folds that are missing. Fixed step count, so the table does not depend on load.
+# CV_EXTRA="--adv-weight 0" CV_OUT=...: another recipe (make cv-mayo-psnr: the PSNR end).
+.PHONY: cv-mayo cv-mayo-psnr
+CV_OUT ?= runs/cv-mayo
+CV_EXTRA ?=
+cv-mayo: $(STAMP)
+	@$(MAYO_DATA_CHECK)
+	nice $(BIN)/python Mycrossval.py --data $(MAYO_REAL) --out $(CV_OUT) $(MAYO_FLAGS) \
+		--verbose 2 $(CV_EXTRA)
+
+cv-mayo-psnr:
+	$(MAKE) cv-mayo CV_OUT=runs/cv-mayo-psnr CV_EXTRA="--adv-weight 0"

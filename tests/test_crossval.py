@@ -1,0 +1,143 @@
+"""Mycrossval.py: the fold design, the fold table (mean ± sd), resume and clean refusals. No
+training: the per-fold subprocesses are replaced by a stub runner that writes a metrics.json."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_one_error_line, cli, write_mayo_tree
+
+import Mycrossval
+
+
+@pytest.fixture
+def two_folders(tmp_path) -> list[Path]:
+    """Like the real pairs: one folder with 1 pair of patient A01, one with 3 pairs of B02."""
+    return [write_mayo_tree(tmp_path / "a", patients=("A01",), slices=1, size=32),
+            write_mayo_tree(tmp_path / "b", patients=("B02",), slices=3, size=32, seed=1)]
+
+
+def fake_metrics(k: int) -> dict:
+    """metrics.json of fold k as Myevaluation writes it (only the fields the table reads);
+    the soft-tissue bias only on even folds, noise ROIs only on folds 1 and 2."""
+    cncl = {"redcnn": {"psnr": {"mean": 30.0 + k}, "ssim": {"mean": 0.9 - 0.01 * k},
+                       "rmse": {"mean": 12.0 - k}}}
+    fd = {}
+    if k <= 2:
+        cncl["noise"] = {"noise_std": {"mean": 10.0 * k}, "nps_mean_freq": {"mean": 0.1 * k}}
+        fd["noise"] = {"noise_std": {"mean": 20.0}, "nps_mean_freq": {"mean": 0.4}}
+    if k % 2 == 0:
+        cncl["bias"] = {"soft": {"mean": 0.5 * k}, "all": {"mean": 9.0}}
+    return {"overall": {"cncl": cncl, "fd": fd, "ldct": {"redcnn": {"psnr": {"mean": 28.0}}}}}
+
+
+class StubRunner:
+    """Records each command; 'runs' Myevaluation by writing fake_metrics for the fold."""
+
+    def __init__(self, fail: str = None):
+        self.calls, self.fail = [], fail
+
+    def __call__(self, cmd, log: Path) -> int:
+        self.calls.append(list(cmd))
+        log.write_text("stub\n")
+        script = Path(cmd[1]).name
+        if script == self.fail:
+            return 3
+        if script == "Myevaluation.py":
+            test = Path(cmd[cmd.index("--pred") + 1])
+            test.mkdir(parents=True, exist_ok=True)
+            k = int(test.parent.name.split("_")[1])
+            (test / "metrics.json").write_text(json.dumps(fake_metrics(k)))
+        return 0
+
+
+def _args(data, out, *extra):
+    return ["--data", *map(str, data), "--out", str(out), "--epochs", "2", *extra]
+
+
+def test_each_pair_tested_once_never_validated_on(two_folders, tmp_path):
+    args, flags = Mycrossval.build_parser().parse_known_args(_args(two_folders, tmp_path / "o"))
+    plan = Mycrossval.prepare(args, flags)
+    specs = [f.spec for f in plan.folds]
+    pairs = [f"{r.patient}:{r.slice_id}" for d in two_folders
+             for r in Mycrossval.ctio.discover(d).records]
+    assert len(pairs) == 4 and sorted(specs) == sorted(pairs)  # every pair, once
+    assert [f.val for f in plan.folds] == ["none", "A01", "A01", "A01"]  # fewest pairs
+    for fold in plan.folds:
+        train, test, evaluate = Mycrossval.fold_commands(plan, fold)
+        assert train[train.index("--exclude") + 1] == fold.spec
+        val = train[train.index("--val-patients") + 1]
+        assert val != fold.patient and val == fold.val
+        assert train[-2:] == ["--epochs", "2"]  # the recipe passes through
+        assert test[test.index("--slices") + 1] == fold.spec
+        assert test[test.index("--data") + 1] == str(fold.data)
+        assert test[test.index("--precision") + 1] == "float32"
+        assert evaluate[-1] == test[test.index("--out") + 1]
+    assert not (tmp_path / "o").exists()  # prepare writes nothing
+
+
+def test_real_pairs_fold_design(real_data, tmp_path):
+    data = [real_data / "mayo_pairs" / d for d in ("npy_redcnn", "tif_cncl")]
+    args, flags = Mycrossval.build_parser().parse_known_args(_args(data, tmp_path / "o"))
+    folds = Mycrossval.prepare(args, flags).folds
+    assert [f.spec for f in folds] == ["L067:L067_0001", *(f"L506:{s}" for s in range(0, 201, 40))]
+    assert [f.val for f in folds] == ["none"] + ["L067"] * 6
+
+
+def test_table_mean_sd_and_resume(two_folders, tmp_path, capsys):
+    out = tmp_path / "cv"
+    stub = StubRunner()
+    assert Mycrossval.main(_args(two_folders, out, "--folds", "1", "2", "3"), runner=stub) == 0
+    assert len(stub.calls) == 9 and not (out / "fold_4").exists()
+    text = capsys.readouterr().out
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["1", "2", "3", "mean ± sd"]
+    psnr = 30.0 + np.arange(1, 4)
+    assert f"{psnr.mean():.2f} ± {psnr.std(ddof=1):.2f}" in rows[-1]
+    ratio = np.array([10.0, 20.0]) / 20.0  # ROI noise / FD: folds 1 and 2 only
+    assert f"{ratio.mean():.2f} ± {ratio.std(ddof=1):.2f} (n=2)" in rows[-1]
+    assert rows[1].split("|")[-2].strip() == "-"  # fold 1: no bias entry
+    assert rows[2].split("|")[-2].strip() == "1.00"  # fold 2: bias soft 0.5 * 2
+    assert (out / "crossval.md").read_text().strip() in text
+
+    stub2 = StubRunner()  # again, all folds: 1-3 are skipped, only fold 4 runs
+    Mycrossval.main(_args(two_folders, out), runner=stub2)
+    assert {Path(c[c.index("--out") + 1]).parent.name for c in stub2.calls if "--out" in c} \
+        == {"fold_4"}
+    assert "| 4 of 4 folds |" in capsys.readouterr().out
+
+
+def test_unfinished_fold_redone_and_failure_one_line(two_folders, tmp_path):
+    out = tmp_path / "cv"
+    with pytest.raises(Mycrossval.ctio.CTDataError, match="fold 1: Mytest.py exited 3"):
+        Mycrossval.main(_args(two_folders, out, "--folds", "1"), runner=StubRunner("Mytest.py"))
+    assert not Mycrossval.metrics_path(out, 1).exists()
+    (out / "fold_1" / "leftover").write_text("x")
+    Mycrossval.main(_args(two_folders, out, "--folds", "1"), runner=StubRunner())
+    assert Mycrossval.metrics_path(out, 1).is_file()
+    assert not (out / "fold_1" / "leftover").exists()
+
+
+def test_refusals(two_folders, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    cases = [(["--out", str(user)], "not a cross-validation folder"),
+             (["--out", str(two_folders[0] / "cv")], "never written into the input data"),
+             (["--out", str(tmp_path / "o"), "--exclude", "A01"], "set by the fold design"),
+             (["--out", str(tmp_path / "o"), "--folds", "9"], "need 1..4"),
+             (["--out", str(tmp_path / "o"), "--epocs", "2"], "unrecognized arguments: --epocs"),
+             (["--out", str(tmp_path / "o"), "--val-patient", "Z9"], "not in the data")]
+    for extra, needle in cases:
+        proc = cli("Mycrossval.py", "--data", *two_folders, *extra, timeout=120)
+        assert_one_error_line(proc, needle, code=2)
+    assert (user / "notes.txt").read_text() == "keep" and len(list(user.iterdir())) == 1
+    assert not (tmp_path / "o").exists() and not (two_folders[0] / "cv").exists()
+
+
+def test_other_settings_refused(two_folders, tmp_path):
+    out = tmp_path / "cv"
+    Mycrossval.main(_args(two_folders, out, "--folds", "1"), runner=StubRunner())
+    proc = cli("Mycrossval.py", *_args(two_folders, out, "--adv-weight", "0"), timeout=120)
+    assert_one_error_line(proc, "other settings", "train_flags", code=2)
