@@ -650,7 +650,7 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
                 sigma: float = 0.7, weights: Optional[str] = None) -> dict:
     """Myevaluation.py --qa: denoise every realisation of the QA folder with the run's
     generator (Mytest's loader and Denoiser), measure TTF, CNR, d' / AUC and NPS per dose and
-    method, write OUT/qa.json, OUT/qa.md and PNG plots (OUT default QA_DIR/eval_<run name>);
+    method, write OUT/qa.json, OUT/qa.md and PNG plots (OUT default RUN/qa/<QA_DIR name>);
     returns the report. One piece: it reads, denoises and measures dose by dose, so only one
     dose's realisations are in memory."""
     import time
@@ -660,7 +660,7 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
     qa_dir = Path(qa_dir)
     truth = ctqa.read_qa_truth(qa_dir)
     run_dir, model, weights = Mytest.resolve_run(run, weights)
-    out_dir = Path(out) if out else qa_dir / f"eval_{run_dir.name}"
+    out_dir = Path(out) if out else run_dir / "qa" / qa_dir.name
     denoise = Mytest.Denoiser(Mytest.load_generator(model, weights), int(model["depth"]), batch)
     px = truth["pixel_mm"]
     start = time.time()
@@ -754,6 +754,8 @@ def qa_sizes(args: argparse.Namespace, sigma: float) -> int:
                if sizes.is_file() else [qa])
     for folder in folders:  # every folder checked before the first is denoised
         ctqa.read_qa_truth(folder)
+    if args.out:
+        ctrun.refuse_overlap("--out", args.out, [qa])
     summaries = []
     for folder in folders:
         out = (Path(args.out) / folder.name if args.out and folder != qa else args.out)
@@ -794,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "NPW and LG-CHO d' and AUC with intervals, CT-number error, NPS against "
                     "dose for the input, the Gaussian baseline and --run's CNCL, and the dose "
                     "equivalence verdict (writes qa.json, qa.md, PNGs to --out, default "
-                    "QA_DIR/eval_<run name>; a folder of several sizes: every size, reports in "
+                    "RUN/qa/<QA_DIR name>; a folder of several sizes: every size, reports in "
                     "OUT/dNNNmm)")
     ap.add_argument("--protocol", choices=(*ctmetrics.PROTOCOLS, "all"),
                     default=ctmetrics.DEFAULT_PROTOCOL,
@@ -816,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="--nps-sim: output folder, not inside FD_PATH (default: "
                     "RUN/nps_sim); --qa: (default "
-                    "QA_DIR/eval_<run name>)")
+                    "RUN/qa/<QA_DIR name>, never inside QA_DIR)")
     ap.add_argument("--dose", type=float, default=0.25, help="--nps-sim: simulated dose fraction")
     ap.add_argument("--seed", type=int, default=0, help="--nps-sim: noise seed (>= 0)")
     ap.add_argument("--max-slices", type=int, default=None, metavar="N",

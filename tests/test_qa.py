@@ -13,6 +13,7 @@ from conftest import assert_one_error_line, cli, make_run
 from scipy.stats import ncx2, norm
 
 import ctdose
+import ctio
 import ctphantom
 import ctqa
 import Myevaluation as E
@@ -340,3 +341,12 @@ def test_myevaluation_qa_every_size_and_one_summary_line_each(tmp_path, capsys):
         assert report["body_diameter_mm"] == d and set(report["verdict"]) == {"all", "mita"}
         assert f"{d} mm body" in report["verdict"]["all"]["summary"]
         assert report["verdict"]["all"]["summary"] in summary
+
+
+def test_myevaluation_qa_refuses_output_inside_the_phantom(qa_dir, tmp_path):
+    """The phantom folder is input: --out inside it is refused before any model is loaded."""
+    before = sorted(p.name for p in qa_dir.rglob("*"))
+    with pytest.raises(ctio.CTDataError, match="inside the input folder"):
+        E.main(["--qa", str(qa_dir), "--run", str(tmp_path / "no-run"),
+                "--out", str(qa_dir / "eval")])
+    assert sorted(p.name for p in qa_dir.rglob("*")) == before
