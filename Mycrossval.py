@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import ctdata
 import ctio
 
 REPO = Path(__file__).resolve().parent
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def design_folds(dataset_by_root: dict[Path, ctio.CTDataset],
+def design_folds(dataset_by_root: dict[Path, ctdata.CTDataset],
                  val_patient: Optional[str]) -> list[Fold]:
     """Leave-one-pair-out folds (see the module docstring); CTDataError if fewer than 2 pairs."""
     pairs = sorted(((r.patient, r.position, r.slice_id, root)
@@ -161,7 +162,7 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> Plan:
             raise ctio.CTDataError(f"--data {d}: folder not found")
     by_root = {}
     for d in data:
-        ds = ctio.discover(d)
+        ds = ctdata.discover(d)
         if not ds.paired:
             raise ctio.CTDataError(f"--data {d}: not a paired dataset (low dose and full dose)")
         by_root[d] = ds

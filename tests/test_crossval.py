@@ -61,7 +61,7 @@ def test_each_pair_tested_once_never_validated_on(two_folders, tmp_path):
     plan = Mycrossval.prepare(args, flags)
     specs = [f.spec for f in plan.folds]
     pairs = [f"{r.patient}:{r.slice_id}" for d in two_folders
-             for r in Mycrossval.ctio.discover(d).records]
+             for r in Mycrossval.ctdata.discover(d).records]
     assert len(pairs) == 4 and sorted(specs) == sorted(pairs)  # every pair, once
     assert [f.val for f in plan.folds] == ["none", "A01", "A01", "A01"]  # fewest pairs
     for fold in plan.folds:
