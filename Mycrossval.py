@@ -41,6 +41,7 @@ from typing import Callable, Optional, Sequence
 
 import ctdata
 import ctio
+import ctrun
 
 REPO = Path(__file__).resolve().parent
 STATE = "crossval.json"
@@ -122,15 +123,11 @@ def design_folds(dataset_by_root: dict[Path, ctdata.CTDataset],
             for k, (patient, _, sid, root) in enumerate(pairs, 1)]
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 def check_out(out: Path, data: list[Path], settings: dict) -> None:
     """OUT must not touch the input data and must be empty, absent, or an earlier call's own
     folder made with the same settings; CTDataError otherwise."""
     for d in data:
-        if _inside(out, d) or _inside(d, out):
+        if ctrun.inside(out, d) or ctrun.inside(d, out):
             raise ctio.CTDataError(f"--out {out} and the input folder {d} overlap; outputs are "
                                    "never written into the input data")
     if out.exists() and not out.is_dir():

@@ -502,25 +502,16 @@ def zoom_figure(outs: list[Path], patient: str, slice_id: str, box: tuple[int, i
 
 def check_out_dir(out: Path, inputs: list[Path], flag: str = "--out") -> Path:
     """The resolved output folder ``out``, refused (CTDataError) when it is a file, lies inside
-    one of ``inputs`` (outputs never go into input data) or cannot be created / written: a
-    temporary folder is made and removed in its nearest existing ancestor (no other trace)."""
-    import tempfile
-
+    one of ``inputs`` (outputs never go into input data) or cannot be created / written
+    (``ctrun.check_writable``: a probe folder made and removed, no other trace)."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ctio.CTDataError(f"{flag} {out}: exists and is not a folder")
-    for src in inputs:
-        src = Path(src).resolve()
-        if out == src or src in out.parents:
-            raise ctio.CTDataError(f"{flag} {out} is inside the input {src}; outputs are never "
-                                   "written into the input data")
-    base = next(p for p in (out, *out.parents) if p.exists())
-    if not base.is_dir():
-        raise ctio.CTDataError(f"{flag} {out}: {base} is not a folder")
-    try:
-        tempfile.TemporaryDirectory(dir=base).cleanup()
-    except OSError as e:
-        raise ctio.CTDataError(f"{flag} {out}: cannot write in {base} ({e.strerror})") from None
+    for src in map(Path, inputs):
+        if ctrun.inside(out, src):
+            raise ctio.CTDataError(f"{flag} {out} is inside the input {src.resolve()}; outputs "
+                                   "are never written into the input data")
+    ctrun.check_writable(flag, out)
     return out
 
 
