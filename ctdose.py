@@ -64,6 +64,7 @@ import numpy as np
 
 import ctdata
 import ctio
+import ctrun
 
 # --- Noise model constants ----------------------------------------------------------------------
 # Water at 70 keV (NIST XCOM mu/rho ~0.194 cm^2/g): the effective energy of a 100-120 kVp beam.
@@ -360,12 +361,10 @@ MARKER = "SIMULATION.json"  # written last into every dataset this module makes
 def check_out(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
     """OUT must not overlap an input and must be empty (or absent), or with ``overwrite`` a
     dataset that this module wrote (it is replaced as a whole)."""
-    res = out.resolve()
     for inp in inputs:
-        inp = inp.resolve()
-        if res == inp or inp in res.parents or res in inp.parents:
-            raise ctio.CTDataError(f"{out}: output folder overlaps the input {inp}; choose "
-                                   "another --out (the input is never modified)")
+        if ctrun.inside(out, inp) or ctrun.inside(inp, out):
+            raise ctio.CTDataError(f"{out}: output folder overlaps the input {inp.resolve()}; "
+                                   "choose another --out (the input is never modified)")
     if out.exists():
         if not out.is_dir():
             raise ctio.CTDataError(f"{out}: exists and is not a folder")
