@@ -207,9 +207,10 @@ def warm(case: dict, warmup: int) -> dict:
 
 def timed_row(case: dict, samples: list, peak: list, peak_case: dict) -> dict:
     """A table row of ``case`` from its interleaved ``samples``; MFU within each pair against the
-    matmul ``peak`` samples timed beside it (cttiming.ratio, an efficiency)."""
+    matmul ``peak`` timed beside it (cttiming.ratio: an efficiency, and load-dependent)."""
     r = cttiming.rate(samples, case["examples"])
-    mfu = cttiming.ratio(samples, peak, case["work"], peak_case["work"], efficiency=True)
+    mfu = cttiming.ratio(samples, peak, case["work"], peak_case["work"], efficiency=True,
+                         load_dependent=True)
     meta = {k: v for k, v in case.items() if k not in ("fn", "work", "examples")}
     return {**meta, "median_s": r["median_s"], "min_s": min(s.seconds for s in samples),
             "max_s": max(s.seconds for s in samples), "repeats": r["repeats"],

@@ -115,5 +115,6 @@ def test_a_load_dependent_ratio_under_a_steady_load_is_marked_disturbed():
     assert "depends on the load itself" in cttiming.describe("loader_ratio", busy)
     idle = cttiming.ratio(samples(0.2, 0.05), samples(0.4, 0.05), load_dependent=True)
     assert idle["status"] == "ok" and idle["value"] == pytest.approx(2.0, rel=0.1)
-    # The same busy timings as a ratio that holds under load (an MFU) stay a result.
+    # The same busy timings as a ratio not declared load-dependent stay a result.
     assert cttiming.ratio(samples(0.2, 1.0), samples(0.4, 1.0))["status"] == "ok"
+    assert "depends on the load" in cttiming.describe("train patch64_b16 mfu", busy)
