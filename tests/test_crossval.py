@@ -29,7 +29,8 @@ def fake_metrics(k: int) -> dict:
         fd["noise"] = {"noise_std": {"mean": 20.0}, "nps_mean_freq": {"mean": 0.4}}
     if k % 2 == 0:
         cncl["bias"] = {"soft": {"mean": 0.5 * k}, "all": {"mean": 9.0}}
-    return {"overall": {"cncl": cncl, "fd": fd, "ldct": {"redcnn": {"psnr": {"mean": 28.0}}}}}
+    ldct = {"redcnn": {"psnr": {"mean": 28.0}}, "bias": {"soft": {"mean": -0.25 * k}}}
+    return {"overall": {"cncl": cncl, "fd": fd, "ldct": ldct}}
 
 
 class StubRunner:
@@ -97,8 +98,11 @@ def test_table_mean_sd_and_resume(two_folders, tmp_path, capsys):
     assert f"{psnr.mean():.2f} ± {psnr.std(ddof=1):.2f}" in rows[-1]
     ratio = np.array([10.0, 20.0]) / 20.0  # ROI noise / FD: folds 1 and 2 only
     assert f"{ratio.mean():.2f} ± {ratio.std(ddof=1):.2f} (n=2)" in rows[-1]
-    assert rows[1].split("|")[-2].strip() == "-"  # fold 1: no bias entry
-    assert rows[2].split("|")[-2].strip() == "1.00"  # fold 2: bias soft 0.5 * 2
+    col = {name.strip(): i for i, name in enumerate(rows[0].split("|"))}
+    bias, ldct_bias = col["soft-tissue bias (HU)"], col["LDCT soft-tissue bias (HU)"]
+    assert rows[1].split("|")[bias].strip() == "-"  # fold 1: no bias entry
+    assert rows[2].split("|")[bias].strip() == "1.00"  # fold 2: bias soft 0.5 * 2
+    assert [r.split("|")[ldct_bias].strip() for r in rows[1:4]] == ["-0.25", "-0.50", "-0.75"]
     assert (out / "crossval.md").read_text().strip() in text
 
     stub2 = StubRunner()  # again, all folds: 1-3 are skipped, only fold 4 runs
