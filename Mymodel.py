@@ -27,7 +27,8 @@ import tensorflow as tf
 from keras import layers
 
 from ctmetrics import hu_metrics  # the project's one metric implementation
-from ctrun import ARCH, NORMS, PRESETS, model_config, saved_model_config  # config.json's owner
+from ctrun import (ARCH, BLOCK_MEAN_PX, NORMS, PRESETS,  # config.json's owner
+                   model_config, saved_model_config)
 
 __all__ = [
     "PRESETS",
@@ -393,6 +394,22 @@ def _per_example_mean(x: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
 
 
+def block_mean_l1(content: tf.Tensor, fd: tf.Tensor, block: int = BLOCK_MEAN_PX) -> tf.Tensor:
+    """Per-example mean ``|avgpool(content) - avgpool(fd)|`` over non-overlapping
+    ``block x block`` blocks (``(B, H, W, 1)`` each -> ``(B,)``; a partial edge block is left
+    out): the L1 distance of local CT numbers.
+
+    Why: the pixel L1 term pulls each pixel by the sign of its error, which the full dose's own
+    noise (~16 HU per pixel here) decides almost as often as a CT-number shift of 1-2 HU does, so
+    it barely holds the local mean, and the adversarial term shifted soft tissue by about -1 HU
+    on the cross-validation folds (README). A 16 x 16 block mean has 1/16 of that noise, so this
+    term holds the mean and, comparing means only, leaves the noise texture to the other terms.
+    Needs ``H, W >= block``.
+    """
+    pool = lambda x: tf.nn.avg_pool2d(tf.cast(x, tf.float32), block, block, "VALID")  # noqa: E731
+    return _per_example_mean(tf.abs(pool(content) - pool(fd)))  # (B,)
+
+
 class CNCLGAN(keras.Model):
     """CNCL generator + conditional PatchGAN trained with LSGAN + L1 losses.
 
@@ -407,7 +424,8 @@ class CNCLGAN(keras.Model):
       ``lambda_l1 * (l1_content + l1_noise) / 2``. ``adv_weight = 0`` drops the adversarial
       term; D is then neither evaluated nor updated. The balance of the two terms depends on
       the image units: see ``Mytrain.RECIPES`` for the official balance in this project's
-      normalisation.
+      normalisation. ``block_mean_weight > 0`` adds ``block_mean_weight *``
+      :func:`block_mean_l1` (off by default; not in the official loss).
 
     D and G are updated simultaneously from one generator forward pass (the G
     adversarial term uses D before its update, as in the TF pix2pix tutorial).
@@ -446,6 +464,7 @@ class CNCLGAN(keras.Model):
         self.d_optimizer: keras.optimizers.Optimizer | None = None
         self.lambda_l1 = 100.0
         self.adv_weight = 1.0
+        self.block_mean_weight = 0.0
 
     def call(self, ld: tf.Tensor, training: bool = False) -> tf.Tensor:
         """Denoise: ``(B, H, W, 1)`` normalised LD -> ``(B, H, W, 1)`` content."""
@@ -458,6 +477,7 @@ class CNCLGAN(keras.Model):
         d_optimizer: keras.optimizers.Optimizer,
         lambda_l1: float = 100.0,
         adv_weight: float = 1.0,
+        block_mean_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         """Configure training.
@@ -472,6 +492,8 @@ class CNCLGAN(keras.Model):
             d_optimizer: Discriminator optimizer.
             lambda_l1: Weight of the two L1 terms in the generator loss.
             adv_weight: Weight of the LSGAN term; 0 trains with L1 only.
+            block_mean_weight: Weight of :func:`block_mean_l1` (0: off); training patches
+                must then be at least ``BLOCK_MEAN_PX`` wide.
             **kwargs: Passed to ``keras.Model.compile`` (e.g. ``jit_compile``,
                 ``steps_per_execution``, ``run_eagerly``).
         """
@@ -495,8 +517,10 @@ class CNCLGAN(keras.Model):
         self.d_optimizer = d_optimizer
         self.lambda_l1 = float(lambda_l1)
         self.adv_weight = float(adv_weight)
-        if self.adv_weight < 0:
-            raise ValueError(f"adv_weight must be >= 0, got {adv_weight}")
+        self.block_mean_weight = float(block_mean_weight)
+        if self.adv_weight < 0 or self.block_mean_weight < 0:
+            raise ValueError(f"adv_weight and block_mean_weight must be >= 0, got {adv_weight}"
+                             f" and {block_mean_weight}")
         # Build now (outside tf.function): a LossScaleOptimizer only uses its dynamic
         # scale variable in scale_loss() once built.
         self.g_optimizer.build(self.generator.trainable_variables)
@@ -535,6 +559,8 @@ class CNCLGAN(keras.Model):
             l1_c = _per_example_mean(tf.abs(content - fd))  # (B,)
             l1_n = _per_example_mean(tf.abs(noise - noise_ref))  # (B,)
             g_per_example = self.lambda_l1 * 0.5 * (l1_c + l1_n)  # mean over both outputs
+            if self.block_mean_weight > 0.0:
+                g_per_example += self.block_mean_weight * block_mean_l1(content, fd)
             if use_adv:
                 real = tf.concat([fd, noise_ref, ld], axis=-1)  # (B, H, W, 3)
                 fake = tf.concat([content, noise, ld], axis=-1)  # (B, H, W, 3)

@@ -39,6 +39,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 # The training recipes live in ctrun (MyDataLoader_train.py reports the recipe's patch size too).
 OFFICIAL_LAMBDA = ctrun.OFFICIAL_LAMBDA
+BLOCK_MEAN_PX = ctrun.BLOCK_MEAN_PX
 RECIPES = ctrun.RECIPES
 DEFAULT_RECIPE = ctrun.DEFAULT_RECIPE
 
@@ -102,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--adv-weight", type=float, default=None,
                     help="weight of the adversarial term (0: L1 only, no discriminator "
                     "updates) (recipe)")
+    ap.add_argument("--block-mean-weight", type=float, default=0.0,
+                    help=f"weight of the L1 distance between the {BLOCK_MEAN_PX}x{BLOCK_MEAN_PX}"
+                    "-pixel block means of content and full dose, a CT-number term beside the "
+                    "official loss (Mymodel.block_mean_l1); 0: off")
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients; default the last patient, 'none' for none")
     ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",
@@ -147,7 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- Checks that need no TensorFlow -------------------------------------------------------------
-FLOAT_FLAGS = ("simulate_dose", "lr", "beta_1", "beta_2", "lambda_l1", "adv_weight", "time_limit")
+FLOAT_FLAGS = ("simulate_dose", "lr", "beta_1", "beta_2", "lambda_l1", "adv_weight",
+               "block_mean_weight", "time_limit")
 
 
 def check_args(args) -> None:
@@ -173,6 +179,11 @@ def check_args(args) -> None:
         raise ctio.CTDataError("--patch must be 0 (whole slices) or positive")
     if args.lr <= 0 or args.lambda_l1 < 0 or args.adv_weight < 0:
         raise ctio.CTDataError("--lr must be positive; --lambda-l1 and --adv-weight >= 0")
+    if args.block_mean_weight < 0:
+        raise ctio.CTDataError("--block-mean-weight must be >= 0")
+    if args.block_mean_weight > 0 and 0 < args.patch < BLOCK_MEAN_PX:
+        raise ctio.CTDataError(f"--block-mean-weight needs --patch 0 or >= {BLOCK_MEAN_PX} "
+                               f"(its blocks are {BLOCK_MEAN_PX} px), got --patch {args.patch}")
     if args.simulate_dose is not None and not 0 < args.simulate_dose < 1:
         raise ctio.CTDataError(f"--simulate-dose must be in (0, 1), got {args.simulate_dose}")
 
@@ -615,7 +626,7 @@ def build_gan(plan: Plan, strategy, keras):
             gan.compile(g_optimizer=keras.optimizers.Adam(lr, args.beta_1, args.beta_2),
                         d_optimizer=keras.optimizers.Adam(lr, args.beta_1, args.beta_2),
                         lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
-                        jit_compile=args.jit)
+                        block_mean_weight=args.block_mean_weight, jit_compile=args.jit)
         except ValueError as e:
             raise ctio.CTDataError(f"--precision {args.precision}: {e}") from None
     return gan

@@ -95,6 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # on the 7 real quarter-dose slices in ../shared/data (L506 x 6, L067 x 1): 213,000-251,000 HU^2
 # (std 462-501 HU), median 236,727 -> 1.73 (range 1.63-1.92).
 OFFICIAL_LAMBDA = 1.73
+BLOCK_MEAN_PX = 16  # block side of Mymodel.block_mean_l1 (the --block-mean-weight term)
 
 # Training recipes: every flag below, filled in where the command line leaves it unset.
 RECIPES: dict[str, dict] = {

@@ -244,6 +244,47 @@ def test_adversarial_step_moves_the_generator_differently_from_l1_only():
     assert diff > 0.05, diff  # the adversarial gradient is a sizeable part of the update
 
 
+def test_block_mean_l1_compares_16px_block_means_only():
+    """Analytic cases against a numpy reference: a constant offset c gives |c|; a texture with
+    zero mean in every 16x16 block gives 0; the partial edge block (here columns 32-39) is left
+    out."""
+    rng = np.random.default_rng(3)
+    fd = rng.random((2, 48, 40, 1), dtype=np.float32)
+    ref = lambda a, b: np.abs((a - b)[:, :48, :32, 0].reshape(2, 3, 16, 2, 16)  # noqa: E731
+                              .mean(axis=(2, 4))).mean(axis=(1, 2))
+    for content, expect in (
+            (fd + 0.01, [0.01, 0.01]),
+            (fd + 0.02 * (np.indices((48, 40)).sum(0) % 2 * 2 - 1)[None, ..., None], [0, 0]),
+            (fd + np.pad(np.ones((2, 48, 8, 1), np.float32), ((0, 0), (0, 0), (32, 0), (0, 0))),
+             [0, 0]),
+            (fd + rng.normal(0, 0.05, fd.shape).astype(np.float32), None)):
+        got = Mymodel.block_mean_l1(tf.constant(content), tf.constant(fd)).numpy()
+        want = ref(content.astype(np.float64), fd.astype(np.float64))
+        assert got == pytest.approx(want, abs=1e-6)
+        if expect is not None:
+            assert got == pytest.approx(expect, abs=1e-6)
+
+
+def test_block_mean_weight_enters_the_generator_update():
+    """One L1-only step from the same weights with block_mean_weight 0 and 5: the updates
+    differ (the term has a gradient), and a negative weight is refused."""
+    ld, fd = _synthetic_pairs(2, 32)
+    steps = {}
+    for w in (0.0, 5.0):
+        set_seed(7)
+        gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+        gan.compile(keras.optimizers.SGD(1e-2), keras.optimizers.SGD(1e-2), adv_weight=0.0,
+                    block_mean_weight=w, run_eagerly=True)
+        before = [v.numpy().copy() for v in gan.generator.trainable_weights]
+        gan.train_on_batch(ld, fd, return_dict=True)
+        steps[w] = np.concatenate([(v.numpy() - b).ravel() for v, b in
+                                   zip(gan.generator.trainable_weights, before)])
+    assert np.linalg.norm(steps[5.0] - steps[0.0]) / np.linalg.norm(steps[0.0]) > 0.05
+    with pytest.raises(ValueError, match="block_mean_weight"):
+        _gan("small", base_filters=4, depth=2, disc_filters=4).compile(
+            _adam(), _adam(), block_mean_weight=-1.0)
+
+
 def test_validation_weights_leave_padding_out_of_the_metrics():
     """Weight-0 images (validation padding for several replicas) change no metric, even when
     their PSNR is infinite."""

@@ -210,6 +210,7 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
         "--beta-1 nan": ("--beta-1 nan",), "--time-limit inf": ("--time-limit inf",),
         "--simulate-dose nan": ("--simulate-dose nan",),
         "--seed -1": ("--seed -1",),
+        "--block-mean-weight -1": ("--block-mean-weight must be >= 0",),
         f"--out {data}/run": ("--out", "inside the input folder"),
         f"--out {tmp_path}": ("--out", "holds the input folder"),
         f"--cache-dir {data}/P01/cache": ("--cache-dir", "inside the input folder"),
@@ -223,6 +224,8 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
             Mytrain.prepare([*base, f"{flag}={value}"])
         for needle in needles:
             assert needle in str(e.value), (flags, str(e.value))
+    with pytest.raises(ctio.CTDataError, match="needs --patch 0 or >= 16"):
+        Mytrain.prepare([*base, "--block-mean-weight", "1", "--patch", "8"])
     assert _digest(data) == before and not (tmp_path / "run").exists()
     p = cli("Mytrain.py", *base, "--lr", "nan")
     assert_one_error_line(p, "--lr nan", code=2)
