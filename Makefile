@@ -109,7 +109,7 @@ train-mayo: $(STAMP)
 	$(MAKE) eval-mayo MAYO_RUN=$(MAYO_RUN) MAYO_WEIGHTS=$(MAYO_WEIGHTS)
 
 # The PSNR end of the trade-off: the same recipe with L1 only (no adversarial term) and twice the
-# steps (20 x 100): +0.22 dB over 10 x 100 in every one of the 7 cross-validation folds (README).
+# steps (20 x 100): +0.20 dB (+0.10 to +0.27) over 10 x 100 in each of the 7 cross-validation folds (README).
 PSNR_EXTRA := --adv-weight 0 --epochs 20
 train-mayo-psnr:
 	$(MAKE) train-mayo MAYO_RUN=runs/mayo-psnr MAYO_EXTRA="$(PSNR_EXTRA)"

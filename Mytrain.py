@@ -103,10 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--adv-weight", type=float, default=None,
                     help="weight of the adversarial term (0: L1 only, no discriminator "
                     "updates) (recipe)")
-    ap.add_argument("--block-mean-weight", type=float, default=0.0,
+    ap.add_argument("--block-mean-weight", type=float, default=None,
                     help=f"weight of the L1 distance between the {BLOCK_MEAN_PX}x{BLOCK_MEAN_PX}"
                     "-pixel block means of content and full dose, a CT-number term beside the "
-                    "official loss (Mymodel.block_mean_l1); 0: off")
+                    "official loss (Mymodel.block_mean_l1); 0: off (recipe)")
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients; default the last patient, 'none' for none")
     ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",

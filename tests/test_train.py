@@ -151,8 +151,14 @@ def test_recipes_fill_only_unset_flags():
     assert (args.preset, args.batch, args.patch, args.lr, args.beta_1, args.beta_2,
             args.augment) == ("paper", 2, 0, 2e-5, 0.5, 0.999, False)
     assert args.lambda_l1 == official["lambda_l1"] == Mytrain.OFFICIAL_LAMBDA
+    assert args.block_mean_weight == 0.0  # the official loss: no block-mean term
     cpu = Mytrain.apply_recipe(Mytrain.parse_args([]))
     assert cpu.recipe == "cpu" and cpu.patch >= 96  # larger than D's 94-pixel receptive field
+    assert cpu.block_mean_weight == 5.0
+    import ctrun
+
+    old = ctrun.migrate_config({"version": 2, "train": {"recipe": "cpu", "lr": 1e-3}})
+    assert old["train"]["block_mean_weight"] == 0.0  # a run made before the term kept without it
 
 
 def test_cpu_kernels_chosen_only_where_tf_would_not_and_the_user_did_not(monkeypatch):
