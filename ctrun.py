@@ -107,8 +107,8 @@ RECIPES: dict[str, dict] = {
               "block_mean_weight": 0.0},
     # Fast CPU recipe: small network, 128^2 patches (larger than the discriminator's 94-pixel
     # receptive field, so the adversarial term sees texture), augmentation, and the block-mean
-    # CT-number term at weight 5 (cross-validated: the model's own soft-tissue shift -0.18 +- 0.26
-    # HU over 7 folds instead of -0.48 +- 1.12, texture unchanged; README "Cross-validation").
+    # CT-number term at weight 5 (cross-validated: the model's own soft-tissue shift -0.18 +- 0.25
+    # HU over 7 folds instead of -0.48 +- 1.11, texture unchanged; README "Cross-validation").
     "cpu": {"preset": "small", "epochs": 10, "steps_per_epoch": 100, "batch": 4, "patch": 128,
             "lr": 2e-4, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
             "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": True,
