@@ -27,8 +27,14 @@ import tensorflow as tf
 from keras import layers
 
 from ctmetrics import hu_metrics  # the project's one metric implementation
-from ctrun import (ARCH, BLOCK_MEAN_PX, NORMS, PRESETS,  # config.json's owner
-                   model_config, saved_model_config)
+from ctrun import (  # config.json's owner
+    ARCH,
+    BLOCK_MEAN_PX,
+    NORMS,
+    PRESETS,
+    model_config,
+    saved_model_config,
+)
 
 __all__ = [
     "PRESETS",
@@ -401,7 +407,7 @@ def block_mean_l1(content: tf.Tensor, fd: tf.Tensor, block: int = BLOCK_MEAN_PX)
 
     Why: the pixel L1 term pulls each pixel by the sign of its error, which the full dose's own
     noise (~16 HU per pixel here) decides almost as often as a CT-number shift of 1-2 HU does, so
-    it barely holds the local mean: with the adversarial term soft tissue shifted by -0.87 +- 1.13 HU
+    it barely holds the local mean: with the adversarial term soft tissue shifted -0.87 +- 1.13 HU
     over the 7 cross-validation folds (README). A 16 x 16 block mean has 1/16 of that noise, so this
     term holds the mean and, comparing means only, leaves the noise texture to the other terms.
     Needs ``H, W >= block``.
