@@ -8,7 +8,8 @@ training pairs) and validates on that patient; when pair k belongs to the valida
 itself, the fold validates on nothing (``--val-patients none``) and trains on the other patients.
 A fold therefore never validates on its test slice, and its test slice is never trained on
 (``--exclude PATIENT:SLICE``). Validation only monitors: each fold scores the generator of its
-last epoch (``--weights latest``, as ``make train-mayo``) unless ``--weights best`` is asked for.
+last epoch (``--weights latest``, as ``make train-mayo``) unless ``--weights best`` (the epoch
+Mytrain's ``--select`` chose; the last epoch in a fold without validation) is asked for.
 On the 7 real Mayo pairs (1 L067, 6 L506): fold 1 tests L067 and trains on the six L506 pairs
 without validation; folds 2-7 test one L506 pair each (slices 0, 40, ..., 200), train on the other
 five and validate on L067.
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run only these folds (1-based; default all); the table shows every "
                          "finished fold")
     ap.add_argument("--weights", choices=("latest", "best"), default="latest",
-                    help="generator each fold scores: last epoch or best validation PSNR")
+                    help="generator each fold scores: last epoch or generator_best (the epoch "
+                         "Mytrain --select chose; the last epoch without validation)")
     ap.add_argument("--table-only", action="store_true",
                     help="train nothing: print the table of the finished folds")
     return ap

@@ -547,7 +547,8 @@ def run(plan: Plan) -> dict:
     rows, todo, dropped = pending(plan, sha)
     records = plan.dataset.records
     print(f"run:     {plan.run_dir}")
-    print(f"weights: {plan.weights}")
+    chosen = ctrun.best_choice(plan.run_dir) if plan.weights.name == ctrun.BEST else ""
+    print(f"weights: {plan.weights}" + (f" ({chosen})" if chosen else ""))
     print(f"data:    {plan.data} ({plan.dataset.layout}, {len(plan.dataset.patients)} "
           f"patient(s), {len(records)} slices)")
     print(f"out:     {plan.out} (formats: {', '.join(plan.formats)})")

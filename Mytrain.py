@@ -32,6 +32,7 @@ import ctdata
 import ctio
 import ctmachine
 import ctrun
+import ctselect
 
 REPO = Path(__file__).resolve().parent
 DEMO_DIR = REPO / "data" / "demo"  # where the built-in demo dataset is created
@@ -107,6 +108,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"weight of the L1 distance between the {BLOCK_MEAN_PX}x{BLOCK_MEAN_PX}"
                     "-pixel block means of content and full dose, a CT-number term beside the "
                     "official loss (Mymodel.block_mean_l1); 0: off (recipe)")
+    ap.add_argument("--spectrum-weight", type=float, default=None,
+                    help="weight of the log radial power spectrum distance between content and "
+                    "full dose over each batch, a noise-grain term beside the official loss "
+                    "(Mymodel.spectrum_l1); 0: off (recipe)")
+    ap.add_argument("--select", choices=ctselect.CRITERIA, default="auto",
+                    help="which epoch becomes generator_best: psnr (best validation PSNR), "
+                    "texture (best validation PSNR among epochs whose denoised noise keeps the "
+                    "input noise's NPS peak and f_av within 15 %%, on simulated quarter dose of "
+                    "the validation slices; see ctselect.py), auto (texture with an adversarial "
+                    "term, psnr without) (default: %(default)s)")
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients; default the last patient, 'none' for none")
     ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",
@@ -153,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- Checks that need no TensorFlow -------------------------------------------------------------
 FLOAT_FLAGS = ("simulate_dose", "lr", "beta_1", "beta_2", "lambda_l1", "adv_weight",
-               "block_mean_weight", "time_limit")
+               "block_mean_weight", "spectrum_weight", "time_limit")
 
 
 def check_args(args) -> None:
@@ -179,8 +190,9 @@ def check_args(args) -> None:
         raise ctio.CTDataError("--patch must be 0 (whole slices) or positive")
     if args.lr <= 0 or args.lambda_l1 < 0 or args.adv_weight < 0:
         raise ctio.CTDataError("--lr must be positive; --lambda-l1 and --adv-weight >= 0")
-    if args.block_mean_weight < 0:
-        raise ctio.CTDataError("--block-mean-weight must be >= 0")
+    for name in ("block_mean_weight", "spectrum_weight"):
+        if getattr(args, name) < 0:
+            raise ctio.CTDataError(f"--{name.replace('_', '-')} must be >= 0")
     if args.block_mean_weight > 0 and 0 < args.patch < BLOCK_MEAN_PX:
         raise ctio.CTDataError(f"--block-mean-weight needs --patch 0 or >= {BLOCK_MEAN_PX} "
                                f"(its blocks are {BLOCK_MEAN_PX} px), got --patch {args.patch}")
@@ -386,9 +398,12 @@ def _optimizer_variables(model) -> list:
 
 # --- Callbacks ----------------------------------------------------------------------------------
 def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
-                   time_limit: float = 0.0, snapshot_every: int = 0):
-    """A guard against non-finite losses (first: ``cbs[0].bad``), the run's one checkpoint
-    (state/, atomic, resumable) and TensorBoard panels.
+                   time_limit: float = 0.0, snapshot_every: int = 0,
+                   select: str = "psnr", probe=None):
+    """A guard against non-finite losses (first: ``cbs[0].bad``), the texture probe (with
+    ``probe``, from :func:`texture_probe`: its figures join the epoch's logs), the run's one
+    checkpoint (state/, atomic, resumable; generator_best chosen by ``select``, see ctselect)
+    and TensorBoard panels.
 
     ``snapshot_every`` > 0 also keeps the generator of every such epoch in ``snapshots/``
     (history.csv gives its training minutes)."""
@@ -415,6 +430,14 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
 
     guard = NonFinite()
 
+    class TextureProbe(keras.callbacks.Callback):
+        """The noise-only texture of this epoch's generator, into ``logs`` (in place: RunState
+        and TensorBoard see it)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None and not guard.bad and "val_psnr" in logs:
+                logs.update(probe())
+
     class RunState(keras.callbacks.Callback):
         """After each epoch: latest/best generator, full state, history.csv; state.json last."""
 
@@ -437,11 +460,15 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
             save_weights(gen, write_dir / ctrun.LATEST)
             if snapshot_every and done % snapshot_every == 0:
                 save_weights(gen, ctrun.snapshot_path(write_dir, done))
-            score = logs.get("val_psnr")
-            if score is not None and score > state.get("best_val_psnr", -1e9):
-                state["best_val_psnr"], state["best_epoch"] = score, done
+            key = ctselect.rank(select, logs)
+            best = state.get("best_key") or ([1, 1, state["best_val_psnr"]]
+                                              if "best_val_psnr" in state else None)
+            if key is not None and (best is None or key > best):
+                state.update(best_key=key, best_epoch=done, best_val_psnr=logs["val_psnr"],
+                             best_reason=ctselect.reason(select, logs, key))
                 save_weights(gen, write_dir / ctrun.BEST)
-            elif score is None and not (write_dir / ctrun.BEST).exists():
+            elif key is None and "val_psnr" not in logs:  # no validation: best = last epoch
+                state.update(best_epoch=done, best_reason="no validation: the last epoch")
                 save_weights(gen, write_dir / ctrun.BEST)
             state["epoch"], state["weights"] = done, ctrun.state_weights_name(done)
             save_weights(gan, write_dir / ctrun.STATE / state["weights"])
@@ -466,7 +493,7 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
 
     board = keras.callbacks.TensorBoard(log_dir=str(write_dir / ctrun.TENSORBOARD),
                                         write_graph=False, profile_batch=0)
-    cbs = [guard, RunState(), board]
+    cbs = [guard, *([TextureProbe()] if probe is not None else []), RunState(), board]
     if val_ds is not None:
         cbs.append(Panels(next(iter(val_ds.take(1)))))
     return cbs
@@ -626,7 +653,8 @@ def build_gan(plan: Plan, strategy, keras):
             gan.compile(g_optimizer=keras.optimizers.Adam(lr, args.beta_1, args.beta_2),
                         d_optimizer=keras.optimizers.Adam(lr, args.beta_1, args.beta_2),
                         lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
-                        block_mean_weight=args.block_mean_weight, jit_compile=args.jit)
+                        block_mean_weight=args.block_mean_weight,
+                        spectrum_weight=args.spectrum_weight, jit_compile=args.jit)
         except ValueError as e:
             raise ctio.CTDataError(f"--precision {args.precision}: {e}") from None
     return gan
@@ -663,8 +691,33 @@ def run_config(plan: Plan, tf, keras) -> dict:
                  "val_patients": sorted({r.patient for r in split.val}),
                  "excluded": plan.args.exclude or [], "split": split.how,
                  "train_slices": len(split.train), "val_slices": len(split.val)},
+        "select": {"criterion": ctselect.resolve(plan.args.select, plan.args.adv_weight),
+                   "texture_tolerance": ctselect.TEXTURE_TOL,
+                   "texture_dose": ctselect.TEXTURE_DOSE,
+                   "definition": "ctselect.py (generator_best: which epoch and why in "
+                                 "state/state.json best_epoch, best_reason)"},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
+
+
+def texture_probe(plan: Plan, gan):
+    """For ``--select texture`` with validation slices: a function giving ctselect's texture
+    figures of ``gan``'s generator now (the simulated pairs made once, here); else None."""
+    if ctselect.resolve(plan.args.select, plan.args.adv_weight) != "texture" or not plan.split.val:
+        return None
+    import ctdose
+    import cttexture
+    import Mytest
+
+    slices = []
+    for rec in plan.split.val[:ctselect.TEXTURE_SLICES]:
+        fd, header = ctio.read_slice(rec.fd_path)
+        if not slices or fd.shape == slices[0][0].shape:
+            slices.append((fd, ctdose.pixel_size_mm(header, fd.shape, None),
+                           cttexture.pixel_spacing_mm(header)))
+    probe = ctselect.NoiseOnlyProbe(slices, seed=plan.args.seed)
+    denoise = Mytest.Denoiser(gan.generator, plan.model["depth"], batch=2)
+    return lambda: probe.measure(denoise)
 
 
 def make_datasets(plan: Plan, write_dir: Path, replicas: int, tf):
@@ -733,7 +786,9 @@ def run(plan: Plan) -> int:
               f"parameters; run folder {out}", flush=True)
         callbacks = make_callbacks(write_dir, gan, state, val_ds, keras, tf,
                                    time_limit=args.time_limit,
-                                   snapshot_every=args.snapshot_every)
+                                   snapshot_every=args.snapshot_every,
+                                   select=ctselect.resolve(args.select, args.adv_weight),
+                                   probe=texture_probe(plan, gan))
         gan.fit(train_ds, epochs=args.epochs, initial_epoch=state["epoch"],
                 steps_per_epoch=args.steps_per_epoch, validation_data=val_ds,
                 callbacks=callbacks, verbose=args.verbose, shuffle=False)
@@ -751,7 +806,8 @@ def run(plan: Plan) -> int:
     if plan.is_chief:
         best = state.get("best_val_psnr")
         print(f"done: {state['epoch']} epochs; generator weights in {out}"
-              + (f" (best val PSNR {best:.2f} dB at epoch {state['best_epoch']})" if best else ""))
+              + (f" (generator_best: epoch {state['best_epoch']}, val PSNR {best:.2f} dB; "
+                 f"{state.get('best_reason', 'best validation PSNR')})" if best else ""))
     return 0
 
 

@@ -285,6 +285,60 @@ def test_block_mean_weight_enters_the_generator_update():
             _adam(), _adam(), block_mean_weight=-1.0)
 
 
+def test_radial_power_of_white_noise_is_its_variance_times_the_window_energy():
+    """Analytic case: for white noise of variance s^2, E|DFT(w x)|^2 = s^2 sum(w^2) at every
+    frequency, so every ring of the batch-mean spectrum is s^2 sum(w^2) (within the scatter of
+    the average); Gaussian-filtered noise falls off (its high rings far below its low)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(5)
+    s, n = 0.3, 64
+    x = rng.normal(0, s, (32, n, n, 1)).astype(np.float32)
+    w = np.hanning(n)  # numpy's symmetric Hann window, tf.signal.hann_window(periodic=False)
+    want = s ** 2 * (np.outer(w, w) ** 2).sum()
+    got = Mymodel.radial_power(tf.constant(x)).numpy()
+    assert got.shape == (n // 2,)
+    assert got[2:] == pytest.approx(np.full(n // 2 - 2, want), rel=0.2)  # ring 1: few bins
+    assert got[2:].mean() == pytest.approx(want, rel=0.03)
+    low = np.stack([gaussian_filter(a[..., 0], 2.0)[..., None] for a in x])
+    p_low = Mymodel.radial_power(tf.constant(low)).numpy()
+    assert p_low[-8:].max() < 1e-3 * p_low[:4].min()
+
+
+def test_spectrum_l1_is_the_log_power_ratio():
+    """Analytic: scaling an image by a scales its power by a^2 at every frequency, so
+    spectrum_l1(a x, x) = |2 ln a| for every example; identical batches give 0; a blurred copy
+    (less high-frequency power) is farther from the original than a sharp one."""
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.random((3, 32, 48, 1), dtype=np.float32))
+    for a in (0.5, 1.0, 3.0):
+        got = Mymodel.spectrum_l1(a * x, x).numpy()
+        assert got == pytest.approx(np.full(3, abs(2 * np.log(a))), abs=1e-4)
+    blurred = tf.nn.avg_pool2d(x, 3, 1, "SAME")
+    assert Mymodel.spectrum_l1(blurred, x).numpy()[0] > 0.5
+
+
+def test_spectrum_weight_enters_the_generator_update():
+    """One L1-only step from the same weights with spectrum_weight 0 and 1: the updates differ
+    (the term has a finite gradient); a negative weight is refused."""
+    ld, fd = _synthetic_pairs(2, 32)
+    steps = {}
+    for w in (0.0, 1.0):
+        set_seed(7)
+        gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+        gan.compile(keras.optimizers.SGD(1e-3), keras.optimizers.SGD(1e-3), adv_weight=0.0,
+                    spectrum_weight=w, run_eagerly=True)
+        before = [v.numpy().copy() for v in gan.generator.trainable_weights]
+        gan.train_on_batch(ld, fd, return_dict=True)
+        steps[w] = np.concatenate([(v.numpy() - b).ravel() for v, b in
+                                   zip(gan.generator.trainable_weights, before)])
+    assert np.isfinite(steps[1.0]).all()
+    assert np.linalg.norm(steps[1.0] - steps[0.0]) / np.linalg.norm(steps[0.0]) > 0.05
+    with pytest.raises(ValueError, match="spectrum_weight"):
+        _gan("small", base_filters=4, depth=2, disc_filters=4).compile(
+            _adam(), _adam(), spectrum_weight=-1.0)
+
+
 def test_validation_weights_leave_padding_out_of_the_metrics():
     """Weight-0 images (validation padding for several replicas) change no metric, even when
     their PSNR is infinite."""

@@ -21,7 +21,8 @@ def train(*args, timeout=300):
 
 
 @pytest.mark.slow
-def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
+def test_train_writes_run_and_resume_adds_one_epoch(tmp_path):
+    mayo_tree = write_mayo_tree(tmp_path / "mayo", size=128)  # body ROIs for the texture probe
     run = tmp_path / "run"
     p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--snapshot-every", "1", *TINY)
     assert p.returncode == 0, p.stderr
@@ -33,6 +34,14 @@ def test_train_writes_run_and_resume_adds_one_epoch(mayo_tree, tmp_path):
     assert cfg["model"]["preset"] == "small" and cfg["normalization"]["hu_min"] == -1024
     assert cfg["data"]["val_patients"] == ["P02"] and cfg["data"]["train_patients"] == ["P01"]
     assert history_epochs(run) == [1]
+    # the cpu recipe has an adversarial term: generator_best is chosen by texture (ctselect),
+    # measured on simulated quarter dose of the validation slice, every epoch
+    assert cfg["select"]["criterion"] == "texture" and cfg["train"]["select"] == "auto"
+    with open(run / "history.csv") as f:
+        row = next(csv.DictReader(f))
+    assert 0 < float(row["val_noise_ratio"]) and 0 < float(row["val_nps_fav_ratio"])
+    state = json.loads((run / "state/state.json").read_text())
+    assert state["best_epoch"] == 1 and "texture" in state["best_reason"]
     with h5py.File(run / "state" / json.loads((run / "state/state.json").read_text())["weights"]) \
             as f:
         names = []
@@ -151,14 +160,15 @@ def test_recipes_fill_only_unset_flags():
     assert (args.preset, args.batch, args.patch, args.lr, args.beta_1, args.beta_2,
             args.augment) == ("paper", 2, 0, 2e-5, 0.5, 0.999, False)
     assert args.lambda_l1 == official["lambda_l1"] == Mytrain.OFFICIAL_LAMBDA
-    assert args.block_mean_weight == 0.0  # the official loss: no block-mean term
+    assert args.block_mean_weight == args.spectrum_weight == 0.0  # the official loss only
     cpu = Mytrain.apply_recipe(Mytrain.parse_args([]))
     assert cpu.recipe == "cpu" and cpu.patch >= 96  # larger than D's 94-pixel receptive field
     assert cpu.block_mean_weight == 5.0
     import ctrun
 
     old = ctrun.migrate_config({"version": 2, "train": {"recipe": "cpu", "lr": 1e-3}})
-    assert old["train"]["block_mean_weight"] == 0.0  # a run made before the term kept without it
+    # a run made before the terms kept without them
+    assert old["train"]["block_mean_weight"] == old["train"]["spectrum_weight"] == 0.0
 
 
 def test_cpu_kernels_chosen_only_where_tf_would_not_and_the_user_did_not(monkeypatch):
@@ -217,6 +227,8 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
         "--simulate-dose nan": ("--simulate-dose nan",),
         "--seed -1": ("--seed -1",),
         "--block-mean-weight -1": ("--block-mean-weight must be >= 0",),
+        "--spectrum-weight -0.5": ("--spectrum-weight must be >= 0",),
+        "--spectrum-weight nan": ("--spectrum-weight nan: need a finite number",),
         f"--out {data}/run": ("--out", "inside the input folder"),
         f"--out {tmp_path}": ("--out", "holds the input folder"),
         f"--cache-dir {data}/P01/cache": ("--cache-dir", "inside the input folder"),
