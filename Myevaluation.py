@@ -562,6 +562,7 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     if not acc.count:
         raise ctio.CTDataError(f"{fd_path}: no {size}x{size} ROI fits inside the body")
     curves = acc.curves("all")
+    curves["noise_transfer"] = noise_transfer(curves["ldct"]["radial"], curves["cncl"]["radial"])
     report = {"fd_path": str(Path(fd_path).resolve()), "run": str(run_dir.resolve()),
               "weights": str(weights), "dose": dose, "seed": seed, "n_slices": len(records),
               "roi_size": size, "definition": nps_sim_protocol(size), **curves}
@@ -571,6 +572,13 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
     cttexture.plot_radial_nps(out_dir / "nps_sim.png", curves, f"noise-only NPS, dose {dose:g}",
                     {m: method_label(m, 0.0) for m in ("ldct", "cncl")})
     return report
+
+
+def noise_transfer(nps_in: list, nps_out: list) -> list:
+    """sqrt(NPS_out / NPS_in) per ring of the radial NPS: the share of the input noise's
+    amplitude the denoiser passes at each frequency (1: passed unchanged; a flat curve keeps the
+    noise texture, a falling one coarsens it). None where the input has no power (DC)."""
+    return [math.sqrt(o / i) if i > 0 else None for i, o in zip(nps_in, nps_out)]
 
 
 def nps_sim_protocol(size: int) -> str:
@@ -590,7 +598,11 @@ def nps_sim_table(report: dict) -> str:
         s = report[method]
         lines.append(f"| {label} | {s['noise_std']:.2f} | {s['nps_peak']:.3f} | "
                      f"{s['nps_mean_freq']:.3f} | {s['n_rois']} |")
-    return "\n".join([*lines, "", report["definition"]])
+    freq, passed = report["freq"], report["noise_transfer"]
+    picks = [round(q * (len(freq) - 1)) for q in (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)]
+    transfer = ", ".join(f"{freq[i]:.2f}: {passed[i]:.2f}" for i in picks if passed[i] is not None)
+    return "\n".join([*lines, "", f"noise passed, sqrt(NPS out / NPS in), at {unit}: {transfer}",
+                      "", report["definition"]])
 
 
 # --- Image-quality QA phantom (--qa) ------------------------------------------------------------

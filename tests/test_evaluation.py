@@ -435,6 +435,12 @@ def test_nps_sim_on_demo_data(tiny_run, tmp_path, capsys):
     assert report["ldct"]["n_rois"] == len(diffs) > 0
     assert report["ldct"]["noise_std"] == pytest.approx(direct, rel=1e-6)
     assert report["cncl"]["noise_std"] == pytest.approx(report["ldct"]["noise_std"], rel=0.05)
+    # the (near-)identity generator passes the noise unchanged at every frequency
+    passed = [t for t in report["noise_transfer"][1:] if t is not None]
+    assert len(passed) == len(report["freq"]) - 1 and passed == pytest.approx(
+        np.ones(len(passed)), abs=0.1)
+    assert report["noise_transfer"][0] is None or report["noise_transfer"][0] >= 0
+    assert "noise passed, sqrt(NPS out / NPS in), at cycles/mm: " in printed
 
 
 def test_roi_rule_on_real_full_dose(real_data):
