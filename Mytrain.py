@@ -113,11 +113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "full dose over each batch, a noise-grain term beside the official loss "
                     "(Mymodel.spectrum_l1); 0: off (recipe)")
     ap.add_argument("--select", choices=ctselect.CRITERIA, default="auto",
-                    help="which epoch becomes generator_best: psnr (best validation PSNR), "
-                    "texture (best validation PSNR among epochs whose denoised noise keeps the "
-                    "input noise's NPS peak and f_av within 15 %%, on simulated quarter dose of "
-                    "the validation slices; see ctselect.py), auto (texture with an adversarial "
-                    "term, psnr without) (default: %(default)s)")
+                    help="which epoch becomes generator_best: psnr (best validation PSNR), last "
+                    "(the last epoch), texture (best validation PSNR among epochs whose denoised "
+                    "noise keeps the input noise's NPS peak and f_av within 15 %%, on simulated "
+                    "quarter dose of the validation slices; see ctselect.py), auto (last with an "
+                    "adversarial term, psnr without; cross-validated) (default: %(default)s)")
     ap.add_argument("--val-patients", nargs="+", default=None,
                     help="validation patients; default the last patient, 'none' for none")
     ap.add_argument("--exclude", nargs="+", default=None, metavar="SPEC",
@@ -460,7 +460,7 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
             save_weights(gen, write_dir / ctrun.LATEST)
             if snapshot_every and done % snapshot_every == 0:
                 save_weights(gen, ctrun.snapshot_path(write_dir, done))
-            key = ctselect.rank(select, logs)
+            key = ctselect.rank(select, logs, done)
             best = state.get("best_key") or ([1, 1, state["best_val_psnr"]]
                                               if "best_val_psnr" in state else None)
             if key is not None and (best is None or key > best):

@@ -4,6 +4,7 @@ Criteria:
 
 * ``psnr``: the epoch of the best validation PSNR -- the original project's choice. It suits the
   L1 end of the trade-off; for a GAN it picks the smoothest epoch.
+* ``last``: the last epoch -- what ``make train-mayo`` and ``make cv-mayo`` score.
 * ``texture``: the epoch of the best validation PSNR among those whose denoised noise keeps the
   input noise's texture: on the validation patient's full-dose slices, two simulated quarter-dose
   realisations each (``ctdose.simulate_pair_from_fd``, the same every epoch), both denoised; the
@@ -14,10 +15,15 @@ Criteria:
   this is "within 15 % of full-dose texture" measured where no flat ROI is needed (validation
   slices often have none). When no epoch qualifies, the epoch closest in texture among those that
   remove noise; when none removes noise, the best PSNR.
-* ``auto``: ``texture`` for a run with an adversarial term, ``psnr`` for an L1-only run.
+* ``auto``: ``last`` for a run with an adversarial term, ``psnr`` for an L1-only run. Decided by
+  the 7 cross-validation folds (README "Cross-validation"): on the adversarial recipe ``texture``
+  chose epochs 2-8 of 10, still noisy (flat-ROI noise 1.32x full dose against 1.18x for the last
+  epoch, soft-tissue bias sd 1.48 against 0.78 HU) at -0.61 dB, because the denoised noise's
+  spectrum coarsens as training goes on.
 
-The chosen epoch and why are recorded in state.json and config.json (``select``); history.csv
-has every epoch's ``val_nps_peak_ratio``, ``val_nps_fav_ratio`` and ``val_noise_ratio``.
+The chosen epoch and why are recorded in state.json and config.json (``select``); with
+``texture`` history.csv has every epoch's ``val_nps_peak_ratio``, ``val_nps_fav_ratio`` and
+``val_noise_ratio``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 
 import cttexture
 
-CRITERIA = ("auto", "psnr", "texture")
+CRITERIA = ("auto", "last", "psnr", "texture")
 TEXTURE_TOL = 0.15  # relative, on the NPS peak and f_av (issue 25's "within 15 %")
 TEXTURE_DOSE = 0.25  # simulated dose fraction of the noise-only probe
 TEXTURE_SLICES = 4  # at most this many validation slices are probed
@@ -37,12 +43,12 @@ TEXTURE_FIELDS = ("val_nps_peak_ratio", "val_nps_fav_ratio", "val_noise_ratio")
 
 
 def resolve(criterion: str, adv_weight: float) -> str:
-    """``auto`` -> ``texture`` when ``adv_weight > 0`` else ``psnr``; others unchanged."""
+    """``auto`` -> ``last`` when ``adv_weight > 0`` else ``psnr``; others unchanged."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown checkpoint criterion {criterion!r} (choose from "
                          f"{', '.join(CRITERIA)})")
     if criterion == "auto":
-        return "texture" if adv_weight > 0 else "psnr"
+        return "last" if adv_weight > 0 else "psnr"
     return criterion
 
 
@@ -97,16 +103,18 @@ def texture_deviation(figures: dict) -> float:
     return max(abs(figures["val_nps_peak_ratio"] - 1.0), abs(figures["val_nps_fav_ratio"] - 1.0))
 
 
-def rank(criterion: str, logs: dict, tol: float = TEXTURE_TOL) -> Optional[list]:
-    """The sort key of an epoch (larger is better; None: no validation score), and the reason.
+def rank(criterion: str, logs: dict, epoch: int, tol: float = TEXTURE_TOL) -> Optional[list]:
+    """The sort key of ``epoch`` (larger is better; None: no validation score).
 
-    ``psnr``: ``[1, 1, val_psnr]``. ``texture``: ``[removes noise, within tol, val_psnr if
-    within tol else -deviation]`` (``[0, 0, val_psnr]`` when it removes no noise) -- every
-    qualifying epoch beats every other, the closest texture wins among the rest; without
-    texture figures (no ROI in the body) the PSNR alone."""
+    ``last``: ``[1, 1, epoch]``. ``psnr``: ``[1, 1, val_psnr]``. ``texture``: ``[removes noise,
+    within tol, val_psnr if within tol else -deviation]`` (``[0, 0, val_psnr]`` when it removes
+    no noise): every qualifying epoch beats every other, the closest texture wins among the
+    rest; without texture figures (no ROI in the body) the PSNR alone."""
     psnr = logs.get("val_psnr")
     if psnr is None or not math.isfinite(psnr):
         return None
+    if criterion == "last":
+        return [1, 1, float(epoch)]
     if criterion == "psnr" or "val_nps_peak_ratio" not in logs:
         return [1, 1, float(psnr)]
     if logs["val_noise_ratio"] >= 1.0 - tol:  # removes (next to) no noise
@@ -117,6 +125,8 @@ def rank(criterion: str, logs: dict, tol: float = TEXTURE_TOL) -> Optional[list]
 
 def reason(criterion: str, logs: dict, key: Optional[list], tol: float = TEXTURE_TOL) -> str:
     """Why the epoch of ``logs`` with ``key`` (from :func:`rank`) was chosen, in words."""
+    if criterion == "last":
+        return "the last epoch (--select last)"
     if criterion == "psnr" or key is None:
         return "best validation PSNR"
     if "val_nps_peak_ratio" not in logs:

@@ -21,14 +21,18 @@ def _logs(psnr, peak=None, fav=None, noise=None):
 
 
 def _choose(criterion, epochs):
-    keys = [ctselect.rank(criterion, logs) for logs in epochs]
+    keys = [ctselect.rank(criterion, logs, i + 1) for i, logs in enumerate(epochs)]
     return max(range(len(epochs)), key=lambda i: keys[i])
 
 
-def test_auto_is_texture_with_an_adversarial_term_only():
-    assert ctselect.resolve("auto", 1.0) == "texture"
+def test_auto_is_the_last_epoch_with_an_adversarial_term_and_psnr_without():
+    assert ctselect.resolve("auto", 1.0) == "last"
     assert ctselect.resolve("auto", 0.0) == "psnr"
-    assert ctselect.resolve("psnr", 1.0) == "psnr"
+    assert ctselect.resolve("psnr", 1.0) == "psnr" and ctselect.resolve("texture", 0) == "texture"
+    epochs = [_logs(31.0), _logs(32.0), _logs(30.5)]
+    assert _choose("last", epochs) == 2 and _choose("psnr", epochs) == 1
+    assert ctselect.reason("last", epochs[2], ctselect.rank("last", epochs[2], 3)) == \
+        "the last epoch (--select last)"
     with pytest.raises(ValueError, match="criterion"):
         ctselect.resolve("ssim", 1.0)
 
@@ -46,14 +50,14 @@ def test_texture_rule_best_psnr_among_qualifying_then_closest_texture():
     assert _choose("texture", [smooth, ok_low, ok_high, near, identity]) == 2
     assert _choose("texture", [smooth, near, identity]) == 1  # closest: 0.20 beats 0.40
     assert _choose("texture", [_logs(30.0, 1, 1, 0.9), _logs(29.0, 1, 1, 0.95)]) == 0
-    assert "within 15%" in ctselect.reason("texture", ok_high, ctselect.rank("texture", ok_high))
+    assert "within 15%" in ctselect.reason("texture", ok_high, ctselect.rank("texture", ok_high, 1))
     assert "closest (deviation 0.20)" in ctselect.reason("texture", near,
-                                                        ctselect.rank("texture", near))
-    assert ctselect.rank("texture", {"g_adv": 0.3}) is None  # no validation this epoch
+                                                        ctselect.rank("texture", near, 1))
+    assert ctselect.rank("texture", {"g_adv": 0.3}, 1) is None  # no validation this epoch
     # no ROI in the validation slices: the PSNR decides
     assert _choose("texture", [_logs(30.0), _logs(31.0)]) == 1
     assert "no ROI" in ctselect.reason("texture", _logs(31.0), ctselect.rank("texture",
-                                                                             _logs(31.0)))
+                                                                             _logs(31.0), 1))
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +83,10 @@ def test_probe_ratios_of_analytic_denoisers(fd_slices):
     half = probe.measure(lambda xs: [0.5 * x for x in xs])
     assert half == pytest.approx({"val_nps_peak_ratio": 1.0, "val_nps_fav_ratio": 1.0,
                                   "val_noise_ratio": 0.5}, abs=1e-9)
-    assert ctselect.rank("texture", _logs(30.0) | half)[:2] == [1, 1]
+    assert ctselect.rank("texture", _logs(30.0) | half, 1)[:2] == [1, 1]
     blur = probe.measure(lambda xs: [gaussian_filter(np.asarray(x, float), 1.5) for x in xs])
     assert blur["val_nps_fav_ratio"] < 0.85 and blur["val_noise_ratio"] < 0.7
-    assert ctselect.rank("texture", _logs(30.0) | blur)[:2] == [1, 0]
+    assert ctselect.rank("texture", _logs(30.0) | blur, 1)[:2] == [1, 0]
 
 
 def test_probe_agrees_with_nps_sim(fd_slices, tiny_run, tmp_path):

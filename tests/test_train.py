@@ -24,7 +24,8 @@ def train(*args, timeout=300):
 def test_train_writes_run_and_resume_adds_one_epoch(tmp_path):
     mayo_tree = write_mayo_tree(tmp_path / "mayo", size=128)  # body ROIs for the texture probe
     run = tmp_path / "run"
-    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--snapshot-every", "1", *TINY)
+    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--snapshot-every", "1",
+              "--select", "texture", *TINY)
     assert p.returncode == 0, p.stderr
     for name in ("config.json", "generator_latest.weights.h5", "generator_best.weights.h5",
                  "history.csv", "state/state.json"):
@@ -34,9 +35,9 @@ def test_train_writes_run_and_resume_adds_one_epoch(tmp_path):
     assert cfg["model"]["preset"] == "small" and cfg["normalization"]["hu_min"] == -1024
     assert cfg["data"]["val_patients"] == ["P02"] and cfg["data"]["train_patients"] == ["P01"]
     assert history_epochs(run) == [1]
-    # the cpu recipe has an adversarial term: generator_best is chosen by texture (ctselect),
-    # measured on simulated quarter dose of the validation slice, every epoch
-    assert cfg["select"]["criterion"] == "texture" and cfg["train"]["select"] == "auto"
+    # --select texture: the noise-only texture of simulated quarter dose of the validation
+    # slice, every epoch (ctselect)
+    assert cfg["select"]["criterion"] == "texture" and cfg["train"]["select"] == "texture"
     with open(run / "history.csv") as f:
         row = next(csv.DictReader(f))
     assert 0 < float(row["val_noise_ratio"]) and 0 < float(row["val_nps_fav_ratio"])
@@ -117,6 +118,9 @@ def test_no_validation_run_with_xla_trains_and_saves(mayo_tree, tmp_path):
     assert (run / "generator_best.weights.h5").is_file() and history_epochs(run) == [1]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["val_slices"] == 0 and cfg["train"]["jit"] is True
+    assert cfg["select"]["criterion"] == "last"  # auto, with the cpu recipe's adversarial term
+    state = json.loads((run / "state/state.json").read_text())
+    assert state["best_reason"] == "no validation: the last epoch" and state["best_epoch"] == 1
     with open(run / "history.csv") as f:
         row = next(csv.DictReader(f))
     assert float(row["l1_content"]) > 0 and "val_psnr" not in row
