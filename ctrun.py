@@ -6,7 +6,7 @@ RUN_DIR (written by Mytrain.py)::
     config.json                    CONFIG_VERSION, model (see model_config), normalisation,
                                    every training flag, the data split, library versions
     generator_latest.weights.h5    generator after the last finished epoch
-    generator_best.weights.h5      generator with the best validation PSNR so far
+    generator_best.weights.h5      the epoch Mytrain --select chose (ctselect; see state.json)
     state/state.json               epoch, minutes, history, best epoch; written LAST each epoch
     state/gan_epochNNNN.weights.h5 G, D and both optimizers (for --resume and worker restarts)
     snapshots/generator_epochNNNN.weights.h5   --snapshot-every
@@ -384,7 +384,7 @@ def discard_unstarted_run(out: Path) -> None:
 def training_summary(run: Optional[Path], weights: Optional[str] = None) -> dict:
     """Epochs, steps and training minutes behind ``weights`` of a run folder.
 
-    The epoch of a snapshot, the best validation epoch for ``generator_best``, else the last
+    The epoch of a snapshot, the chosen epoch (``best_epoch``) for ``generator_best``, else the last
     epoch of history.csv; empty if the run cannot be read (the summary is informative only)."""
     if not run:
         return {}
