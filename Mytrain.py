@@ -460,15 +460,7 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
             save_weights(gen, write_dir / ctrun.LATEST)
             if snapshot_every and done % snapshot_every == 0:
                 save_weights(gen, ctrun.snapshot_path(write_dir, done))
-            key = ctselect.rank(select, logs, done)
-            best = state.get("best_key") or ([1, 1, state["best_val_psnr"]]
-                                              if "best_val_psnr" in state else None)
-            if key is not None and (best is None or key > best):
-                state.update(best_key=key, best_epoch=done, best_val_psnr=logs["val_psnr"],
-                             best_reason=ctselect.reason(select, logs, key))
-                save_weights(gen, write_dir / ctrun.BEST)
-            elif key is None and "val_psnr" not in logs:  # no validation: best = last epoch
-                state.update(best_epoch=done, best_reason="no validation: the last epoch")
+            if ctselect.update_best(state, select, logs, done):
                 save_weights(gen, write_dir / ctrun.BEST)
             state["epoch"], state["weights"] = done, ctrun.state_weights_name(done)
             save_weights(gan, write_dir / ctrun.STATE / state["weights"])

@@ -138,3 +138,28 @@ def reason(criterion: str, logs: dict, key: Optional[list], tol: float = TEXTURE
         return (f"no epoch within {tol:.0%} of the input noise's texture: the closest "
                 f"(deviation {-key[2]:.2f})")
     return "no epoch removed noise on the texture probe: best validation PSNR"
+
+
+def update_best(state: dict, criterion: str, logs: dict, epoch: int) -> bool:
+    """Whether ``epoch`` becomes generator_best; if so ``state`` (state.json) records it:
+    ``best_epoch``, ``best_key``, ``best_criterion``, ``best_reason``, ``best_val_psnr``.
+
+    A best of another criterion (a run resumed after its criterion changed; runs made before
+    ``--select`` chose by PSNR and recorded only ``best_val_psnr``) does not count. Without a
+    validation score at all (no validation) every epoch becomes the best: the last."""
+    key = rank(criterion, logs, epoch)
+    if key is None:
+        if "val_psnr" in logs:  # a non-finite validation score: never the best
+            return False
+        state.update(best_epoch=epoch, best_reason="no validation: the last epoch")
+        return True
+    best = None
+    if state.get("best_criterion", "psnr") == criterion and "best_epoch" in state:
+        best = state.get("best_key") or [1, 1, state.get("best_val_psnr", -math.inf)]
+    if best is not None and key <= best:
+        return False
+    state.update(best_epoch=epoch, best_key=key, best_criterion=criterion,
+                 best_val_psnr=float(logs["val_psnr"]),
+                 best_reason=reason(criterion, logs, key))
+    return True
+

@@ -129,3 +129,24 @@ def test_best_choice_says_which_epoch_and_why(tmp_path):
     assert ctrun.best_choice(tmp_path) == "epoch 2: no validation: the last epoch"
     ctrun.write_state(tmp_path, {"epoch": 3, "weights": "w", "best_epoch": 1})
     assert ctrun.best_choice(tmp_path) == "epoch 1: best validation PSNR"
+
+
+def test_update_best_over_a_run_and_across_a_resume_with_another_criterion():
+    """Epoch by epoch: psnr keeps the best score; a state of a run made before --select (only
+    best_val_psnr) counts for psnr but not for last, whose every epoch then wins; a non-finite
+    validation score never wins; without validation every epoch is the best (the last)."""
+    state = {}
+    chosen = [e for e, p in enumerate((30.0, 31.0, 30.5), 1)
+              if ctselect.update_best(state, "psnr", _logs(p), e)]
+    assert chosen == [1, 2] and state["best_epoch"] == 2 and state["best_val_psnr"] == 31.0
+    legacy = {"best_val_psnr": 31.0, "best_epoch": 2}  # made before --select
+    assert not ctselect.update_best(dict(legacy), "psnr", _logs(30.9), 3)
+    resumed = dict(legacy)
+    assert ctselect.update_best(resumed, "last", _logs(29.0), 3)
+    assert resumed["best_epoch"] == 3 and resumed["best_criterion"] == "last"
+    assert ctselect.update_best(resumed, "last", _logs(28.0), 4) and resumed["best_epoch"] == 4
+    assert not ctselect.update_best(resumed, "last", _logs(float("nan")), 5)
+    none = {}
+    assert ctselect.update_best(none, "psnr", {"g_adv": 0.3}, 1)
+    assert ctselect.update_best(none, "psnr", {"g_adv": 0.2}, 2)
+    assert none["best_epoch"] == 2 and none["best_reason"] == "no validation: the last epoch"
