@@ -552,9 +552,8 @@ def nps_sim(fd_path: str, run: Optional[str], out: Optional[str], *, layout: Opt
         if corners:
             spacing = cttexture.pixel_spacing_mm(header)
             for method, (a, b) in (("ldct", lds), ("cncl", dens)):
-                diff = (np.asarray(a, np.float64) - b) / math.sqrt(2.0)
-                power = cttexture.nps_power(cttexture.cut_rois(diff, corners, size))
-                acc.add("all", method, power, len(corners), spacing)
+                acc.add("all", method, cttexture.noise_only_power(a, b, corners, size),
+                        len(corners), spacing)
         progress.update(i + 1)
     elapsed = time.time() - start
     print(f"nps-sim: {len(records)} slices in {elapsed:.1f} s "

@@ -521,6 +521,11 @@ class Plan:
     split: object  # MyDataLoader_train.Split
     notes: list[str]  # printed once training is about to start
 
+    @property
+    def select(self) -> str:
+        """The checkpoint criterion: ``--select`` with ``auto`` resolved (ctselect.resolve)."""
+        return ctselect.resolve(self.args.select, self.args.adv_weight)
+
 
 def resolve_run(args: argparse.Namespace, is_chief: bool,
                 n_workers: int) -> tuple[argparse.Namespace, Optional[dict], str]:
@@ -683,7 +688,7 @@ def run_config(plan: Plan, tf, keras) -> dict:
                  "val_patients": sorted({r.patient for r in split.val}),
                  "excluded": plan.args.exclude or [], "split": split.how,
                  "train_slices": len(split.train), "val_slices": len(split.val)},
-        "select": {"criterion": ctselect.resolve(plan.args.select, plan.args.adv_weight),
+        "select": {"criterion": plan.select,
                    "texture_tolerance": ctselect.TEXTURE_TOL,
                    "texture_dose": ctselect.TEXTURE_DOSE,
                    "definition": "ctselect.py (generator_best: which epoch and why in "
@@ -695,7 +700,7 @@ def run_config(plan: Plan, tf, keras) -> dict:
 def texture_probe(plan: Plan, gan):
     """For ``--select texture`` with validation slices: a function giving ctselect's texture
     figures of ``gan``'s generator now (the simulated pairs made once, here); else None."""
-    if ctselect.resolve(plan.args.select, plan.args.adv_weight) != "texture" or not plan.split.val:
+    if plan.select != "texture" or not plan.split.val:
         return None
     import ctdose
     import cttexture
@@ -779,7 +784,7 @@ def run(plan: Plan) -> int:
         callbacks = make_callbacks(write_dir, gan, state, val_ds, keras, tf,
                                    time_limit=args.time_limit,
                                    snapshot_every=args.snapshot_every,
-                                   select=ctselect.resolve(args.select, args.adv_weight),
+                                   select=plan.select,
                                    probe=texture_probe(plan, gan))
         gan.fit(train_ds, epochs=args.epochs, initial_epoch=state["epoch"],
                 steps_per_epoch=args.steps_per_epoch, validation_data=val_ds,

@@ -81,9 +81,8 @@ class NoiseOnlyProbe:
     def _figures(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         acc = cttexture.NoiseAccumulator(("x",))
         for (a, b), (corners, size, spacing) in zip(pairs, self.rois):
-            diff = (np.asarray(a, np.float64) - b) / math.sqrt(2.0)
-            acc.add("all", "x", cttexture.nps_power(cttexture.cut_rois(diff, corners, size)),
-                    len(corners), spacing)
+            acc.add("all", "x", cttexture.noise_only_power(a, b, corners, size), len(corners),
+                    spacing)
         return acc.curves("all")["x"]
 
     def measure(self, denoise: Callable[[list[np.ndarray]], list[np.ndarray]]) -> dict:

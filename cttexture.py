@@ -76,6 +76,13 @@ def cut_rois(image: np.ndarray, corners: list, size: int = ROI_SIZE) -> np.ndarr
     return np.stack([image[y:y + size, x:x + size] for y, x in corners])
 
 
+def noise_only_power(a: np.ndarray, b: np.ndarray, corners: list, size: int) -> np.ndarray:
+    """:func:`nps_power` of the noise-only image (a - b) / sqrt(2) of two images that differ in
+    their noise only (two realisations, each denoised or not) over the ROIs at ``corners``."""
+    diff = (np.asarray(a, np.float64) - b) / math.sqrt(2.0)
+    return nps_power(cut_rois(diff, corners, size))
+
+
 def nps_power(rois: np.ndarray) -> np.ndarray:
     """Sum over ROIs of |DFT(ROI - fitted plane)|^2 (n, m), unshifted: the streaming part of
     :func:`nps_2d` (sums of several slices add up)."""
