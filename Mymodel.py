@@ -416,6 +416,18 @@ def block_mean_l1(content: tf.Tensor, fd: tf.Tensor, block: int = BLOCK_MEAN_PX)
     return _per_example_mean(tf.abs(pool(content) - pool(fd)))  # (B,)
 
 
+def ema_decay_at(decay: float, step: tf.Tensor) -> tf.Tensor:
+    """The moving-average decay used after optimizer step ``step`` (1 = the first step).
+
+    ``min(decay, (1 + step) / (10 + step))``: ``tf.train.ExponentialMovingAverage`` with
+    ``num_updates`` (TF 1.x, ``moving_averages.py``). Early on the average follows the weights
+    closely (decay 0.18 at step 1, 0.5 at step 8), so the initial weights do not linger in it;
+    then at step t it spans roughly the last t/9 steps, until that reaches ``1 / (1 - decay)``
+    steps (t = 9,000 for 0.999)."""
+    step = tf.cast(step, tf.float32)
+    return tf.minimum(tf.constant(decay, tf.float32), (1.0 + step) / (10.0 + step))
+
+
 def radial_power(x: tf.Tensor) -> tf.Tensor:
     """Batch-mean radial power spectrum: ``(B, H, W, 1) -> (N // 2,)``, N = min(H, W).
 
@@ -477,6 +489,11 @@ class CNCLGAN(keras.Model):
       :func:`block_mean_l1` and ``spectrum_weight > 0`` adds ``spectrum_weight *``
       :func:`spectrum_l1` (both off by default; not in the official loss).
 
+    ``ema_decay > 0`` keeps ``ema_generator``, an exponential moving average of the generator's
+    weights updated after every generator step (:func:`ema_decay_at`); it is then the model that
+    ``call``/``predict`` and validation use and that :meth:`denoiser` returns (to save). Training
+    itself, and D's input, use the current generator. Not in the official code.
+
     D and G are updated simultaneously from one generator forward pass (the G
     adversarial term uses D before its update, as in the TF pix2pix tutorial).
 
@@ -516,10 +533,17 @@ class CNCLGAN(keras.Model):
         self.adv_weight = 1.0
         self.block_mean_weight = 0.0
         self.spectrum_weight = 0.0
+        self.ema_decay = 0.0
+        self.ema_generator: keras.Model | None = None
+
+    def denoiser(self) -> keras.Model:
+        """The generator that denoises: the moving average with ``ema_decay > 0``, else G.
+        (A method: Keras' weight saving walks properties, and would save G under this name.)"""
+        return self.ema_generator if self.ema_generator is not None else self.generator
 
     def call(self, ld: tf.Tensor, training: bool = False) -> tf.Tensor:
         """Denoise: ``(B, H, W, 1)`` normalised LD -> ``(B, H, W, 1)`` content."""
-        content, _ = self.generator(ld, training=training)
+        content, _ = self.denoiser()(ld, training=training)
         return content
 
     def compile(
@@ -530,6 +554,7 @@ class CNCLGAN(keras.Model):
         adv_weight: float = 1.0,
         block_mean_weight: float = 0.0,
         spectrum_weight: float = 0.0,
+        ema_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
         """Configure training.
@@ -547,6 +572,8 @@ class CNCLGAN(keras.Model):
             block_mean_weight: Weight of :func:`block_mean_l1` (0: off); training patches
                 must then be at least ``BLOCK_MEAN_PX`` wide.
             spectrum_weight: Weight of :func:`spectrum_l1` (0: off).
+            ema_decay: Decay of the moving average of G's weights in [0, 1) (0: none); the
+                average starts as a copy of G's weights now.
             **kwargs: Passed to ``keras.Model.compile`` (e.g. ``jit_compile``,
                 ``steps_per_execution``, ``run_eagerly``).
         """
@@ -575,6 +602,13 @@ class CNCLGAN(keras.Model):
         if min(self.adv_weight, self.block_mean_weight, self.spectrum_weight) < 0:
             raise ValueError("adv_weight, block_mean_weight and spectrum_weight must be >= 0, got "
                              f"{adv_weight}, {block_mean_weight} and {spectrum_weight}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.ema_decay = float(ema_decay)
+        if self.ema_decay > 0.0 and self.ema_generator is None:
+            self.ema_generator = keras.models.clone_model(self.generator)
+            self.ema_generator.set_weights(self.generator.get_weights())
+            self.ema_generator.trainable = False
         # Build now (outside tf.function): a LossScaleOptimizer only uses its dynamic
         # scale variable in scale_loss() once built.
         self.g_optimizer.build(self.generator.trainable_variables)
@@ -634,6 +668,8 @@ class CNCLGAN(keras.Model):
             scaled_g_loss = self.g_optimizer.scale_loss(g_loss)
         g_grads = g_tape.gradient(scaled_g_loss, g_vars)
         self.g_optimizer.apply_gradients(zip(g_grads, g_vars))
+        if self.ema_generator is not None:
+            self._update_ema()
         if use_adv:
             d_vars = self.discriminator.trainable_variables
             d_grads = d_tape.gradient(scaled_d_loss, d_vars)
@@ -651,6 +687,14 @@ class CNCLGAN(keras.Model):
                 self.l1_noise_tracker,
             )
         }
+
+    def _update_ema(self) -> None:
+        """``avg = d * avg + (1 - d) * w`` for every generator weight (:func:`ema_decay_at`).
+        In a replica context each replica updates its own copy (the variables' aggregation is
+        NONE): the replicas' G are equal after the all-reduced step, so their averages are."""
+        decay = ema_decay_at(self.ema_decay, self.g_optimizer.iterations)
+        for avg, w in zip(self.ema_generator.weights, self.generator.weights):
+            avg.assign(decay * avg + (1.0 - decay) * tf.cast(w, avg.dtype))
 
     def test_step(self, data: Any) -> dict[str, tf.Tensor]:
         ld, fd = self._unpack(data)

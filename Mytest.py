@@ -548,7 +548,9 @@ def run(plan: Plan) -> dict:
     records = plan.dataset.records
     print(f"run:     {plan.run_dir}")
     chosen = ctrun.best_choice(plan.run_dir) if plan.weights.name == ctrun.BEST else ""
-    print(f"weights: {plan.weights}" + (f" ({chosen})" if chosen else ""))
+    own = plan.weights.resolve().parent in (plan.run_dir, plan.run_dir / ctrun.SNAPSHOTS)
+    notes = "; ".join(n for n in (chosen, own and ctrun.weights_kind(plan.run_dir)) if n)
+    print(f"weights: {plan.weights}" + (f" ({notes})" if notes else ""))
     print(f"data:    {plan.data} ({plan.dataset.layout}, {len(plan.dataset.patients)} "
           f"patient(s), {len(records)} slices)")
     print(f"out:     {plan.out} (formats: {', '.join(plan.formats)})")

@@ -112,6 +112,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of the log radial power spectrum distance between content and "
                     "full dose over each batch, a noise-grain term beside the official loss "
                     "(Mymodel.spectrum_l1); 0: off (recipe)")
+    ap.add_argument("--l1-warmup-epochs", type=int, default=0, metavar="EPOCHS",
+                    help="warm start: the first EPOCHS epochs train with the L1 terms only (no "
+                    "discriminator), then the adversarial term (--adv-weight) joins and the "
+                    "generator is fine-tuned from the L1 solution; 0: adversarial from the first "
+                    "step (default: %(default)s)")
+    ap.add_argument("--ema-decay", type=float, default=None,
+                    help="keep an exponential moving average of the generator's weights with "
+                    "this decay (e.g. 0.999; the warm-up of tf.train.ExponentialMovingAverage: "
+                    "min(decay, (1 + step) / (10 + step))); it is then what validation scores "
+                    "and what the run saves as its generators (Mymodel.CNCLGAN); 0: none (recipe)")
     ap.add_argument("--select", choices=ctselect.CRITERIA, default="auto",
                     help="which epoch becomes generator_best: psnr (best validation PSNR), last "
                     "(the last epoch), texture (best validation PSNR among epochs whose denoised "
@@ -164,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- Checks that need no TensorFlow -------------------------------------------------------------
 FLOAT_FLAGS = ("simulate_dose", "lr", "beta_1", "beta_2", "lambda_l1", "adv_weight",
-               "block_mean_weight", "spectrum_weight", "time_limit")
+               "block_mean_weight", "spectrum_weight", "ema_decay", "time_limit")
 
 
 def check_args(args) -> None:
@@ -184,6 +194,9 @@ def check_args(args) -> None:
         raise ctio.CTDataError("--time-limit must be 0 (none) or positive minutes")
     if not (0 <= args.beta_1 < 1 and 0 <= args.beta_2 < 1):
         raise ctio.CTDataError("--beta-1 and --beta-2 must be in [0, 1)")
+    if not 0 <= args.l1_warmup_epochs < args.epochs:
+        raise ctio.CTDataError(f"--l1-warmup-epochs must be in [0, --epochs) (0: none), got "
+                               f"{args.l1_warmup_epochs} with --epochs {args.epochs}")
     if args.snapshot_every < 0:
         raise ctio.CTDataError("--snapshot-every must be 0 (none) or positive")
     if args.patch < 0:
@@ -193,6 +206,8 @@ def check_args(args) -> None:
     for name in ("block_mean_weight", "spectrum_weight"):
         if getattr(args, name) < 0:
             raise ctio.CTDataError(f"--{name.replace('_', '-')} must be >= 0")
+    if not 0 <= args.ema_decay < 1:
+        raise ctio.CTDataError(f"--ema-decay must be in [0, 1) (0: none), got {args.ema_decay}")
     if args.block_mean_weight > 0 and 0 < args.patch < BLOCK_MEAN_PX:
         raise ctio.CTDataError(f"--block-mean-weight needs --patch 0 or >= {BLOCK_MEAN_PX} "
                                f"(its blocks are {BLOCK_MEAN_PX} px), got --patch {args.patch}")
@@ -399,14 +414,15 @@ def _optimizer_variables(model) -> list:
 # --- Callbacks ----------------------------------------------------------------------------------
 def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
                    time_limit: float = 0.0, snapshot_every: int = 0,
-                   select: str = "psnr", probe=None):
+                   select: str = "psnr", probe=None, l1_warmup_epochs: int = 0):
     """A guard against non-finite losses (first: ``cbs[0].bad``), the texture probe (with
     ``probe``, from :func:`texture_probe`: its figures join the epoch's logs), the run's one
     checkpoint (state/, atomic, resumable; generator_best chosen by ``select``, see ctselect)
     and TensorBoard panels.
 
     ``snapshot_every`` > 0 also keeps the generator of every such epoch in ``snapshots/``
-    (history.csv gives its training minutes)."""
+    (history.csv gives its training minutes). ``l1_warmup_epochs`` > 0 trains those first epochs
+    without the adversarial term (:class:`L1Warmup`)."""
 
     class NonFinite(keras.callbacks.Callback):
         """Stop training at the first NaN or infinite loss or metric (keras TerminateOnNaN looks
@@ -456,7 +472,7 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
                 self.model.stop_training = True
                 print(f"time limit: {state['minutes']:.1f} of {time_limit:g} minutes used, "
                       "stopping after this epoch", flush=True)
-            gen = gan.generator
+            gen = gan.denoiser()  # the moving average under --ema-decay
             save_weights(gen, write_dir / ctrun.LATEST)
             if snapshot_every and done % snapshot_every == 0:
                 save_weights(gen, ctrun.snapshot_path(write_dir, done))
@@ -483,9 +499,26 @@ def make_callbacks(write_dir: Path, gan, state: dict, val_ds, keras, tf,
             with self.writer.as_default():
                 tf.summary.image("LD | CNCL | FD", panel, step=epoch + 1, max_outputs=2)
 
+    class L1Warmup(keras.callbacks.Callback):
+        """Epochs before ``l1_warmup_epochs`` train with ``adv_weight = 0`` (L1 terms only, D
+        neither evaluated nor updated), later ones with the compiled weight: the train step is
+        traced again when the weight changes (fit calls ``model.train_function`` every step)."""
+
+        adv_weight = gan.adv_weight
+
+        def on_epoch_begin(self, epoch, logs=None):
+            want = 0.0 if epoch < l1_warmup_epochs else self.adv_weight
+            if gan.adv_weight != want:
+                gan.adv_weight = want
+                gan.make_train_function(force=True)
+                if want:
+                    print(f"epoch {epoch + 1}: L1 warm-up done, adversarial term (weight "
+                          f"{want:g}) from here", flush=True)
+
     board = keras.callbacks.TensorBoard(log_dir=str(write_dir / ctrun.TENSORBOARD),
                                         write_graph=False, profile_batch=0)
-    cbs = [guard, *([TextureProbe()] if probe is not None else []), RunState(), board]
+    cbs = [guard, *([TextureProbe()] if probe is not None else []), RunState(), board,
+           *([L1Warmup()] if l1_warmup_epochs else [])]
     if val_ds is not None:
         cbs.append(Panels(next(iter(val_ds.take(1)))))
     return cbs
@@ -651,7 +684,8 @@ def build_gan(plan: Plan, strategy, keras):
                         d_optimizer=keras.optimizers.Adam(lr, args.beta_1, args.beta_2),
                         lambda_l1=args.lambda_l1, adv_weight=args.adv_weight,
                         block_mean_weight=args.block_mean_weight,
-                        spectrum_weight=args.spectrum_weight, jit_compile=args.jit)
+                        spectrum_weight=args.spectrum_weight, ema_decay=args.ema_decay,
+                        jit_compile=args.jit)
         except ValueError as e:
             raise ctio.CTDataError(f"--precision {args.precision}: {e}") from None
     return gan
@@ -713,7 +747,7 @@ def texture_probe(plan: Plan, gan):
             slices.append((fd, ctdose.pixel_size_mm(header, fd.shape, None),
                            cttexture.pixel_spacing_mm(header)))
     probe = ctselect.NoiseOnlyProbe(slices, seed=plan.args.seed)
-    denoise = Mytest.Denoiser(gan.generator, plan.model["depth"], batch=2)
+    denoise = Mytest.Denoiser(gan.denoiser(), plan.model["depth"], batch=2)
     return lambda: probe.measure(denoise)
 
 
@@ -785,7 +819,8 @@ def run(plan: Plan) -> int:
                                    time_limit=args.time_limit,
                                    snapshot_every=args.snapshot_every,
                                    select=plan.select,
-                                   probe=texture_probe(plan, gan))
+                                   probe=texture_probe(plan, gan),
+                                   l1_warmup_epochs=args.l1_warmup_epochs)
         gan.fit(train_ds, epochs=args.epochs, initial_epoch=state["epoch"],
                 steps_per_epoch=args.steps_per_epoch, validation_data=val_ds,
                 callbacks=callbacks, verbose=args.verbose, shuffle=False)
@@ -804,7 +839,7 @@ def run(plan: Plan) -> int:
         best = state.get("best_val_psnr")
         print(f"done: {state['epoch']} epochs; generator weights in {out}"
               + (f" (generator_best: epoch {state['best_epoch']}, val PSNR {best:.2f} dB; "
-                 f"{state.get('best_reason', 'best validation PSNR')})" if best else ""))
+                 f"{ctrun.best_reason(state)})" if best else ""))
     return 0
 
 

@@ -104,7 +104,7 @@ RECIPES: dict[str, dict] = {
     "paper": {"preset": "paper", "epochs": 300, "steps_per_epoch": 0, "batch": 2, "patch": 0,
               "lr": 2e-5, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
               "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": False,
-              "block_mean_weight": 0.0, "spectrum_weight": 0.0},
+              "block_mean_weight": 0.0, "spectrum_weight": 0.0, "ema_decay": 0.0},
     # Fast CPU recipe: small network, 128^2 patches (larger than the discriminator's 94-pixel
     # receptive field, so the adversarial term sees texture), augmentation, and the block-mean
     # CT-number term at weight 5 (cross-validated: the model's own soft-tissue shift -0.18 +- 0.25
@@ -112,7 +112,7 @@ RECIPES: dict[str, dict] = {
     "cpu": {"preset": "small", "epochs": 10, "steps_per_epoch": 100, "batch": 4, "patch": 128,
             "lr": 2e-4, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
             "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": True,
-            "block_mean_weight": 5.0, "spectrum_weight": 0.0},
+            "block_mean_weight": 5.0, "spectrum_weight": 0.0, "ema_decay": 0.0},
 }
 DEFAULT_RECIPE = "cpu"
 
@@ -197,9 +197,9 @@ def migrate_config(cfg: dict) -> dict:
         if train.pop("mixed_precision", False):
             train["precision"] = "float16"
         train.setdefault("precision", "float32")
-    if cfg["train"]:  # runs made before --block-mean-weight / --spectrum-weight had no such term
-        cfg["train"].setdefault("block_mean_weight", 0.0)
-        cfg["train"].setdefault("spectrum_weight", 0.0)
+    if cfg["train"]:  # runs made before these flags had no such term / no moving average
+        for key in ("block_mean_weight", "spectrum_weight", "ema_decay"):
+            cfg["train"].setdefault(key, 0.0)
     cfg["version"] = CONFIG_VERSION
     return cfg
 
@@ -412,7 +412,22 @@ def best_choice(run: Path) -> str:
         return ""
     if "best_epoch" not in state:
         return ""
-    return f"epoch {state['best_epoch']}: {state.get('best_reason', 'best validation PSNR')}"
+    return f"epoch {state['best_epoch']}: {best_reason(state)}"
+
+
+def best_reason(state: dict) -> str:
+    """state.json's ``best_reason``; runs made before ``--select`` chose by validation PSNR."""
+    return state.get("best_reason", "best validation PSNR")
+
+
+def weights_kind(run: Path) -> str:
+    """"moving average ..." when ``run`` saved the moving average of its generator's weights
+    (Mytrain --ema-decay), else "" (also for an unreadable config)."""
+    try:
+        decay = float(read_run_config(Path(run))["train"].get("ema_decay") or 0.0)
+    except (ctio.CTDataError, OSError, ValueError, TypeError):
+        return ""
+    return f"moving average of the generator's weights, --ema-decay {decay:g}" if decay else ""
 
 
 # --- Mytest.py manifest -------------------------------------------------------------------------

@@ -499,3 +499,55 @@ def test_checkpoint_holds_only_the_two_optimizers(tmp_path):
     assert {"g_optimizer", "d_optimizer"} <= tops
     assert not [t for t in tops if "optimizer" in t and t not in ("g_optimizer", "d_optimizer")]
     assert not [n for n in names if "rmsprop" in n.lower()]
+
+
+# --- Moving average of the generator's weights (--ema-decay) ------------------------------------
+def test_ema_decay_follows_the_tf_exponential_moving_average_warm_up():
+    """min(decay, (1 + t) / (10 + t)), tf.train.ExponentialMovingAverage with num_updates."""
+    got = [float(Mymodel.ema_decay_at(0.99, t)) for t in (0, 1, 8, 90, 10_000)]
+    assert got == pytest.approx([0.1, 2 / 11, 0.5, 0.91, 0.99])
+
+
+def test_ema_generator_is_the_moving_average_and_what_predict_and_saving_use(tmp_path):
+    """Three compiled train steps with SGD: the average equals the numpy recursion over the
+    generator weights seen after each step (starting from the initial weights); predict and
+    validation use it, G stays the trained one; the training state saves and restores it."""
+    ld, fd = _synthetic_pairs(2, 32)
+    decay = 0.6
+
+    def new_gan():
+        set_seed(3)
+        gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+        gan.compile(keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05), ema_decay=decay)
+        return gan
+
+    gan = new_gan()
+    avg = [w.copy() for w in gan.generator.get_weights()]
+    for t in (1, 2, 3):
+        gan.train_on_batch(ld, fd)
+        d = min(decay, (1 + t) / (10 + t))
+        avg = [d * a + (1 - d) * w for a, w in zip(avg, gan.generator.get_weights())]
+    assert int(gan.g_optimizer.iterations) == 3
+    for got, want in zip(gan.ema_generator.get_weights(), avg):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    moved = max(float(np.abs(a - w).max()) for a, w in
+                zip(gan.ema_generator.get_weights(), gan.generator.get_weights()))
+    assert moved > 1e-4  # the average is not G
+    assert gan.denoiser() is gan.ema_generator
+    np.testing.assert_allclose(gan.predict(ld, verbose=0),
+                               gan.ema_generator.predict(ld, verbose=0)[0], atol=1e-6)
+    path = tmp_path / "state.weights.h5"
+    gan.save_weights(path)
+    again = new_gan()
+    again(ld[:1])
+    again.load_weights(path)
+    for a, b in zip(again.ema_generator.get_weights(), gan.ema_generator.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_without_ema_the_generator_denoises_and_bad_decay_is_refused():
+    gan = _gan("small", base_filters=4, depth=2, disc_filters=4)
+    gan.compile(_adam(), _adam())
+    assert gan.ema_generator is None and gan.denoiser() is gan.generator
+    with pytest.raises(ValueError, match="ema_decay"):
+        gan.compile(_adam(), _adam(), ema_decay=1.0)

@@ -131,6 +131,20 @@ def test_best_choice_says_which_epoch_and_why(tmp_path):
     assert ctrun.best_choice(tmp_path) == "epoch 1: best validation PSNR"
 
 
+def test_weights_kind_names_a_moving_average_from_the_run_config(tmp_path):
+    """Mytest prints it beside a run's own weights: --ema-decay > 0 saved the moving average; a
+    run without it (or made before the flag: migrated to 0) and a folder without a config say
+    nothing."""
+    import ctrun
+
+    assert ctrun.weights_kind(tmp_path) == ""
+    for train, want in (({"ema_decay": 0.999}, "moving average of the generator's weights, "
+                                               "--ema-decay 0.999"),
+                        ({"ema_decay": 0.0}, ""), ({"lr": 1e-3}, "")):
+        ctrun.write_run_config(tmp_path, {"model": ctrun.model_config("small"), "train": train})
+        assert ctrun.weights_kind(tmp_path) == want
+
+
 def test_update_best_over_a_run_and_across_a_resume_with_another_criterion():
     """Epoch by epoch: psnr keeps the best score; a state of a run made before --select (only
     best_val_psnr) counts for psnr but not for last, whose every epoch then wins; a non-finite

@@ -20,12 +20,33 @@ def train(*args, timeout=300):
     return cli("Mytrain.py", *args, timeout=timeout)
 
 
+def h5_arrays(path: Path, under: str = "") -> dict:
+    with h5py.File(path) as f:
+        return {name[len(under):]: f[name][()] for name in _datasets(f) if name.startswith(under)}
+
+
+def _datasets(f) -> list:
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def assert_latest_is_the_moving_average(run: Path) -> None:
+    """generator_latest holds the state's ema_generator weights, which differ from G's."""
+    state = run / "state" / json.loads((run / "state/state.json").read_text())["weights"]
+    latest = h5_arrays(run / "generator_latest.weights.h5")
+    ema, gen = h5_arrays(state, "ema_generator/"), h5_arrays(state, "generator/")
+    assert latest.keys() == ema.keys() == gen.keys() and latest
+    assert all((latest[k] == ema[k]).all() for k in latest)
+    assert any((latest[k] != gen[k]).any() for k in latest)
+
+
 @pytest.mark.slow
 def test_train_writes_run_and_resume_adds_one_epoch(tmp_path):
     mayo_tree = write_mayo_tree(tmp_path / "mayo", size=128)  # body ROIs for the texture probe
     run = tmp_path / "run"
     p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--snapshot-every", "1",
-              "--select", "texture", *TINY)
+              "--select", "texture", "--ema-decay", "0.9", *TINY)
     assert p.returncode == 0, p.stderr
     for name in ("config.json", "generator_latest.weights.h5", "generator_best.weights.h5",
                  "history.csv", "state/state.json"):
@@ -48,6 +69,8 @@ def test_train_writes_run_and_resume_adds_one_epoch(tmp_path):
         names = []
         f.visit(names.append)
     assert any("optimizer" in n for n in names), "training state must include the optimizers"
+    assert cfg["train"]["ema_decay"] == 0.9  # --ema-decay: the run saves the moving average
+    assert_latest_is_the_moving_average(run)
 
     p = train("--out", run, "--resume", "--epochs", "2", "--verbose", "2")
     assert p.returncode == 0, p.stderr
@@ -57,6 +80,7 @@ def test_train_writes_run_and_resume_adds_one_epoch(tmp_path):
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
         "generator_epoch0001.weights.h5", "generator_epoch0002.weights.h5"]
     assert json.loads((run / "state/state.json").read_text())["epoch"] == 2
+    assert_latest_is_the_moving_average(run)
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2  # the new total
     assert not list(run.rglob(".*tmp*")), "no temporary files left behind"
 
@@ -107,23 +131,28 @@ def test_whole_slice_training_with_validation_slices_of_three_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_validation_run_with_xla_trains_and_saves(mayo_tree, tmp_path):
+def test_no_validation_run_with_xla_and_l1_warmup_trains_and_saves(mayo_tree, tmp_path):
     """--val-patients none: every slice trains and the first checkpoint is written (issue 16);
-    --jit: the steps are XLA-compiled and the flag is recorded (one run for both: each training
-    process costs a minute of the suite)."""
+    --jit: the steps are XLA-compiled and the flag is recorded; --l1-warmup-epochs 1: epoch 1
+    trains without the adversarial term (D neither evaluated nor trained), epoch 2 with it (one
+    run for all three: each training process costs a minute of the suite)."""
     run = tmp_path / "run"
-    p = train("--data", mayo_tree, "--out", run, "--epochs", "1", "--val-patients", "none",
-              "--jit", *TINY)
+    p = train("--data", mayo_tree, "--out", run, "--epochs", "2", "--val-patients", "none",
+              "--jit", "--l1-warmup-epochs", "1", *TINY)
     assert p.returncode == 0, p.stderr
-    assert (run / "generator_best.weights.h5").is_file() and history_epochs(run) == [1]
+    assert (run / "generator_best.weights.h5").is_file() and history_epochs(run) == [1, 2]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["val_slices"] == 0 and cfg["train"]["jit"] is True
+    assert cfg["train"]["l1_warmup_epochs"] == 1
     assert cfg["select"]["criterion"] == "last"  # auto, with the cpu recipe's adversarial term
     state = json.loads((run / "state/state.json").read_text())
-    assert state["best_reason"] == "no validation: the last epoch" and state["best_epoch"] == 1
+    assert state["best_reason"] == "no validation: the last epoch" and state["best_epoch"] == 2
     with open(run / "history.csv") as f:
-        row = next(csv.DictReader(f))
-    assert float(row["l1_content"]) > 0 and "val_psnr" not in row
+        warm, adv = csv.DictReader(f)
+    assert float(warm["l1_content"]) > 0 and "val_psnr" not in warm
+    assert float(warm["g_adv"]) == float(warm["d_loss"]) == 0.0
+    assert float(adv["g_adv"]) > 0 and float(adv["d_loss"]) > 0
+    assert "epoch 2: L1 warm-up done" in p.stdout
 
 
 def test_a_continued_run_takes_every_flag_from_its_config(tmp_path):
@@ -233,6 +262,9 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
         "--block-mean-weight -1": ("--block-mean-weight must be >= 0",),
         "--spectrum-weight -0.5": ("--spectrum-weight must be >= 0",),
         "--spectrum-weight nan": ("--spectrum-weight nan: need a finite number",),
+        "--ema-decay 1": ("--ema-decay must be in [0, 1)",),
+        "--ema-decay nan": ("--ema-decay nan: need a finite number",),
+        "--l1-warmup-epochs 10": ("--l1-warmup-epochs must be in [0, --epochs)",),  # cpu: 10
         f"--out {data}/run": ("--out", "inside the input folder"),
         f"--out {tmp_path}": ("--out", "holds the input folder"),
         f"--cache-dir {data}/P01/cache": ("--cache-dir", "inside the input folder"),
