@@ -149,7 +149,8 @@ def one_step(out: Path) -> None:
     validation metrics) and out/<task>.npz (G and D weights before and after the step). Plain SGD,
     unlike Adam's first step, makes the update proportional to the gradient, so a gradient summed
     but not averaged over the replicas would show. Instance norm: batch statistics would differ
-    with the per-replica batch.
+    with the per-replica batch. A moving average of G (``ema_decay``, updated by each replica in
+    its replica context) is among the weights compared, and is what validation scores.
     """
     sys.path.insert(0, str(REPO))
     import ctio
@@ -186,12 +187,13 @@ def one_step(out: Path) -> None:
     with strategy.scope():
         gan = Mymodel.CNCLGAN(*Mymodel.build_models(cfg))
         gan.compile(g_optimizer=keras.optimizers.SGD(1e-3), d_optimizer=keras.optimizers.SGD(1e-3),
-                    lambda_l1=100.0, adv_weight=1.0)
+                    lambda_l1=100.0, adv_weight=1.0, ema_decay=0.5)
     Mytrain.prepare_for_fit(gan, strategy, 2 ** cfg["depth"], n_workers, tf)
     gan(ld[:1])  # build (the default strategy builds lazily)
 
     def weights():
-        return [v.numpy() for v in gan.generator.weights + gan.discriminator.weights]
+        return [v.numpy() for v in
+                gan.generator.weights + gan.discriminator.weights + gan.ema_generator.weights]
 
     before = weights()
     hist = gan.fit(train, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
