@@ -21,6 +21,9 @@ metrics.json exists is skipped (resume: run the same command again); an unfinish
 redone from scratch. Flags this CLI does not know are passed to Mytrain.py (the recipe, e.g.
 ``--recipe cpu --epochs 10 --steps-per-epoch 100 --adv-weight 0``) and recorded in
 OUT/crossval.json; a second call with other flags or data refuses to mix them into the same OUT.
+``{fold}`` in such a flag becomes the fold number, e.g. ``--init-generator
+runs/cv-l1/fold_{fold}/run/generator_latest.weights.h5``: each fold fine-tunes the generator
+another cross-validation trained without that fold's test pair.
 
 The table (printed and written to OUT/crossval.md): per fold the test pair, PSNR / SSIM / RMSE
 (Myevaluation's redcnn protocol), the noise-texture ratios to full dose (ROI noise std and NPS
@@ -187,7 +190,8 @@ def fold_commands(plan: Plan, fold: Fold) -> list[list[str]]:
     run = d / "run"
     train = [py, str(REPO / "Mytrain.py"), "--data", *map(str, plan.data), "--out", str(run),
              "--exclude", fold.spec, "--val-patients", fold.val,
-             "--cache-dir", str(plan.out / "cache"), *plan.train_flags]
+             "--cache-dir", str(plan.out / "cache"),
+             *(flag.replace("{fold}", str(fold.k)) for flag in plan.train_flags)]
     test = [py, str(REPO / "Mytest.py"), "--data", str(fold.data), "--slices", fold.spec,
             "--run", str(run), "--weights", str(run / f"generator_{plan.weights}.weights.h5"),
             "--out", str(d / "test"), "--no-figures", "--precision", "float32"]

@@ -117,6 +117,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "discriminator), then the adversarial term (--adv-weight) joins and the "
                     "generator is fine-tuned from the L1 solution; 0: adversarial from the first "
                     "step (default: %(default)s)")
+    ap.add_argument("--init-generator", default=None, metavar="WEIGHTS",
+                    help="start the generator from these weights (a generator_*.weights.h5 of a "
+                    "run with the same model, e.g. the L1 end's generator_best) instead of the "
+                    "identity initialisation, and fine-tune it; D and the optimizers start "
+                    "fresh. config.json records the file and its SHA-256")
     ap.add_argument("--ema-decay", type=float, default=None,
                     help="keep an exponential moving average of the generator's weights with "
                     "this decay (e.g. 0.999; the warm-up of tf.train.ExponentialMovingAverage: "
@@ -643,6 +648,10 @@ def prepare(argv=None) -> Plan:
     data, note = resolve_data(args)
     if is_chief and not continues:
         ctrun.check_new_run(out)
+        if args.init_generator:
+            import Mytest
+
+            Mytest.check_weights_file(Path(args.init_generator))
     try:  # a continued run rebuilds exactly the saved model, even if the preset changed since
         model = saved["model"] if saved else ctrun.model_config(args.preset)
     except ValueError as e:
@@ -698,6 +707,8 @@ def start_state(plan: Plan, gan, strategy, tf) -> dict:
     if plan.continues and plan.is_chief and ctrun.has_state(plan.out):
         state = ctrun.read_state(plan.out)
         restore_state(gan, plan.out / ctrun.STATE / state["weights"])
+    elif plan.is_chief and plan.args.init_generator:
+        init_generator(gan, Path(plan.args.init_generator), plan.model)
     if plan.n_workers > 1:
         state["epoch"] = sync_from_chief(gan, state["epoch"], plan.is_chief, strategy, tf)
     if plan.continues and state["epoch"]:
@@ -707,8 +718,31 @@ def start_state(plan: Plan, gan, strategy, tf) -> dict:
     return state
 
 
+def init_generator(gan, weights: Path, model: dict) -> None:
+    """``--init-generator``: G (and its moving average) from ``weights``; CTDataError if they do
+    not fit this run's generator."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gan.generator.load_weights(str(weights))
+    except Exception as e:  # h5py OSError (corrupt), Keras ValueError (another model)
+        first = " ".join(str(e).split()).split(". Example", 1)[0]
+        raise ctio.CTDataError(
+            f"--init-generator {weights}: does not fit this run's generator (preset "
+            f"{model['preset']}, base_filters={model['base_filters']}, depth={model['depth']}; "
+            f"{type(e).__name__}: {first[:200]})") from None
+    if gan.ema_generator is not None:
+        gan.ema_generator.set_weights(gan.generator.get_weights())
+    print(f"generator initialised from {weights}", flush=True)
+
+
 def run_config(plan: Plan, tf, keras) -> dict:
-    """config.json of a new run: the model, the normalisation, every flag, the data split."""
+    """config.json of a new run: the model, the normalisation, every flag, the data split (and
+    the --init-generator file with its SHA-256)."""
+    import Mytest
+
     split, train = plan.split, vars(plan.args)
     return {
         "model": plan.model,
@@ -728,7 +762,9 @@ def run_config(plan: Plan, tf, keras) -> dict:
                    "definition": "ctselect.py (generator_best: which epoch and why in "
                                  "state/state.json best_epoch, best_reason)"},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-    }
+    } | ({"init_generator": {"path": str(Path(plan.args.init_generator).resolve()),
+                             "sha256": Mytest.file_sha256(Path(plan.args.init_generator))}}
+         if plan.args.init_generator else {})
 
 
 def texture_probe(plan: Plan, gan):

@@ -78,6 +78,18 @@ def test_each_pair_tested_once_never_validated_on(two_folders, tmp_path):
     assert not (tmp_path / "o").exists()  # prepare writes nothing
 
 
+def test_fold_placeholder_in_a_training_flag(two_folders, tmp_path):
+    """{fold} in a flag passed to Mytrain.py becomes the fold number (a fine-tune per fold from
+    another cross-validation's fold run)."""
+    init = str(tmp_path / "cv-l1" / "fold_{fold}" / "run" / "generator_latest.weights.h5")
+    args, flags = Mycrossval.build_parser().parse_known_args(
+        _args(two_folders, tmp_path / "o", "--init-generator", init))
+    plan = Mycrossval.prepare(args, flags)
+    for fold in plan.folds:
+        train = Mycrossval.fold_commands(plan, fold)[0]
+        assert train[-1] == init.replace("{fold}", str(fold.k)) and f"fold_{fold.k}" in train[-1]
+
+
 def test_real_pairs_fold_design(real_data, tmp_path):
     data = [real_data / "mayo_pairs" / d for d in ("npy_redcnn", "tif_cncl")]
     args, flags = Mycrossval.build_parser().parse_known_args(_args(data, tmp_path / "o"))

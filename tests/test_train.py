@@ -87,6 +87,28 @@ def test_train_writes_run_and_resume_adds_one_epoch(tmp_path):
     # The same run folder again without --resume is refused.
     assert_one_error_line(train("--data", mayo_tree, "--out", run, *TINY), "already holds a run")
 
+    # --init-generator: a new run starts from this run's generator (at a learning rate too small
+    # to move it, its generator is the file's); the file and its hash are recorded; a generator
+    # of another model is one error line, with nothing written.
+    init = run / "generator_latest.weights.h5"
+    p = train("--data", mayo_tree, "--out", tmp_path / "tuned", "--epochs", "1", "--lr", "1e-9",
+              "--val-patients", "none", "--init-generator", init, *TINY)
+    assert p.returncode == 0, p.stderr
+    assert f"generator initialised from {init}" in p.stdout
+    tuned, start = h5_arrays(tmp_path / "tuned" / "generator_latest.weights.h5"), h5_arrays(init)
+    assert tuned.keys() == start.keys()
+    # every weight but batch norm's moving statistics (vars/2, vars/3), which training updates
+    # whatever the learning rate
+    learned = [k for k in tuned if not ("batch_normalization" in k and k[-2:] in ("/2", "/3"))]
+    assert 100 < len(learned) < len(tuned)
+    assert max(float(abs(tuned[k] - start[k]).max()) for k in learned) < 1e-6
+    recorded = json.loads((tmp_path / "tuned" / "config.json").read_text())["init_generator"]
+    assert recorded["path"] == str(init.resolve()) and len(recorded["sha256"]) == 64
+    p = train("--data", mayo_tree, "--out", tmp_path / "paper", "--init-generator", init,
+              *TINY, "--preset", "paper")
+    assert_one_error_line(p, "--init-generator", "does not fit this run's generator")
+    assert not list((tmp_path / "paper").rglob("*")), "nothing written"
+
 
 def test_resume_with_nothing_to_resume(tmp_path):
     assert_one_error_line(train("--out", tmp_path / "empty", "--resume"), "no training state")
@@ -264,6 +286,8 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
         "--spectrum-weight nan": ("--spectrum-weight nan: need a finite number",),
         "--ema-decay 1": ("--ema-decay must be in [0, 1)",),
         "--ema-decay nan": ("--ema-decay nan: need a finite number",),
+        f"--init-generator {tmp_path}/a_file": ("a_file", "not a Keras .weights.h5 file"),
+        f"--init-generator {tmp_path}/none.h5": ("none.h5", "weights file not found"),
         "--l1-warmup-epochs 10": ("--l1-warmup-epochs must be in [0, --epochs)",),  # cpu: 10
         f"--out {data}/run": ("--out", "inside the input folder"),
         f"--out {tmp_path}": ("--out", "holds the input folder"),
