@@ -112,11 +112,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of the log radial power spectrum distance between content and "
                     "full dose over each batch, a noise-grain term beside the official loss "
                     "(Mymodel.spectrum_l1); 0: off (recipe)")
-    ap.add_argument("--l1-warmup-epochs", type=int, default=0, metavar="EPOCHS",
-                    help="warm start: the first EPOCHS epochs train with the L1 terms only (no "
-                    "discriminator), then the adversarial term (--adv-weight) joins and the "
-                    "generator is fine-tuned from the L1 solution; 0: adversarial from the first "
-                    "step (default: %(default)s)")
+    ap.add_argument("--l1-warmup", type=float, default=None, metavar="FRACTION",
+                    help="warm start: the first floor(FRACTION x --epochs) epochs train with the "
+                    "L1 terms only (no discriminator), then the adversarial term joins and "
+                    "fine-tunes the generator from that L1 solution; fixed in config.json as "
+                    "l1_warmup_epochs when the run starts (a --resume with more epochs keeps it); "
+                    "0: adversarial from the first step (recipe)")
+    ap.add_argument("--l1-warmup-epochs", type=int, default=None, metavar="N",
+                    help="the warm-up as a number of epochs instead (overrides --l1-warmup)")
     ap.add_argument("--init-generator", default=None, metavar="WEIGHTS",
                     help="start the generator from these weights (a generator_*.weights.h5 of a "
                     "run with the same model, e.g. the L1 end's generator_best) instead of the "
@@ -179,7 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- Checks that need no TensorFlow -------------------------------------------------------------
 FLOAT_FLAGS = ("simulate_dose", "lr", "beta_1", "beta_2", "lambda_l1", "adv_weight",
-               "block_mean_weight", "spectrum_weight", "ema_decay", "time_limit")
+               "block_mean_weight", "spectrum_weight", "ema_decay", "l1_warmup", "time_limit")
 
 
 def check_args(args) -> None:
@@ -199,9 +202,12 @@ def check_args(args) -> None:
         raise ctio.CTDataError("--time-limit must be 0 (none) or positive minutes")
     if not (0 <= args.beta_1 < 1 and 0 <= args.beta_2 < 1):
         raise ctio.CTDataError("--beta-1 and --beta-2 must be in [0, 1)")
-    if not 0 <= args.l1_warmup_epochs < args.epochs:
+    if args.l1_warmup_epochs is not None and not 0 <= args.l1_warmup_epochs < args.epochs:
         raise ctio.CTDataError(f"--l1-warmup-epochs must be in [0, --epochs) (0: none), got "
                                f"{args.l1_warmup_epochs} with --epochs {args.epochs}")
+    if not 0 <= args.l1_warmup < 1:
+        raise ctio.CTDataError(f"--l1-warmup must be in [0, 1) (a fraction of --epochs; 0: "
+                               f"none), got {args.l1_warmup}")
     if args.snapshot_every < 0:
         raise ctio.CTDataError("--snapshot-every must be 0 (none) or positive")
     if args.patch < 0:
@@ -646,6 +652,11 @@ def prepare(argv=None) -> Plan:
     args.out = str(out)
     check_paths(out if is_chief else None, args.cache_dir, given)  # workers write to a temp dir
     data, note = resolve_data(args)
+    if not continues:  # fixed when the run starts (a continued run keeps its saved count)
+        if args.l1_warmup_epochs is None:
+            args.l1_warmup_epochs = int(args.l1_warmup * args.epochs)
+        if args.adv_weight == 0:
+            args.l1_warmup_epochs = 0
     if is_chief and not continues:
         ctrun.check_new_run(out)
         if args.init_generator:
@@ -674,7 +685,13 @@ def prepare(argv=None) -> Plan:
                                       "small-preset patch training: 1.8x faster steps measured")
     return Plan(args=args, out=out, is_chief=is_chief, n_workers=n_workers, model=model,
                 continues=continues, data=data, dataset=dataset, split=split,
-                notes=[n for n in (note, kernels) if n])
+                notes=[n for n in (note, kernels, warmup_note(args)) if n])
+
+
+def warmup_note(args) -> str:
+    n = args.l1_warmup_epochs
+    return (f"L1 warm-up: epoch{'s 1-' if n > 1 else ' '}{n} of {args.epochs} without the "
+            "adversarial term" if n else "")
 
 
 def build_gan(plan: Plan, strategy, keras):

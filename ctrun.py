@@ -104,7 +104,8 @@ RECIPES: dict[str, dict] = {
     "paper": {"preset": "paper", "epochs": 300, "steps_per_epoch": 0, "batch": 2, "patch": 0,
               "lr": 2e-5, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
               "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": False,
-              "block_mean_weight": 0.0, "spectrum_weight": 0.0, "ema_decay": 0.0},
+              "block_mean_weight": 0.0, "spectrum_weight": 0.0, "ema_decay": 0.0,
+              "l1_warmup": 0.0},
     # Fast CPU recipe: small network, 128^2 patches (larger than the discriminator's 94-pixel
     # receptive field, so the adversarial term sees texture), augmentation, and the block-mean
     # CT-number term at weight 5 (cross-validated: the model's own soft-tissue shift -0.18 +- 0.25
@@ -112,7 +113,8 @@ RECIPES: dict[str, dict] = {
     "cpu": {"preset": "small", "epochs": 10, "steps_per_epoch": 100, "batch": 4, "patch": 128,
             "lr": 2e-4, "beta_1": 0.5, "beta_2": 0.999, "lr_decay": "none",
             "lambda_l1": OFFICIAL_LAMBDA, "adv_weight": 1.0, "augment": True,
-            "block_mean_weight": 5.0, "spectrum_weight": 0.0, "ema_decay": 0.0},
+            "block_mean_weight": 5.0, "spectrum_weight": 0.0, "ema_decay": 0.0,
+            "l1_warmup": 0.0},
 }
 DEFAULT_RECIPE = "cpu"
 
@@ -198,8 +200,9 @@ def migrate_config(cfg: dict) -> dict:
             train["precision"] = "float16"
         train.setdefault("precision", "float32")
     if cfg["train"]:  # runs made before these flags had no such term / no moving average
-        for key in ("block_mean_weight", "spectrum_weight", "ema_decay"):
+        for key in ("block_mean_weight", "spectrum_weight", "ema_decay", "l1_warmup"):
             cfg["train"].setdefault(key, 0.0)
+        cfg["train"].setdefault("l1_warmup_epochs", 0)
     cfg["version"] = CONFIG_VERSION
     return cfg
 

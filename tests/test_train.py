@@ -155,12 +155,12 @@ def test_whole_slice_training_with_validation_slices_of_three_sizes(tmp_path):
 @pytest.mark.slow
 def test_no_validation_run_with_xla_and_l1_warmup_trains_and_saves(mayo_tree, tmp_path):
     """--val-patients none: every slice trains and the first checkpoint is written (issue 16);
-    --jit: the steps are XLA-compiled and the flag is recorded; --l1-warmup-epochs 1: epoch 1
+    --jit: the steps are XLA-compiled and the flag is recorded; --l1-warmup 0.5: epoch 1
     trains without the adversarial term (D neither evaluated nor trained), epoch 2 with it (one
     run for all three: each training process costs a minute of the suite)."""
     run = tmp_path / "run"
     p = train("--data", mayo_tree, "--out", run, "--epochs", "2", "--val-patients", "none",
-              "--jit", "--l1-warmup-epochs", "1", *TINY)
+              "--jit", "--l1-warmup", "0.5", *TINY)
     assert p.returncode == 0, p.stderr
     assert (run / "generator_best.weights.h5").is_file() and history_epochs(run) == [1, 2]
     cfg = json.loads((run / "config.json").read_text())
@@ -174,7 +174,34 @@ def test_no_validation_run_with_xla_and_l1_warmup_trains_and_saves(mayo_tree, tm
     assert float(warm["l1_content"]) > 0 and "val_psnr" not in warm
     assert float(warm["g_adv"]) == float(warm["d_loss"]) == 0.0
     assert float(adv["g_adv"]) > 0 and float(adv["d_loss"]) > 0
+    assert "L1 warm-up: epoch 1 of 2 without the adversarial term" in p.stdout
     assert "epoch 2: L1 warm-up done" in p.stdout
+
+
+def test_l1_warmup_is_a_fraction_of_the_epochs_fixed_when_the_run_starts(tmp_path):
+    """floor(--l1-warmup x --epochs) epochs, none without an adversarial term; a continued run
+    keeps the count in its config.json whatever its new --epochs (prepare: no TensorFlow)."""
+    import ctrun
+    import Mytrain
+
+    data = write_mayo_tree(tmp_path / "data", patients=("P01", "P02"), slices=1, size=32)
+    base = ["--data", str(data), "--out", str(tmp_path / "run")]
+    for flags, want in ((["--epochs", "10", "--l1-warmup", "0.5"], 5),
+                        (["--epochs", "3", "--l1-warmup", "0.5"], 1),
+                        (["--epochs", "1", "--l1-warmup", "0.5"], 0),
+                        (["--epochs", "10", "--l1-warmup", "0.5", "--adv-weight", "0"], 0),
+                        (["--epochs", "10"], int(Mytrain.RECIPES["cpu"]["l1_warmup"] * 10)),
+                        (["--epochs", "10", "--l1-warmup", "0.5", "--l1-warmup-epochs", "3"], 3)):
+        assert Mytrain.prepare([*base, *flags]).args.l1_warmup_epochs == want, flags
+    run = tmp_path / "old"
+    (run / "state").mkdir(parents=True)
+    saved = vars(Mytrain.apply_recipe(Mytrain.parse_args(["--epochs", "4", "--l1-warmup", "0.5"])))
+    ctrun.write_run_config(run, {"model": ctrun.model_config("small"), "train": {
+        **{k: v for k, v in saved.items() if k not in ("resume", "out")}, "data": [str(data)],
+        "l1_warmup_epochs": 2}})
+    ctrun.write_state(run, {"epoch": 4, "weights": "w", "history": []})
+    plan = Mytrain.prepare(["--out", str(run), "--resume", "--epochs", "20"])
+    assert plan.args.l1_warmup_epochs == 2 and plan.args.epochs == 20
 
 
 def test_a_continued_run_takes_every_flag_from_its_config(tmp_path):
@@ -288,7 +315,9 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
         "--ema-decay nan": ("--ema-decay nan: need a finite number",),
         f"--init-generator {tmp_path}/a_file": ("a_file", "not a Keras .weights.h5 file"),
         f"--init-generator {tmp_path}/none.h5": ("none.h5", "weights file not found"),
+        "--l1-warmup 1": ("--l1-warmup must be in [0, 1)",),
         "--l1-warmup-epochs 10": ("--l1-warmup-epochs must be in [0, --epochs)",),  # cpu: 10
+        "--l1-warmup nan": ("--l1-warmup nan: need a finite number",),
         f"--out {data}/run": ("--out", "inside the input folder"),
         f"--out {tmp_path}": ("--out", "holds the input folder"),
         f"--cache-dir {data}/P01/cache": ("--cache-dir", "inside the input folder"),
