@@ -468,7 +468,8 @@ def scale_train(data: Path, exclude: list[str], work: Path, name: str, cache: Pa
     traced), TensorFlow's import included."""
     cmd = [sys.executable, "-u", str(REPO / "Mytrain.py"), "--data", str(data), "--out",
            str(work / name), "--preset", "small", "--epochs", "2", "--steps-per-epoch", "1",
-           "--val-patients", "none", "--verbose", "2", "--cache-dir", str(cache)]
+           "--val-patients", "none", "--verbose", "2", "--cache-dir", str(cache),
+           "--l1-warmup", "0"]  # epoch 1 is the adversarial step, as before the recipe's warm-up
     cmd += (["--patch", "32", "--batch", "2"] if quick else []) + (
         ["--exclude", *exclude] if exclude else [])
     r = ctprocess.peak_rss_of(cmd, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout, lines=True)

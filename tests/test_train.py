@@ -243,14 +243,17 @@ def test_recipes_fill_only_unset_flags():
             args.augment) == ("paper", 2, 0, 2e-5, 0.5, 0.999, False)
     assert args.lambda_l1 == official["lambda_l1"] == Mytrain.OFFICIAL_LAMBDA
     assert args.block_mean_weight == args.spectrum_weight == 0.0  # the official loss only
+    assert args.ema_decay == args.l1_warmup == 0.0  # and the official training
     cpu = Mytrain.apply_recipe(Mytrain.parse_args([]))
     assert cpu.recipe == "cpu" and cpu.patch >= 96  # larger than D's 94-pixel receptive field
-    assert cpu.block_mean_weight == 5.0
+    assert cpu.block_mean_weight == 5.0 and cpu.l1_warmup == 0.5 and cpu.ema_decay == 0.0
     import ctrun
 
     old = ctrun.migrate_config({"version": 2, "train": {"recipe": "cpu", "lr": 1e-3}})
-    # a run made before the terms kept without them
+    # a run made before the terms, the average and the warm-up kept without them
     assert old["train"]["block_mean_weight"] == old["train"]["spectrum_weight"] == 0.0
+    assert old["train"]["ema_decay"] == old["train"]["l1_warmup"] == 0.0
+    assert old["train"]["l1_warmup_epochs"] == 0
 
 
 def test_cpu_kernels_chosen_only_where_tf_would_not_and_the_user_did_not(monkeypatch):
