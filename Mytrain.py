@@ -202,9 +202,6 @@ def check_args(args) -> None:
         raise ctio.CTDataError("--time-limit must be 0 (none) or positive minutes")
     if not (0 <= args.beta_1 < 1 and 0 <= args.beta_2 < 1):
         raise ctio.CTDataError("--beta-1 and --beta-2 must be in [0, 1)")
-    if args.l1_warmup_epochs is not None and not 0 <= args.l1_warmup_epochs < args.epochs:
-        raise ctio.CTDataError(f"--l1-warmup-epochs must be in [0, --epochs) (0: none), got "
-                               f"{args.l1_warmup_epochs} with --epochs {args.epochs}")
     if not 0 <= args.l1_warmup < 1:
         raise ctio.CTDataError(f"--l1-warmup must be in [0, 1) (a fraction of --epochs; 0: "
                                f"none), got {args.l1_warmup}")
@@ -655,6 +652,9 @@ def prepare(argv=None) -> Plan:
     if not continues:  # fixed when the run starts (a continued run keeps its saved count)
         if args.l1_warmup_epochs is None:
             args.l1_warmup_epochs = int(args.l1_warmup * args.epochs)
+        elif not 0 <= args.l1_warmup_epochs < args.epochs:
+            raise ctio.CTDataError(f"--l1-warmup-epochs must be in [0, --epochs) (0: none), "
+                                   f"got {args.l1_warmup_epochs} with --epochs {args.epochs}")
         if args.adv_weight == 0:
             args.l1_warmup_epochs = 0
     if is_chief and not continues:
