@@ -202,7 +202,7 @@ def migrate_config(cfg: dict) -> dict:
         if train.pop("mixed_precision", False):
             train["precision"] = "float16"
         train.setdefault("precision", "float32")
-    if cfg["train"]:  # runs made before these flags had no such term / no moving average
+    if cfg["train"]:  # runs made before these flags: no such term, no average, no warm-up
         for key in ("block_mean_weight", "spectrum_weight", "ema_decay", "l1_warmup"):
             cfg["train"].setdefault(key, 0.0)
         cfg["train"].setdefault("l1_warmup_epochs", 0)
