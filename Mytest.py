@@ -294,11 +294,18 @@ def load_generator(model_cfg: dict, weights: Path):
     """Build the generator of ``model_cfg`` (checked by ``ctrun.read_run_config``, which refuses
     an older network version) and load ``weights``; CTDataError if they don't fit."""
     ctio.import_tensorflow()
-    import warnings
-
     import Mymodel
 
     gen = Mymodel.build_generator(model_cfg["base_filters"], model_cfg["depth"], model_cfg["norm"])
+    load_weights_into(gen, model_cfg, weights)
+    return gen
+
+
+def load_weights_into(gen, model_cfg: dict, weights: Path) -> None:
+    """Load ``weights`` into ``gen``, a generator of ``model_cfg``; CTDataError (one line) if
+    they don't fit."""
+    import warnings
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -311,7 +318,6 @@ def load_generator(model_cfg: dict, weights: Path):
             f"{weights}: cannot load generator weights for base_filters="
             f"{model_cfg['base_filters']}, depth={model_cfg['depth']}, norm={model_cfg['norm']} "
             f"({type(e).__name__}: {first[:200]})") from None
-    return gen
 
 
 def _pad_amounts(length: int, multiple: int) -> tuple[int, int]:

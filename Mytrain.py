@@ -738,18 +738,13 @@ def start_state(plan: Plan, gan, strategy, tf) -> dict:
 def init_generator(gan, weights: Path, model: dict) -> None:
     """``--init-generator``: G (and its moving average) from ``weights``; CTDataError if they do
     not fit this run's generator."""
-    import warnings
+    import Mytest
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gan.generator.load_weights(str(weights))
-    except Exception as e:  # h5py OSError (corrupt), Keras ValueError (another model)
-        first = " ".join(str(e).split()).split(". Example", 1)[0]
-        raise ctio.CTDataError(
-            f"--init-generator {weights}: does not fit this run's generator (preset "
-            f"{model['preset']}, base_filters={model['base_filters']}, depth={model['depth']}; "
-            f"{type(e).__name__}: {first[:200]})") from None
+        Mytest.load_weights_into(gan.generator, model, weights)
+    except ctio.CTDataError as e:
+        raise ctio.CTDataError(f"--init-generator: does not fit this run's generator (preset "
+                               f"{model['preset']}): {e}") from None
     if gan.ema_generator is not None:
         gan.ema_generator.set_weights(gan.generator.get_weights())
     print(f"generator initialised from {weights}", flush=True)

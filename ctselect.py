@@ -161,4 +161,3 @@ def update_best(state: dict, criterion: str, logs: dict, epoch: int) -> bool:
                  best_val_psnr=float(logs["val_psnr"]),
                  best_reason=reason(criterion, logs, key))
     return True
-
