@@ -425,13 +425,14 @@ def compare(outs: list[Path], protocol: str = ctmetrics.DEFAULT_PROTOCOL) -> str
         if _scored_slices(o) != slices:
             raise ctio.CTDataError(f"{o}: scored other slices than {outs[0]}; "
                                    "compare runs evaluated on the same slices")
+    unit, rmse_digits = _rmse_unit(protocol)
     lines = [f"{len(slices)} slices: " + ", ".join(f"{p}:{s}" for p, s in slices), "",
-             "| run | steps | train min | PSNR (dB) | SSIM | RMSE (HU) | gain vs input (dB) "
+             f"| run | steps | train min | PSNR (dB) | SSIM | RMSE ({unit}) | gain vs input (dB) "
              "| ROI noise / FD | NPS mean freq. / FD |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = reports[0]["overall"]["ldct"][protocol]
     lines.append(f"| LDCT (input) | | | {_ci(base['psnr'], 2)} | {_ci(base['ssim'], 4)} "
-                 f"| {_ci(base['rmse'], 2)} | | {_texture_ratios(reports[0], 'ldct')} |")
+                 f"| {_ci(base['rmse'], rmse_digits)} | | {_texture_ratios(reports[0], 'ldct')} |")
     for o, rep in zip(outs, reports):
         w = rep["overall"]["cncl"][protocol]
         runs, weights = rep.get("runs") or [], rep.get("weights") or []
@@ -445,7 +446,7 @@ def compare(outs: list[Path], protocol: str = ctmetrics.DEFAULT_PROTOCOL) -> str
         gain_text = (_ci({"mean": gain["mean_diff"], "ci95": gain["ci95"], "n": gain["n"]}, 2)
                      if gain else f"{w['psnr']['mean'] - base['psnr']['mean']:.2f}")
         lines.append(f"| {name} | {tr.get('steps', '')} | {minutes} | {_ci(w['psnr'], 2)} | "
-                     f"{_ci(w['ssim'], 4)} | {_ci(w['rmse'], 2)} | {gain_text} | "
+                     f"{_ci(w['ssim'], 4)} | {_ci(w['rmse'], rmse_digits)} | {gain_text} | "
                      f"{_texture_ratios(rep, 'cncl')} |")
     return "\n".join(lines)
 

@@ -204,6 +204,14 @@ def test_compare_rows_come_from_each_report_with_training_time(denoised, tmp_pat
         abs=0.011)
     assert ctmetrics.PROTOCOL in lines
 
+    # DU-GAN scores RMSE on the [0, 1] image: the header says so and the cell keeps its digits
+    assert Myevaluation.main(["--compare", str(out), "--protocol", "dugan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, ldct = (ln for ln in lines if ln.startswith("| run") or ln.startswith("| LDCT"))
+    assert "| RMSE ([0, 1]) |" in header and "RMSE (HU)" not in header
+    cell = ldct.strip("|").split("|")[5].strip().split(" [")[0]
+    assert float(cell) == pytest.approx(base["ldct"]["dugan"]["rmse"]["mean"], abs=6e-5)
+
     # A snapshot's epoch wins over the last one; folders that scored other slices are refused.
     assert ctrun.training_summary(str(run), "x/generator_epoch0001.weights.h5") == \
         {"epochs": 1, "minutes": 1.5, "steps": 50, "snapshot": True}
