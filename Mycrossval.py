@@ -30,8 +30,14 @@ The table (printed and written to OUT/crossval.md): per fold the test pair, PSNR
 mean frequency, where flat ROIs exist) and the soft-tissue CT-number bias of the model and of
 the LDCT input (where metrics.json has Myevaluation's per-band ``bias``: the input's own offset
 from full dose differs per slice, -1.4 to +0.7 HU on the 7 real pairs, and a denoiser keeps
-most of it); then mean ± sample sd (ddof=1) over the folds that have
-the figure. "-" marks a figure a fold does not have.
+most of it) and their difference, "model - input": the shift the model adds itself; then mean ±
+sample sd (ddof=1) over the folds that have the figure. "-" marks a figure a fold does not have.
+
+``--compare OUT [OUT ...]`` trains nothing: it sets finished cross-validations of the same folds
+side by side (e.g. one recipe with several ``--seed`` values): one row per OUT with its mean ± sd
+over folds, then per fold the input's soft-tissue bias, the model's and "model - input" of every OUT
+and their spread (sample sd over the OUTs, the same for both: the input is the same), which says how
+much a rerun moves a fold's CT numbers.
 """
 from __future__ import annotations
 
@@ -91,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Unknown flags are passed to Mytrain.py.",
         epilog=" ".join(__doc__.split("\n\n")[1].split()),
         formatter_class=ctio.HelpFormatter, allow_abbrev=False)
-    ap.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                    help="paired dataset folder(s), any layout the loaders read")
-    ap.add_argument("--out", required=True,
-                    help="cross-validation folder (OUT/fold_k/ per fold, OUT/crossval.md)")
+    ap.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                    help="paired dataset folder(s), any layout the loaders read (required "
+                         "unless --compare)")
+    ap.add_argument("--out", default=None,
+                    help="cross-validation folder (OUT/fold_k/ per fold, OUT/crossval.md) "
+                         "(required unless --compare)")
     ap.add_argument("--val-patient", default=None, metavar="P",
                     help="validation patient of every fold that does not test it (default: "
                          "the patient with the fewest pairs)")
@@ -106,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "Mytrain --select chose; the last epoch without validation)")
     ap.add_argument("--table-only", action="store_true",
                     help="train nothing: print the table of the finished folds")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="OUT",
+                    help="train nothing: compare finished cross-validation folders of the same "
+                         "folds (e.g. seeds): their means and every fold's bias spread")
     return ap
 
 
@@ -243,7 +254,8 @@ def collect(plan: Plan) -> list[dict]:
 COLUMNS = (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("rmse", "RMSE (HU)", 2),
            ("ldct_psnr", "LDCT PSNR", 2), ("noise_ratio", "ROI noise / FD", 2),
            ("fav_ratio", "NPS f_av / FD", 2), ("bias_soft", "soft-tissue bias (HU)", 2),
-           ("ldct_bias_soft", "LDCT soft-tissue bias (HU)", 2))
+           ("ldct_bias_soft", "LDCT soft-tissue bias (HU)", 2),
+           ("shift_soft", "model − input (HU)", 2))
 
 
 def _get(d: dict, *keys) -> Optional[float]:
@@ -273,6 +285,8 @@ def fold_row(fold: Fold, path: Path) -> Optional[dict]:
                                _get(fd, "noise", "nps_mean_freq", "mean")),
            "bias_soft": _get(cncl, "bias", "soft", "mean"),
            "ldct_bias_soft": _get(o, "ldct", "bias", "soft", "mean")}  # the input's own offset
+    row["shift_soft"] = (None if None in (row["bias_soft"], row["ldct_bias_soft"])
+                         else row["bias_soft"] - row["ldct_bias_soft"])  # what the model adds
     return row
 
 
@@ -295,18 +309,81 @@ def table(rows: list[dict], k_total: int) -> str:
     for r in rows:
         lines.append(f"| {r['k']} | {r['test']} | {r['val']} | "
                      + " | ".join(_fmt(r[c], nd) for c, _, nd in COLUMNS) + " |")
+    lines.append(f"| mean ± sd | {len(rows)} of {k_total} folds | | {summary_cells(rows)} |")
+    return "\n".join(lines) + f"\n\n{FOOTNOTE}"
+
+
+FOOTNOTE = (f"PSNR / SSIM / RMSE: Myevaluation protocol {PROTOCOL}; sd: sample sd over folds "
+            "(ddof=1); '-': not measured in that fold; model − input: soft-tissue bias minus the "
+            "LDCT input's")
+
+
+def summary_cells(rows: list[dict]) -> str:
+    """``mean ± sd`` over ``rows`` of every column, ``(n=...)`` where not every row has it."""
     cells = []
     for c, _, nd in COLUMNS:
         m, s, n = mean_sd([r[c] for r in rows])
         cells.append("-" if m is None else f"{m:.{nd}f} ± {_fmt(s, nd)}"
                      + ("" if n == len(rows) else f" (n={n})"))
-    lines.append(f"| mean ± sd | {len(rows)} of {k_total} folds | | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (f"\n\nPSNR / SSIM / RMSE: Myevaluation protocol {PROTOCOL}; "
-                               "sd: sample sd over folds (ddof=1); '-': not measured in that fold")
+    return " | ".join(cells)
+
+
+# --- Several cross-validations of the same folds (--compare) ----------------------------------
+def saved_folds(out: Path) -> list[Fold]:
+    """The folds recorded in ``out``'s crossval.json; CTDataError if it is not one."""
+    if not (out / STATE).is_file():
+        raise ctio.CTDataError(f"--compare {out}: not a cross-validation folder (no {STATE})")
+    settings = ctio.read_json(out / STATE, "cross-validation state")
+    try:
+        return [Fold(k, *spec.split(":", 1), Path(), val)
+                for k, (spec, val) in enumerate(zip(settings["folds"], settings["val"]), 1)]
+    except (KeyError, TypeError, ValueError):
+        raise ctio.CTDataError(f"{out / STATE}: no fold list; rerun that cross-validation "
+                               "with this Mycrossval.py") from None
+
+
+def compare(outs: list[Path]) -> str:
+    """Markdown: one row per cross-validation folder (mean ± sd over its finished folds), then
+    per fold the soft-tissue bias and model − input of each folder with their sample sd over the
+    folders (see the module docstring). CTDataError if the folders' folds differ."""
+    folds = saved_folds(outs[0])
+    for o in outs[1:]:
+        if [(f.spec, f.val) for f in saved_folds(o)] != [(f.spec, f.val) for f in folds]:
+            raise ctio.CTDataError(f"--compare {o}: other folds than {outs[0]}; compare "
+                                   "cross-validations of the same pairs")
+    rows = {o: {f.k: fold_row(f, metrics_path(o, f.k)) for f in folds} for o in outs}
+    head = "| cross-validation | folds | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(COLUMNS)]
+    for o in outs:
+        done = [r for r in rows[o].values() if r is not None]
+        lines.append(f"| {o.name} | {len(done)} of {len(folds)} | {summary_cells(done)} |")
+    lines += ["", "Per fold over the cross-validations (" + ", ".join(o.name for o in outs)
+              + "): each one's figure, then their sample sd", "",
+              "| fold | test | LDCT soft-tissue bias (HU) | soft-tissue bias (HU) | "
+              "model − input (HU) | sd over runs (HU) |", "|---|---|---|---|---|---|"]
+    for f in folds:
+        got = [r for r in (rows[o][f.k] for o in outs) if r is not None]
+        bias, shift = ([r.get(key) if r else None for r in (rows[o][f.k] for o in outs)]
+                       for key in ("bias_soft", "shift_soft"))
+        ldct = _fmt(got[0]["ldct_bias_soft"] if got else None, 2)
+        lines.append(f"| {f.k} | {f.spec} | {ldct} | " + " / ".join(_fmt(x, 2) for x in bias)
+                     + " | " + " / ".join(_fmt(x, 2) for x in shift)
+                     + f" | {_fmt(mean_sd(bias)[1], 2)} |")
+    return "\n".join(lines) + f"\n\n{FOOTNOTE}"
 
 
 def main(argv: Optional[Sequence[str]] = None, runner: Runner = subprocess_runner) -> int:
     args, train_flags = build_parser().parse_known_args(argv)
+    if args.compare:
+        given = [f for f, v in (("--data", args.data), ("--out", args.out)) if v] + train_flags
+        if given:
+            raise ctio.CTDataError(f"--compare trains nothing: {given[0]} does not go with it")
+        print(compare([Path(o).resolve() for o in args.compare]))
+        return 0
+    missing = [f for f, v in (("--data", args.data), ("--out", args.out)) if not v]
+    if missing:
+        raise ctio.CTDataError(f"the following arguments are required: {', '.join(missing)} "
+                               "(see --help)")
     plan = prepare(args, train_flags)
     if plan.todo:
         run(plan, runner)

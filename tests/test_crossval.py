@@ -115,6 +115,8 @@ def test_table_mean_sd_and_resume(two_folders, tmp_path, capsys):
     assert rows[1].split("|")[bias].strip() == "-"  # fold 1: no bias entry
     assert rows[2].split("|")[bias].strip() == "1.00"  # fold 2: bias soft 0.5 * 2
     assert [r.split("|")[ldct_bias].strip() for r in rows[1:4]] == ["-0.25", "-0.50", "-0.75"]
+    shift = col["model − input (HU)"]  # the model's own shift: its bias minus the input's
+    assert [r.split("|")[shift].strip() for r in rows[1:4]] == ["-", "1.50", "-"]
     assert (out / "crossval.md").read_text().strip() in text
 
     stub2 = StubRunner()  # again, all folds: 1-3 are skipped, only fold 4 runs
@@ -157,3 +159,33 @@ def test_other_settings_refused(two_folders, tmp_path):
     Mycrossval.main(_args(two_folders, out, "--folds", "1"), runner=StubRunner())
     proc = cli("Mycrossval.py", *_args(two_folders, out, "--adv-weight", "0"), timeout=120)
     assert_one_error_line(proc, "other settings", "train_flags", code=2)
+
+
+def test_compare_seeds_side_by_side(two_folders, tmp_path, capsys):
+    """--compare: a row per cross-validation (its mean over folds) and, per fold, each one's bias
+    and model - input with their sd over the cross-validations; other folds are refused."""
+    a, b = tmp_path / "cv-a", tmp_path / "cv-b"
+    Mycrossval.main(_args(two_folders, a), runner=StubRunner())
+    Mycrossval.main(_args(two_folders, b, "--seed", "1", "--folds", "1", "2"), runner=StubRunner())
+    report = json.loads(Mycrossval.metrics_path(b, 2).read_text())
+    report["overall"]["cncl"]["bias"]["soft"]["mean"] = 2.0  # the rerun moved fold 2 by +1 HU
+    Mycrossval.metrics_path(b, 2).write_text(json.dumps(report))
+    capsys.readouterr()
+    assert Mycrossval.main(["--compare", str(a), str(b)]) == 0
+    rows = [[c.strip() for c in ln.strip("|").split("|")]
+            for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    psnr = 30.0 + np.arange(1, 5)
+    assert rows[1][:3] == ["cv-a", "4 of 4", f"{psnr.mean():.2f} ± {psnr.std(ddof=1):.2f}"]
+    assert rows[2][:3] == ["cv-b", "2 of 4", "31.50 ± 0.71"]
+    per_fold = {r[0]: r for r in rows[4:]}
+    sd = f"{np.std([1.0, 2.0], ddof=1):.2f}"
+    assert per_fold["2"][2:] == ["-0.50", "1.00 / 2.00", "1.50 / 2.50", sd]
+    assert per_fold["4"][3:] == ["2.00 / -", "3.00 / -", "-"]  # fold 4 not run in cv-b
+
+    one = tmp_path / "cv-one"  # one folder's pairs only: other folds
+    Mycrossval.main(_args(two_folders[1:], one, "--folds", "1"), runner=StubRunner())
+    for extra, needle in (([str(a), str(one)], "other folds than"),
+                          ([str(a), str(two_folders[0])], "not a cross-validation folder"),
+                          ([str(a), "--epochs", "3"], "--epochs does not go with it")):
+        assert_one_error_line(cli("Mycrossval.py", "--compare", *extra, timeout=120), needle,
+                              code=2)
