@@ -69,7 +69,6 @@ SCALE_KEYS = ("scale_discovery_files_per_s", "scale_training_pairs", "scale_trai
               "scale_eval_slices_per_s")  # None unless the scale section ran
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     ap = ctio.ArgumentParser(
         description="Benchmark CNCL training, inference, data loading and memory on this "

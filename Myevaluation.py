@@ -128,47 +128,7 @@ def gaussian_baseline(ld_hu: np.ndarray, sigma: float) -> np.ndarray:
 # --- Noise texture: flat ROIs and the noise power spectrum (no TensorFlow) ---------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- Metrics (TensorFlow, imported lazily: `import Myevaluation` stays TF-free) -----------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _load_group(rows: list[dict], out: Path, sigma: float):
@@ -277,10 +237,6 @@ def evaluate(rows: list[dict], out: Path, sigma: float, batch: int = 8,
 # --- Statistics ---------------------------------------------------------------------------------
 
 
-
-
-
-
 def summarize(results: list[dict]) -> dict:
     """{method: {protocol: {metric: stats}, "bias": {band: stats}, "noise": {field: stats}}}
     over ``results``."""
@@ -297,8 +253,6 @@ def summarize(results: list[dict]) -> dict:
             out[method]["bias"] = {f[5:]: stats([d[f] for d in sel], pats)
                                    for f in ctmetrics.BIAS_FIELDS}
     return out
-
-
 
 
 # --- Tables -------------------------------------------------------------------------------------
@@ -378,8 +332,6 @@ def noise_table(overall: dict, sigma: float, unit: str) -> str:
                      f"{ratio(s, 'noise_std')} | {_ci(s['nps_peak'], 3)} | "
                      f"{_ci(s['nps_mean_freq'], 3)} | {ratio(s, 'nps_mean_freq')} |")
     return "\n".join([*lines, "", cttexture.NOISE_PROTOCOL])
-
-
 
 
 def write_outputs(out: Path, results: list[dict], report: dict) -> None:
@@ -611,44 +563,6 @@ def nps_sim_table(report: dict) -> str:
 # a non-prewhitening matched-filter (NPW) observer's d' and AUC, the NPS, all against dose.
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 4,
                 sigma: float = 0.7, weights: Optional[str] = None) -> dict:
     """Myevaluation.py --qa: denoise every realisation of the QA folder with the run's
@@ -728,22 +642,6 @@ def qa_evaluate(qa_dir, run: Optional[str], out: Optional[str], *, batch: int = 
     report["out"] = str(out_dir)
     report["text"] = text
     return report
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def qa_sizes(args: argparse.Namespace, sigma: float) -> int:

@@ -425,8 +425,6 @@ def not_an_axial_slice(ds) -> Optional[str]:
     return None
 
 
-
-
 # --- Writing outputs (never half-written) -------------------------------------------------------
 def read_json(path, missing: str):
     """The parsed JSON in ``path`` (a run's config.json, a metrics.json, ...).
