@@ -268,6 +268,29 @@ def _decoded_slices(records, simulate_dose, seed, tf, order=None):
             .cache())
 
 
+def split_by_kind(records, simulated_share: float) -> tuple[list, list]:
+    """(real pairs, full-dose-only records) for ``--simulated-share``; CTDataError unless both
+    kinds are there."""
+    real = [r for r in records if r.ld_path]
+    sim = [r for r in records if not r.ld_path]
+    if not real or not sim:
+        raise ctio.CTDataError(f"--simulated-share {simulated_share:g}: needs real pairs and "
+                               f"full-dose-only slices in training; found {len(real)} real and "
+                               f"{len(sim)} full-dose-only")
+    return real, sim
+
+
+def _slice_stream(records, cache: SliceCache, seed: int, simulated_share: Optional[float], tf):
+    """Endless ``(ld, fd)`` slices: all records equally often, or real pairs and simulated ones
+    mixed at ``simulated_share`` (each kind shuffled pass after pass on its own)."""
+    if simulated_share is None:
+        return _cached_slices(records, cache, seed, tf)
+    real, sim = split_by_kind(records, simulated_share)
+    return tf.data.Dataset.sample_from_datasets(
+        [_cached_slices(real, cache, seed, tf), _cached_slices(sim, cache, seed + 1, tf)],
+        weights=[1.0 - simulated_share, simulated_share], seed=seed)
+
+
 def crop_to_multiple(ld, fd, multiple: int):
     """Centre-crop ``[H, W, 1]`` LD and FD to the largest multiple of ``multiple`` in H and W."""
     import tensorflow as tf
@@ -334,8 +357,12 @@ def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
                        patches_per_slice: int = PATCHES_PER_SLICE,
                        simulate_dose: Optional[float] = None, seed: int = 0,
                        augment_data: bool = True, skip_air: bool = True, multiple: int = 1,
-                       cache_dir=None):
+                       cache_dir=None, simulated_share: Optional[float] = None):
     """Infinite, shuffled, batched ``(ld, fd)`` patches [B, P, P, 1].
+
+    ``simulated_share``: the fraction of slices (hence of patches) drawn from the full-dose-only
+    records (low dose simulated at ``simulate_dose``), the rest from the real pairs
+    (``tf.data.Dataset.sample_from_datasets``); None: every slice equally often, whatever its kind.
 
     P = 0: whole slices (of one size), centre-cropped to a multiple of ``multiple`` (the
     network's ``2**depth``), with a static shape so the training step is traced once.
@@ -363,7 +390,7 @@ def make_train_dataset(records, *, patch: int = PATCH_SIZE, batch: int = 16,
         atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
     cache = SliceCache(cache_dir, simulate_dose, seed)
     cache.fill(records)
-    ds = _cached_slices(records, cache, seed, tf)
+    ds = _slice_stream(records, cache, seed, simulated_share, tf)
     if patch:
         ds = ds.map(lambda a, b: random_patches(a, b, patch, patches_per_slice, skip_air),
                     num_parallel_calls=tf.data.AUTOTUNE)

@@ -14,6 +14,12 @@ On the 7 real Mayo pairs (1 L067, 6 L506): fold 1 tests L067 and trains on the s
 without validation; folds 2-7 test one L506 pair each (slices 0, 40, ..., 200), train on the other
 five and validate on L067.
 
+A ``--data`` folder with full dose only (with ``--simulate-dose``; ``--simulated-share`` sets its
+share of the batches) is trained on in every fold and never tested or validated on. The folds do
+not know that two names are one patient: the 1 mm full-dose series ``L067_full_1mm`` is the
+patient of the L067 pair, so with it fold 1 would train on the anatomy it tests; leave such a fold
+out (``--folds 2 3 4 5 6 7``).
+
 Each fold composes the CLIs (subprocesses): Mytrain.py -> OUT/fold_k/run, Mytest.py
 ``--precision float32`` -> OUT/fold_k/test, Myevaluation.py --pred OUT/fold_k/test
 (-> OUT/fold_k/test/metrics.json); their output goes to OUT/fold_k/log.txt. A fold whose
@@ -175,12 +181,21 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> Plan:
     for d in data:
         if not d.is_dir():
             raise ctio.CTDataError(f"--data {d}: folder not found")
-    by_root = {}
+    by_root, extra = {}, []
     for d in data:
-        ds = ctdata.discover(d)
-        if not ds.paired:
-            raise ctio.CTDataError(f"--data {d}: not a paired dataset (low dose and full dose)")
-        by_root[d] = ds
+        ds = ctdata.discover(d, single_role="fd")
+        if ds.paired:
+            by_root[d] = ds
+        elif any(r.ld_path for r in ds.records):
+            raise ctio.CTDataError(f"--data {d}: low dose without full dose cannot be trained or "
+                                   "scored on")
+        else:
+            extra.append(d)
+    if extra and Mytrain.parse_args(train_flags).simulate_dose is None:
+        raise ctio.CTDataError(f"--data {extra[0]}: full dose only; add --simulate-dose 0.25 to "
+                               "train every fold on it too (it is never tested)")
+    if not by_root:
+        raise ctio.CTDataError("--data: no paired dataset (low dose and full dose) to test on")
     folds = design_folds(by_root, args.val_patient)
     todo = args.folds or [f.k for f in folds]
     wrong = [k for k in todo if not 1 <= k <= len(folds)]

@@ -77,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="override layout auto-detection")
     ap.add_argument("--simulate-dose", type=float, default=None,
                     help="simulate this dose fraction for full-dose-only slices")
+    ap.add_argument("--simulated-share", type=float, default=None, metavar="F",
+                    help="with real pairs and full-dose-only slices (--simulate-dose): draw this "
+                         "fraction of the training slices from the simulated ones (default: every "
+                         "slice equally often)")
     ap.add_argument("--out", default=None,
                     help="run folder; default runs/<preset>-<data name>")
     ap.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
@@ -181,8 +185,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- Checks that need no TensorFlow -------------------------------------------------------------
-FLOAT_FLAGS = ("simulate_dose", "lr", "beta_1", "beta_2", "lambda_l1", "adv_weight",
-               "block_mean_weight", "spectrum_weight", "ema_decay", "l1_warmup", "time_limit")
+FLOAT_FLAGS = ("simulate_dose", "simulated_share", "lr", "beta_1", "beta_2", "lambda_l1",
+               "adv_weight", "block_mean_weight", "spectrum_weight", "ema_decay", "l1_warmup",
+               "time_limit")
 
 
 def check_args(args) -> None:
@@ -221,6 +226,13 @@ def check_args(args) -> None:
                                f"(its blocks are {BLOCK_MEAN_PX} px), got --patch {args.patch}")
     if args.simulate_dose is not None and not 0 < args.simulate_dose < 1:
         raise ctio.CTDataError(f"--simulate-dose must be in (0, 1), got {args.simulate_dose}")
+    if args.simulated_share is not None:
+        if not 0 < args.simulated_share < 1:
+            raise ctio.CTDataError(f"--simulated-share must be in (0, 1), got "
+                                   f"{args.simulated_share}")
+        if args.simulate_dose is None:
+            raise ctio.CTDataError("--simulated-share needs --simulate-dose (the dose simulated "
+                                   "for the full-dose-only slices)")
 
 
 def train_precision(args) -> str:
@@ -678,6 +690,8 @@ def prepare(argv=None) -> Plan:
                                         exclude=args.exclude)
     split = loader.split_patients(dataset, args.val_patients)
     split.val = loader.pick_val_slices(split.val, args.val_slices)
+    if args.simulated_share is not None:
+        loader.split_by_kind(split.train, args.simulated_share)  # both kinds, or one line
     if args.steps_per_epoch == 0:  # one pass over the training slices (or their patches)
         per_slice = args.patches_per_slice if args.patch else 1
         args.steps_per_epoch = max(1, -(-len(split.train) * per_slice // args.batch))
@@ -811,7 +825,7 @@ def make_datasets(plan: Plan, write_dir: Path, replicas: int, tf):
         plan.split.train, patch=args.patch, batch=args.batch,
         patches_per_slice=args.patches_per_slice, simulate_dose=args.simulate_dose,
         seed=args.seed, augment_data=args.augment, skip_air=not args.keep_air,
-        multiple=multiple, cache_dir=cache_dir)
+        multiple=multiple, cache_dir=cache_dir, simulated_share=args.simulated_share)
     val_ds = None
     if plan.split.val:  # one whole slice per replica and step, never an empty batch
         val_ds = loader.make_val_dataset(plan.split.val, multiple=multiple, replicas=replicas,

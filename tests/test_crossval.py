@@ -189,3 +189,26 @@ def test_compare_seeds_side_by_side(two_folders, tmp_path, capsys):
                           ([str(a), "--epochs", "3"], "--epochs does not go with it")):
         assert_one_error_line(cli("Mycrossval.py", "--compare", *extra, timeout=120), needle,
                               code=2)
+
+
+def test_full_dose_only_folder_trains_in_every_fold_never_tested(two_folders, tmp_path):
+    """A full-dose-only --data folder joins every fold's training (with --simulate-dose) and
+    gives no fold; without --simulate-dose it is refused before anything is written."""
+    import shutil
+
+    fd_only = write_mayo_tree(tmp_path / "fd", patients=("S03",), slices=2, size=32, seed=2)
+    shutil.rmtree(fd_only / "S03" / "quarter_3mm")
+    data = [*two_folders, fd_only]
+    args, flags = Mycrossval.build_parser().parse_known_args(
+        _args(data, tmp_path / "o", "--simulate-dose", "0.25", "--simulated-share", "0.2"))
+    plan = Mycrossval.prepare(args, flags)
+    assert [f.spec for f in plan.folds] == [f.spec for f in Mycrossval.prepare(
+        *Mycrossval.build_parser().parse_known_args(_args(two_folders, tmp_path / "o"))).folds]
+    for fold in plan.folds:
+        train, test, _ = Mycrossval.fold_commands(plan, fold)
+        assert str(fd_only.resolve()) in train[train.index("--data"):train.index("--out")]
+        assert train[-4:] == ["--simulate-dose", "0.25", "--simulated-share", "0.2"]
+        assert test[test.index("--data") + 1] != str(fd_only.resolve())
+    proc = cli("Mycrossval.py", *_args(data, tmp_path / "o"), timeout=120)
+    assert_one_error_line(proc, "full dose only; add --simulate-dose", code=2)
+    assert not (tmp_path / "o").exists()

@@ -301,6 +301,32 @@ def test_skip_air_prefers_patches_with_body(tmp_path, tf):
     assert mean[True] > mean[False] > ctio.normalize(-1024.0), mean
 
 
+def test_simulated_share_sets_the_fraction_of_simulated_slices(tmp_path, tf):
+    """--simulated-share F: a fraction F of the slices comes from the full-dose-only records
+    (their low dose simulated), 1 - F from the real pairs; without it each slice equally often.
+    Real pairs have FD 0 HU, full-dose-only slices FD 500 HU, so a batch says which it drew."""
+    make_npy(tmp_path / "real", {("R", i): np.zeros(SHAPE) for i in range(2)})
+    for k in range(6):
+        write_ct(tmp_path / "fd" / f"{k}.dcm", np.full(SHAPE, 500.0), z=3.0 * k, patient="S")
+    ds = train_loader.find_training_data([str(tmp_path / "real"), str(tmp_path / "fd")],
+                                         simulate_dose=0.25)
+    n, cut = 600, ctio.normalize(250.0)
+
+    def share(simulated_share):
+        ctio.set_seed(2)
+        data = train_loader.make_train_dataset(
+            ds.records, patch=0, batch=1, simulate_dose=0.25, augment_data=False,
+            cache_dir=tmp_path / "cache", simulated_share=simulated_share)
+        return np.mean([float(np.mean(fd)) > cut for _, fd in data.take(n)])
+
+    sd = np.sqrt(0.25 * 0.75 / n)  # binomial sd of a share near 0.25
+    assert abs(share(0.25) - 0.25) < 4 * sd
+    assert abs(share(None) - 6 / 8) < 4 * np.sqrt(0.75 * 0.25 / n)  # 6 of the 8 slices
+    real_only = [r for r in ds.records if r.ld_path]
+    with pytest.raises(ctio.CTDataError, match="found 2 real and 0 full-dose-only"):
+        train_loader.make_train_dataset(real_only, patch=0, simulated_share=0.25)
+
+
 def test_patch_larger_than_the_slice_is_an_error(tmp_path, tf):
     ds = ctdata.discover(make_npy(tmp_path, {("P", 0): np.zeros((16, 24))}))
     with pytest.raises(ctio.CTDataError, match="P_0_target.npy"):

@@ -321,6 +321,8 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
         "--l1-warmup 1": ("--l1-warmup must be in [0, 1)",),
         "--l1-warmup-epochs 10": ("--l1-warmup-epochs must be in [0, --epochs)",),  # cpu: 10
         "--l1-warmup nan": ("--l1-warmup nan: need a finite number",),
+        "--simulated-share 1": ("--simulated-share must be in (0, 1)",),
+        "--simulated-share 0.3": ("--simulated-share needs --simulate-dose",),
         f"--out {data}/run": ("--out", "inside the input folder"),
         f"--out {tmp_path}": ("--out", "holds the input folder"),
         f"--cache-dir {data}/P01/cache": ("--cache-dir", "inside the input folder"),
@@ -336,6 +338,9 @@ def test_bad_numbers_and_output_folders_refused_before_any_work(tmp_path):
             assert needle in str(e.value), (flags, str(e.value))
     with pytest.raises(ctio.CTDataError, match="needs --patch 0 or >= 16"):
         Mytrain.prepare([*base, "--block-mean-weight", "1", "--patch", "8"])
+    with pytest.raises(ctio.CTDataError, match="found 2 real and 0 full-dose-only"):
+        Mytrain.prepare([*base, "--simulate-dose", "0.25", "--simulated-share", "0.3",
+                         "--val-patients", "none"])
     assert _digest(data) == before and not (tmp_path / "run").exists()
     p = cli("Mytrain.py", *base, "--lr", "nan")
     assert_one_error_line(p, "--lr nan", code=2)
