@@ -42,7 +42,6 @@ from typing import Callable, Optional
 
 DISTURBED_CORES = 0.35  # others' load differing by more than this within a pair: disturbed
 MIN_SAMPLE_S = 0.25  # shorter calls are repeated: others' load is counted in 10 ms clock ticks
-LOAD_DEPENDENT = ("bf16_speedup", "loader_ratio", "mfu")  # name parts: ratios that depend on load
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def ratio(num: list[Sample], den: list[Sample], num_work: float = 1.0, den_work:
     out = {"value": statistics.median(use), "min": min(use), "median": statistics.median(use),
            "max": max(use), "pairs": len(per_pair), "disturbed_pairs": sum(disturbed),
            "per_pair": per_pair, "others_cores": (round(min(loads), 2), round(max(loads), 2))
-           if loads else None, "status": "ok", "reason": ""}
+           if loads else None, "status": "ok", "reason": "", "load_dependent": load_dependent}
     if len(clean) <= sum(disturbed):
         out.update(status="disturbed", reason=f"the load changed within {sum(disturbed)} of "
                    f"{len(per_pair)} pairs (others' CPU use differed by > {threshold} cores)")
@@ -167,7 +166,7 @@ def describe(name: str, r: dict, nd: int = 2) -> str:
     ratio prints its reason instead of a value."""
     load = r.get("others_cores")
     tail = f"; others {load[0]:.1f}-{load[1]:.1f} cores" if load else ""
-    dep = " (depends on the load itself)" if any(k in name for k in LOAD_DEPENDENT) else ""
+    dep = " (depends on the load itself)" if r.get("load_dependent") else ""
     if r["status"] == "invalid":
         return f"{name}: INVALID, {r['reason']}{tail}"
     head = (f"{name}: {r['value']:.{nd}f} [{r['min']:.{nd}f}-{r['max']:.{nd}f}] over "
