@@ -165,13 +165,13 @@ $(ABL_DIR)/%/test/metrics.json: | $(STAMP) $(MAYO_SIM)/.done
 # validates on nothing); per-fold table and mean +- sd over folds. Resumable: run it again to
 # finish the folds that are missing. Fixed step count, so the table does not depend on load.
 # CV_EXTRA="--adv-weight 0" CV_OUT=...: another recipe (make cv-mayo-psnr: the PSNR end).
-# CV_DATA='$(MAYO_REAL) $(MAYO_SIM)' CV_EXTRA="--folds 2 3 4 5 6 7 --simulate-dose 0.25
+# CV_DATA='$(MAYO_REAL) $(MAYO_FD_1MM)' CV_EXTRA="--folds 2 3 4 5 6 7 --simulate-dose 0.25
 # --simulated-share 0.25": every fold also trains on the 56 L067 full-dose slices with simulated
 # quarter dose (fold 1 left out: it tests L067, the same patient).
 .PHONY: cv-mayo cv-mayo-psnr
 CV_OUT ?= runs/cv-mayo
 CV_EXTRA ?=
-MAYO_SIM = $(CT_SAMPLE_DATA)/L067_full_1mm
+MAYO_FD_1MM = $(CT_SAMPLE_DATA)/L067_full_1mm
 CV_DATA ?= $(MAYO_REAL)
 cv-mayo: $(STAMP)
 	@$(MAYO_DATA_CHECK)
