@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("train-mayo", "train-mayo-psnr", "eval-mayo", "cv-mayo", "cv-mayo-psnr",
-           "ablate-mayo", "demo")
+TARGETS = ("train-mayo", "train-mayo-psnr", "train-mayo-all", "train-mayo-all-psnr", "eval-mayo",
+           "cv-mayo", "cv-mayo-psnr", "ablate-mayo", "demo")
 OUTPUT_FLAGS = ("--out", "--cache-dir", "--figure")
 
 
