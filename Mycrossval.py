@@ -176,7 +176,7 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> Plan:
         raise ctio.CTDataError(f"{bad[0]}: set by the fold design, cannot be passed to Mytrain.py")
     import Mytrain  # no TensorFlow at import: a typo in the recipe fails here, not in fold 1
 
-    Mytrain.parse_args(train_flags)
+    recipe = Mytrain.parse_args(train_flags)
     data = [Path(d).resolve() for d in args.data]
     for d in data:
         if not d.is_dir():
@@ -191,7 +191,7 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> Plan:
                                    "scored on")
         else:
             extra.append(d)
-    if extra and Mytrain.parse_args(train_flags).simulate_dose is None:
+    if extra and recipe.simulate_dose is None:
         raise ctio.CTDataError(f"--data {extra[0]}: full dose only; add --simulate-dose 0.25 to "
                                "train every fold on it too (it is never tested)")
     if not by_root:
