@@ -181,19 +181,11 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> Plan:
     for d in data:
         if not d.is_dir():
             raise ctio.CTDataError(f"--data {d}: folder not found")
-    by_root, extra = {}, []
-    for d in data:
-        ds = ctdata.discover(d, single_role="fd")
-        if ds.paired:
-            by_root[d] = ds
-        elif any(r.ld_path for r in ds.records):
-            raise ctio.CTDataError(f"--data {d}: low dose without full dose cannot be trained or "
-                                   "scored on")
-        else:
-            extra.append(d)
-    if extra and recipe.simulate_dose is None:
-        raise ctio.CTDataError(f"--data {extra[0]}: full dose only; add --simulate-dose 0.25 to "
-                               "train every fold on it too (it is never tested)")
+    import MyDataLoader_train as loader
+
+    found = loader.discover_all([str(d) for d in data])  # as Mytrain discovers them
+    loader.check_trainable(found, recipe.simulate_dose)  # low dose alone; full dose alone
+    by_root = {d: ds for d, ds in zip(data, found) if ds.paired}  # needs --simulate-dose
     if not by_root:
         raise ctio.CTDataError("--data: no paired dataset (low dose and full dose) to test on")
     folds = design_folds(by_root, args.val_patient)
@@ -377,10 +369,9 @@ def compare(outs: list[Path]) -> str:
               "| fold | test | LDCT soft-tissue bias (HU) | soft-tissue bias (HU) | "
               "model − input (HU) | sd over runs (HU) |", "|---|---|---|---|---|---|"]
     for f in folds:
-        got = [r for r in (rows[o][f.k] for o in outs) if r is not None]
-        bias, shift = ([r.get(key) if r else None for r in (rows[o][f.k] for o in outs)]
-                       for key in ("bias_soft", "shift_soft"))
-        ldct = _fmt(got[0]["ldct_bias_soft"] if got else None, 2)
+        runs = [rows[o][f.k] or {} for o in outs]  # {}: a fold that OUT has not finished
+        bias, shift = ([r.get(key) for r in runs] for key in ("bias_soft", "shift_soft"))
+        ldct = _fmt(next((r["ldct_bias_soft"] for r in runs if r), None), 2)
         lines.append(f"| {f.k} | {f.spec} | {ldct} | " + " / ".join(_fmt(x, 2) for x in bias)
                      + " | " + " / ".join(_fmt(x, 2) for x in shift)
                      + f" | {_fmt(mean_sd(bias)[1], 2)} |")

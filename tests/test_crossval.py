@@ -210,5 +210,6 @@ def test_full_dose_only_folder_trains_in_every_fold_never_tested(two_folders, tm
         assert train[-4:] == ["--simulate-dose", "0.25", "--simulated-share", "0.2"]
         assert test[test.index("--data") + 1] != str(fd_only.resolve())
     proc = cli("Mycrossval.py", *_args(data, tmp_path / "o"), timeout=120)
-    assert_one_error_line(proc, "full dose only; add --simulate-dose", code=2)
+    assert_one_error_line(proc, "full-dose slices without low-dose pairs",
+                          "add --simulate-dose 0.25", code=2)
     assert not (tmp_path / "o").exists()
