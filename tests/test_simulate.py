@@ -220,6 +220,27 @@ def test_demo_dataset(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_offset_check_tells_a_ct_number_offset_from_quantum_noise(tmp_path):
+    """ctdose.offset_check, the analytic case: an LD that is FD + simulated quarter-dose noise
+    has a soft-tissue offset inside the simulated spread; the same with +3 HU added inside the
+    body is measured at +3 HU (the noise's share aside), many simulated sd outside it."""
+    size = 128
+    hu, _ = water_cylinder(size=size, pixel_mm=ctdose.ASSUMED_FOV_MM / size, radius_mm=140.0)
+    px = ctdose.pixel_size_mm(None, hu.shape, None)
+    for idx, shift in ((0, 0.0), (1, 3.0)):
+        ld = ctdose.simulate_pair_from_fd(hu, 0.25, px, (99, idx), i0=ctdose.slice_i0(None))
+        ctio.write_npy_redcnn(tmp_path / f"P_{idx}_input.npy", np.where(hu > -500, ld + shift, ld))
+        ctio.write_npy_redcnn(tmp_path / f"P_{idx}_target.npy", hu)
+    res = ctdose.offset_check(tmp_path, realisations=6)
+    assert sorted(res) == ["P_0", "P_1"], res
+    noise, shifted = res["P_0"], res["P_1"]
+    assert abs(noise["sim_mean"]) < 3 * noise["sim_sd"] + 0.05, noise  # the simulator: no offset
+    assert abs(noise["z"]) < 4, noise
+    assert abs(shifted["real"] - 3.0) < 3 * shifted["sim_sd"] + 0.1, shifted
+    assert shifted["z"] > 10, shifted
+    assert "| P_1 | +" in ctdose.offset_table(res, 6)
+
+
 # --- Real data (skipped without the shared sample data) -----------------------------------------
 def test_calibration_against_real_pairs():
     if not (SAMPLE_DATA / "mayo_pairs").is_dir() or not (SAMPLE_DATA / "L067_full_1mm").is_dir():
