@@ -117,6 +117,8 @@ def test_table_mean_sd_and_resume(two_folders, tmp_path, capsys):
     assert [r.split("|")[ldct_bias].strip() for r in rows[1:4]] == ["-0.25", "-0.50", "-0.75"]
     shift = col["model − input (HU)"]  # the model's own shift: its bias minus the input's
     assert [r.split("|")[shift].strip() for r in rows[1:4]] == ["-", "1.50", "-"]
+    assert ("|soft-tissue bias| <= 1 HU: model 1 of 1 fold runs, LDCT input 3 of 3 folds; "
+            "|model − input| <= 1 HU: 0 of 1 fold runs") in text  # 1.00 counts, 1.50 does not
     assert (out / "crossval.md").read_text().strip() in text
 
     stub2 = StubRunner()  # again, all folds: 1-3 are skipped, only fold 4 runs
@@ -172,8 +174,12 @@ def test_compare_seeds_side_by_side(two_folders, tmp_path, capsys):
     Mycrossval.metrics_path(b, 2).write_text(json.dumps(report))
     capsys.readouterr()
     assert Mycrossval.main(["--compare", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
     rows = [[c.strip() for c in ln.strip("|").split("|")]
-            for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+            for ln in text.splitlines() if ln.startswith("| ")]
+    # fold runs with a bias: a's folds 2 (1.0) and 4 (2.0), b's fold 2 (2.0); the input once a fold
+    assert ("model 1 of 3 fold runs, LDCT input 4 of 4 folds; |model − input| <= 1 HU: 0 of 3 "
+            "fold runs") in text
     psnr = 30.0 + np.arange(1, 5)
     assert rows[1][:3] == ["cv-a", "4 of 4", f"{psnr.mean():.2f} ± {psnr.std(ddof=1):.2f}"]
     assert rows[2][:3] == ["cv-b", "2 of 4", "31.50 ± 0.71"]
