@@ -65,6 +65,7 @@ import numpy as np
 
 import ctdata
 import ctio
+import ctmetrics
 import ctrun
 
 # --- Noise model constants ----------------------------------------------------------------------
@@ -349,12 +350,10 @@ def offset_check(pairs_dir, *, realisations: int = 8, dose: float = 0.25,
     sd, ddof 1; the header path of :func:`simulate_dataset`: :func:`pixel_size_mm`,
     :func:`slice_i0`, no tube-current factor), and ``z`` = (real - sim_mean) / sim_sd.
 
-    Quantum noise averages out over a soft-tissue mask of 10^4 pixels (simulated sd 0.1-0.2 HU on
-    the Mayo pairs); a real offset many sd away is a CT-number error of the low-dose data itself
+    Quantum noise averages out over a soft-tissue mask of 10^4 pixels (simulated sd 0.05-0.26 HU
+    on the 7 real Mayo pairs); a real offset many sd away is a CT-number error of the low-dose data itself
     -- its reconstruction or noise insertion -- which a denoiser that keeps its input's mean
     passes on. Slices without soft tissue in the full dose are left out."""
-    import ctmetrics
-
     if realisations < 2:
         raise ValueError(f"realisations must be >= 2 (an sd), got {realisations}")
     ds = ctdata.discover(pairs_dir)
@@ -372,7 +371,7 @@ def offset_check(pairs_dir, *, realisations: int = 8, dose: float = 0.25,
             sigma_e=sigma_e), fd)["bias_soft"] for k in range(realisations)])
         mean, sd = float(sims.mean()), float(sims.std(ddof=1))
         out[f"{rec.patient}_{rec.slice_id}"] = {"real": real, "sim_mean": mean, "sim_sd": sd,
-                                                "z": (real - mean) / sd if sd > 0 else math.inf}
+                                                "z": (real - mean) / sd if sd > 0 else math.nan}
     return out
 
 
