@@ -351,9 +351,9 @@ def offset_check(pairs_dir, *, realisations: int = 8, dose: float = 0.25,
     :func:`slice_i0`, no tube-current factor), and ``z`` = (real - sim_mean) / sim_sd.
 
     Quantum noise averages out over a soft-tissue mask of 10^4 pixels (simulated sd 0.05-0.26 HU
-    on the 7 real Mayo pairs); a real offset many sd away is a CT-number error of the low-dose data itself
-    -- its reconstruction or noise insertion -- which a denoiser that keeps its input's mean
-    passes on. Slices without soft tissue in the full dose are left out."""
+    on the 7 real Mayo pairs); a real offset many sd away is a CT-number error of the low-dose
+    data itself -- its reconstruction or noise insertion -- which a denoiser that keeps its
+    input's mean passes on. Slices without soft tissue in the full dose are left out."""
     if realisations < 2:
         raise ValueError(f"realisations must be >= 2 (an sd), got {realisations}")
     ds = ctdata.discover(pairs_dir)
