@@ -8,7 +8,7 @@ Command line::
 
     python Mysimulate.py --input FD_DIR --dose 0.25 --out OUT [--seed N]   # paired dataset
     python Mysimulate.py --demo --out OUT [--patients 4 --slices 12 --size 256]
-    python Mysimulate.py --calibrate DATA_DIR   # real vs simulated noise figures
+    python Mysimulate.py --calibrate DATA_DIR   # real vs simulated noise and CT-number offsets
     python Mysimulate.py --qa OUT [--realisations 16 --qa-doses 1 0.5 0.25 0.1]  # QA phantom
     python Mysimulate.py --mayo-like OUT [--patients 10 --slices 240 --size 512]  # scale fixture
 
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "paired data the full-dose side is used)")
     mode.add_argument("--demo", action="store_true", help="generate the procedural demo dataset")
     mode.add_argument("--calibrate", metavar="DATA_DIR",
-                      help="print real vs simulated noise figures on the shared sample data")
+                      help="print real vs simulated noise figures and the real pairs' CT-number "
+                           "offsets against quantum noise (shared sample data)")
     mode.add_argument("--qa", metavar="OUT",
                       help="write the image-quality QA phantom (low-contrast inserts, rods, a "
                            "dose ladder of realisations) to OUT; Myevaluation.py --qa measures it")
